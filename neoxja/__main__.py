@@ -1,0 +1,5 @@
+import sys
+
+from neoxja.cli import main
+
+sys.exit(main())

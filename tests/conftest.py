@@ -1,0 +1,27 @@
+"""Shared test fixtures. Tests that need ../shared skip with a clear reason when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("NEOXJA_SHARED", REPO.parent / "shared"))
+ABEJA_TOKENIZER_DIR = SHARED / "tokenizers" / "abeja-gpt-neox-japanese-2.7b"
+AOZORA_CORPUS = SHARED / "corpus" / "aozora-train.jsonl.gz"
+
+
+@pytest.fixture(scope="session")
+def abeja_dir() -> Path:
+    if not (ABEJA_TOKENIZER_DIR / "vocab.txt").is_file():
+        pytest.skip(f"abeja tokenizer files not found at {ABEJA_TOKENIZER_DIR} (../shared is absent)")
+    return ABEJA_TOKENIZER_DIR
+
+
+@pytest.fixture(scope="session")
+def aozora_path() -> Path:
+    if not AOZORA_CORPUS.is_file():
+        pytest.skip(f"Aozora corpus not found at {AOZORA_CORPUS} (../shared is absent)")
+    return AOZORA_CORPUS
