@@ -1,0 +1,79 @@
+"""`neoxja demo`: the main job of `make demo`.
+
+With the bundled model: generate a continuation of a Japanese prompt, offline.
+Without it (or with --tokenizer-only): tokenize and decode a sample sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+SAMPLE = "吾輩は猫である🐯。実は慶応(慶應)大学出身"
+PROMPT = "吾輩は猫である。"
+# The abeja tokenizer files sit in ../shared beside a checkout; the package never copies them.
+SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "abeja-gpt-neox-japanese-2.7b"
+
+
+def _bundled_model_dir() -> Path | None:
+    try:
+        from neoxja.assets import default_model_dir
+    except ImportError:
+        return None
+    path = default_model_dir()
+    return path if (path / "config.json").is_file() else None
+
+
+def tokenizer_demo(tokenizer_dir: Path, text: str) -> None:
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    tok = GPTNeoXJapaneseTokenizer.from_pretrained(str(tokenizer_dir))
+    ids = tok.encode(text)
+    print(f"text:    {text}")
+    print(f"tokens:  {tok.convert_ids_to_tokens(ids)}")
+    print(f"ids:     {ids}")
+    print(f"decoded: {tok.decode(ids)}")
+
+
+def generation_demo(model_dir: Path, prompt: str, max_new_tokens: int, seed: int) -> None:
+    import torch
+
+    from neoxja.model import GPTNeoXJapaneseForCausalLM
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    tok = GPTNeoXJapaneseTokenizer.from_pretrained(str(model_dir))
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    input_ids = tok(prompt, return_tensors="pt")["input_ids"]
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    out = model.generate(
+        input_ids, do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=max_new_tokens, generator=generator
+    )
+    seconds = time.perf_counter() - start
+    print(f"model:  {model_dir} ({model.num_parameters() / 1e6:.1f}M parameters; a small demonstration model)")
+    print(f"prompt: {prompt}")
+    print(tok.decode(out[0].tolist(), skip_special_tokens=True))
+    new = out.shape[1] - input_ids.shape[1]
+    print(f"[{new} new tokens in {seconds:.2f}s, {new / seconds:.1f} tokens/s]", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="neoxja demo", description=__doc__)
+    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--max-new-tokens", type=int, default=80)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer-only", action="store_true", help="only tokenize and decode a sample")
+    args = parser.parse_args(argv)
+
+    model_dir = _bundled_model_dir()
+    if model_dir is not None and not args.tokenizer_only:
+        generation_demo(model_dir, args.prompt, args.max_new_tokens, args.seed)
+        return 0
+    tokenizer_dir = model_dir or (SHARED_TOKENIZER if (SHARED_TOKENIZER / "vocab.txt").is_file() else None)
+    if tokenizer_dir is None:
+        print("neoxja demo: no bundled model and no tokenizer files found", file=sys.stderr)
+        return 1
+    tokenizer_demo(tokenizer_dir, SAMPLE)
+    return 0
