@@ -1,0 +1,159 @@
+"""Logits processors and samplers against transformers' own LogitsProcessor classes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation import logits_process as hf
+
+from neoxja.sampling import (
+    apply_logits_processors,
+    make_logits_processors,
+    make_sampler,
+    min_new_tokens_processor,
+    no_repeat_ngram_processor,
+    repetition_penalty_processor,
+    top_k_processor,
+    top_p_processor,
+)
+
+
+def hf_processors(*, do_sample, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                  no_repeat_ngram_size=0, min_new_tokens=0, prompt_length=0, eos=(), padding_lengths=None):
+    """transformers' list, assembled the way GenerationMixin._get_logits_processor does it."""
+    procs = hf.LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        procs.append(hf.RepetitionPenaltyLogitsProcessor(repetition_penalty, prompt_ignore_length=padding_lengths))
+    if no_repeat_ngram_size:
+        procs.append(hf.NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+    if min_new_tokens:
+        procs.append(hf.MinNewTokensLengthLogitsProcessor(prompt_length, min_new_tokens, list(eos)))
+    if do_sample:
+        if temperature != 1.0:
+            procs.append(hf.TemperatureLogitsWarper(temperature))
+        if top_k:
+            procs.append(hf.TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            procs.append(hf.TopPLogitsWarper(top_p))
+    return procs
+
+
+SETTINGS = [
+    dict(do_sample=False, repetition_penalty=1.3),
+    dict(do_sample=False, repetition_penalty=0.7, no_repeat_ngram_size=2),
+    dict(do_sample=False, no_repeat_ngram_size=3, min_new_tokens=4, prompt_length=5, eos=(7,)),
+    dict(do_sample=True, temperature=0.7),
+    dict(do_sample=True, temperature=1.3, top_k=5),
+    dict(do_sample=True, top_p=0.8),
+    dict(do_sample=True, temperature=0.9, top_k=10, top_p=0.9, repetition_penalty=1.2, no_repeat_ngram_size=2),
+    dict(do_sample=True, top_k=1),
+    dict(do_sample=True, top_p=1e-6),
+    dict(do_sample=True, top_k=50, top_p=1.0, temperature=2.0, min_new_tokens=2, prompt_length=6, eos=(0, 3)),
+]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("vocab", [13, 300])
+def test_processed_logits_equal_transformers(setting, vocab):
+    g = torch.Generator().manual_seed(vocab)
+    batch, length = 3, 9
+    # a small id range forces repeats, so the n-gram and repetition processors have work to do
+    input_ids = torch.randint(0, min(vocab, 6), (batch, length), generator=g)
+    padding_lengths = torch.tensor([0, 2, 4])
+    for step in range(3):  # several steps, as during generation
+        logits = torch.randn(batch, vocab, generator=g) * 3
+        ours_kw = dict(setting)
+        eos = ours_kw.pop("eos", ())
+        ours = make_logits_processors(eos_token_ids=eos, padding_lengths=padding_lengths, **ours_kw)
+        ref = hf_processors(padding_lengths=padding_lengths, eos=eos, **ours_kw)
+        expected = ref(input_ids, logits.clone())
+        got = apply_logits_processors(ours, input_ids, logits.clone())
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        input_ids = torch.cat([input_ids, torch.randint(0, min(vocab, 6), (batch, 1), generator=g)], dim=1)
+
+
+def test_individual_processors_match():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 4, (2, 12), generator=g)
+    logits = torch.randn(2, 20, generator=g)
+    pairs = [
+        (repetition_penalty_processor(1.5), hf.RepetitionPenaltyLogitsProcessor(1.5)),
+        (no_repeat_ngram_processor(1), hf.NoRepeatNGramLogitsProcessor(1)),
+        (no_repeat_ngram_processor(4), hf.NoRepeatNGramLogitsProcessor(4)),
+        (top_k_processor(3), hf.TopKLogitsWarper(3)),
+        (top_k_processor(100), hf.TopKLogitsWarper(100)),
+        (top_p_processor(0.5), hf.TopPLogitsWarper(0.5)),
+        (min_new_tokens_processor(10, 3, [1]), hf.MinNewTokensLengthLogitsProcessor(10, 3, [1])),
+    ]
+    for ours, ref in pairs:
+        torch.testing.assert_close(ours(ids, logits.clone()), ref(ids, logits.clone()), rtol=0, atol=0)
+
+
+def test_processors_do_not_modify_their_input():
+    ids = torch.tensor([[1, 2, 1, 2]])
+    logits = torch.randn(1, 5)
+    before = logits.clone()
+    procs = make_logits_processors(do_sample=True, temperature=0.5, top_k=2, top_p=0.5, repetition_penalty=2.0,
+                                   no_repeat_ngram_size=2, min_new_tokens=3, prompt_length=4, eos_token_ids=[0])
+    apply_logits_processors(procs, ids, logits)
+    assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(do_sample=True, temperature=0.0),
+        dict(do_sample=True, temperature=-1.0),
+        dict(do_sample=True, temperature=None),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_p=-0.1),
+        dict(top_k=-1),
+        dict(top_k=2.5),
+        dict(repetition_penalty=0.0),
+        dict(no_repeat_ngram_size=-2),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs):
+    with pytest.raises(ValueError):
+        make_logits_processors(**kwargs)
+
+
+def test_greedy_ignores_warpers():
+    # temperature 0 is fine for greedy decoding: warpers are not applied at all (as in transformers)
+    assert make_logits_processors(do_sample=False, temperature=1.0, top_k=3, top_p=0.5) == []
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [dict(temperature=1.0), dict(temperature=0.6, top_k=4), dict(temperature=1.5, top_p=0.7), dict(top_k=5, top_p=0.9)],
+)
+def test_sampling_statistics_match_transformers_distribution(setting):
+    """On a tiny vocab, the empirical frequencies of our sampler match the distribution transformers
+    samples from (softmax of its processed logits), by a chi-square test; filtered tokens never appear."""
+    vocab, draws = 8, 40_000
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    ref = hf_processors(do_sample=True, **setting)
+    expected = torch.softmax(ref(ids, logits.clone()), dim=-1)[0].double()
+
+    procs = make_logits_processors(do_sample=True, **setting)
+    sampler = make_sampler(True, torch.Generator().manual_seed(1234))
+    processed = apply_logits_processors(procs, ids.expand(draws, 1), logits.expand(draws, vocab))
+    counts = torch.bincount(sampler(processed), minlength=vocab).double()
+
+    assert counts[expected == 0].sum() == 0, "a filtered token was sampled"
+    support = expected > 0
+    observed, wanted = counts[support], expected[support] * draws
+    chi2 = float(((observed - wanted) ** 2 / wanted).sum())
+    dof = int(support.sum()) - 1
+    # 99.9% quantile of chi-square with <= 7 degrees of freedom is 24.3
+    assert chi2 < 24.3, (chi2, dof, observed, wanted)
+
+
+def test_seeded_generator_reproduces_draws():
+    logits = torch.randn(4, 50)
+    a = make_sampler(True, torch.Generator().manual_seed(7))(logits)
+    b = make_sampler(True, torch.Generator().manual_seed(7))(logits)
+    assert torch.equal(a, b)
+    assert torch.equal(make_sampler(False)(logits), logits.argmax(-1))
