@@ -1,0 +1,505 @@
+"""GPT-NeoX-Japanese in plain PyTorch, with the parameter names of transformers' implementation.
+
+One block:  x = x + attn(ln1(x)) [+ dense_bias, last layer only];  x = x + mlp(ln2(x))
+Attention uses a fused qkv projection laid out per head as [q | k | v], rotary embeddings (rotate-half) on the
+first `rotary_ndims` dims of each head, and F.scaled_dot_product_attention. An explicit path that materialises
+the attention probabilities serves `output_attentions` and `head_mask`.
+Half precision: LayerNorm statistics, rotary products and softmax run in float32.
+
+Two ways in:
+- `forward` (transformers' signature): training, scoring, and incremental decoding with `past_key_values`
+  (a tuple of per-layer (key, value) tensors of shape (B, nh, T_past, hs)).
+- `forward_cached` (gpt-fast style, for generation): static per-layer KVCache buffers written at explicit slots.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neoxja.config import GPTNeoXJapaneseConfig
+from neoxja.generation import GenerationMixin
+from neoxja.kv_cache import KVCache
+
+# ----------------------------------------------------------------------------------------------------------
+# outputs
+
+
+class ModelOutput:
+    """Fields by name (`out.logits`, `out["logits"]`) or, like a tuple of the fields that are set, by index."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+    def keys(self):
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+
+@dataclass
+class BaseModelOutputWithPast(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: tuple | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclass
+class CausalLMOutputWithPast(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: tuple | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose statistics are computed in float32 (float16 would overflow the variance)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the rotary dims, computed from position ids on the fly (float32)."""
+
+    def __init__(self, config: GPTNeoXJapaneseConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", self.compute_inv_freq(config), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: GPTNeoXJapaneseConfig) -> torch.Tensor:
+        dim = config.rotary_ndims
+        # always on the CPU in float32, as transformers does, so every device gets the same frequencies
+        inv_freq = 1.0 / (float(config.rotary_emb_base)
+                          ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))  # (rd/2,)
+        if config.rope_scaling is not None and config.rope_scaling["rope_type"] == "linear":
+            inv_freq = inv_freq / config.rope_scaling["factor"]  # positions divided by factor
+        return inv_freq
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, rd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rd)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rd dims of each head of x (B, nh, T, hs); cos/sin are (B, T, rd)."""
+    rd = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rd)
+    x_rot, x_pass = x[..., :rd].float(), x[..., rd:]
+    x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    return torch.cat((x_rot.to(x.dtype), x_pass), dim=-1)
+
+
+class GPTNeoXJapaneseAttention(nn.Module):
+    def __init__(self, config: GPTNeoXJapaneseConfig, use_bias: bool = False):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.head_size
+        self.attention_dropout = config.attention_dropout
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        # the last layer adds a bias after the attention output (applied by the layer)
+        self.dense_bias = nn.Parameter(torch.zeros(config.hidden_size)) if use_bias else None
+        self.kv_cache: KVCache | None = None  # set by setup_caches, used by forward_cached
+
+    def forward(self, x, cos, sin, mask=None, is_causal=False, layer_past=None, input_pos=None,
+                head_mask=None, output_attentions=False):
+        B, T, C = x.size()
+        nh, hs = self.num_heads, self.head_size
+
+        qkv = self.query_key_value(x)  # (B, T, 3C)
+        qkv = qkv.view(B, T, nh, 3 * hs).transpose(1, 2)  # (B, nh, T, 3hs): per head [q | k | v]
+        q, k, v = qkv.split(hs, dim=-1)  # each (B, nh, T, hs)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+
+        if input_pos is not None:  # static cache: write slots, attend over the whole buffer
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, T_max, hs)
+        elif layer_past is not None:  # dynamic cache: append to the past keys/values
+            k = torch.cat((layer_past[0], k), dim=2)  # (B, nh, T_past + T, hs)
+            v = torch.cat((layer_past[1], v), dim=2)
+        present = (k, v)
+
+        scale = 1.0 / math.sqrt(hs)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        weights = None
+        if output_attentions or head_mask is not None:
+            att = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, nh, T, S)
+            if mask is None and is_causal:
+                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril()
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            att = F.softmax(att, dim=-1)
+            att = F.dropout(att, p=dropout_p, training=self.training)
+            if head_mask is not None:
+                att = att * head_mask  # (1, nh, 1, 1): switches heads off
+            weights = att.to(q.dtype)
+            y = att.to(v.dtype) @ v  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                               is_causal=is_causal, scale=scale)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.dense(y), present, weights
+
+
+class GPTNeoXJapaneseMLP(nn.Module):
+    def __init__(self, config: GPTNeoXJapaneseConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.hidden_act = config.hidden_act
+
+    def forward(self, x):
+        h = self.dense_h_to_4h(x)  # (B, T, 4C)
+        if self.hidden_act == "gelu":
+            h = F.gelu(h)  # exact (erf) GELU
+        elif self.hidden_act in ("gelu_new", "gelu_pytorch_tanh"):
+            h = F.gelu(h, approximate="tanh")
+        elif self.hidden_act == "relu":
+            h = F.relu(h)
+        else:  # "silu", "swish"
+            h = F.silu(h)
+        return self.dense_4h_to_h(h)  # (B, T, C)
+
+
+class GPTNeoXJapaneseLayer(nn.Module):
+    def __init__(self, config: GPTNeoXJapaneseConfig, layer_number: int):
+        super().__init__()
+        self.input_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = GPTNeoXJapaneseAttention(config, use_bias=layer_number == config.num_hidden_layers - 1)
+        self.mlp = GPTNeoXJapaneseMLP(config)
+        self.hidden_dropout = config.hidden_dropout
+
+    def forward(self, x, cos, sin, mask=None, is_causal=False, **attention_kwargs):
+        attn_out, present, weights = self.attention(self.input_layernorm(x), cos, sin, mask, is_causal,
+                                                    **attention_kwargs)
+        if self.attention.dense_bias is not None:
+            attn_out = attn_out + self.attention.dense_bias
+        x = x + F.dropout(attn_out, p=self.hidden_dropout, training=self.training)
+        mlp_out = self.mlp(self.post_attention_layernorm(x))
+        x = x + F.dropout(mlp_out, p=self.hidden_dropout, training=self.training)
+        return x, present, weights
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models
+
+
+class GPTNeoXJapanesePreTrainedModel(nn.Module):
+    """Weight init, checkpoint in/out and small conveniences shared by both models."""
+
+    config_class = GPTNeoXJapaneseConfig
+    base_model_prefix = "gpt_neox_japanese"
+
+    def __init__(self, config: GPTNeoXJapaneseConfig):
+        super().__init__()
+        if not isinstance(config, GPTNeoXJapaneseConfig):
+            raise TypeError(f"config must be a GPTNeoXJapaneseConfig, got {type(config).__name__}")
+        self.config = config
+
+    def init_weights(self):
+        """transformers' initialisation: N(0, initializer_range) for linears and embeddings, LayerNorm 1/0."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, GPTNeoXJapaneseAttention) and module.dense_bias is not None:
+                nn.init.zeros_(module.dense_bias)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        # parameters() yields a tied weight once
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None, revision: str | None = None,
+                        local_files_only: bool = False, cache_dir: str | os.PathLike | None = None,
+                        config: GPTNeoXJapaneseConfig | None = None):
+        """Load a Hugging Face checkpoint (directory or hub id); see neoxja.checkpoint.load_pretrained."""
+        from neoxja.checkpoint import load_pretrained
+
+        return load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, device=device, revision=revision,
+                               local_files_only=local_files_only, cache_dir=cache_dir, config=config)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        safe_serialization: bool = True):
+        """Write config.json and safetensors weights (sharded above max_shard_size) in the HF layout."""
+        from neoxja.checkpoint import save_pretrained
+
+        if not safe_serialization:
+            raise ValueError("save_pretrained writes safetensors only (safe_serialization=False is not supported)")
+        return save_pretrained(self, save_directory, max_shard_size=max_shard_size)
+
+
+class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
+    def __init__(self, config: GPTNeoXJapaneseConfig):
+        super().__init__(config)
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GPTNeoXJapaneseLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.init_weights()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_in
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.embed_in = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, inputs_embeds=None,
+                past_key_values=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None):
+        cfg = self.config
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            _check_token_ids(input_ids, cfg.vocab_size, "input_ids")
+            x = self.embed_in(input_ids)  # (B, T, C)
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.size(-1) != cfg.hidden_size:
+                raise ValueError(f"inputs_embeds must be (batch, seq, {cfg.hidden_size}), "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            x = inputs_embeds
+        B, T, _ = x.shape
+        if T == 0:
+            raise ValueError("the input sequence is empty")
+
+        past_length = _past_length(past_key_values, cfg.num_hidden_layers)
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + T, device=x.device).unsqueeze(0)  # (1, T)
+        elif position_ids.shape[-1] != T:
+            raise ValueError(f"position_ids must have {T} positions per row, got shape {tuple(position_ids.shape)}")
+        cos, sin = self.rotary_emb(position_ids)  # (B|1, T, rd) each
+        mask, is_causal = _attention_mask(attention_mask, B, past_length, T, x.device)
+        head_masks = _head_mask(head_mask, cfg.num_hidden_layers, cfg.num_attention_heads, x.device)
+
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        presents = () if use_cache else None
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (x,)
+            x, present, weights = layer(x, cos, sin, mask, is_causal,
+                                        layer_past=past_key_values[i] if past_key_values is not None else None,
+                                        head_mask=head_masks[i], output_attentions=output_attentions)
+            if use_cache:
+                presents += (present,)
+            if output_attentions:
+                all_attentions += (weights,)
+        x = self.final_layer_norm(x)
+        if output_hidden_states:
+            all_hidden_states += (x,)
+
+        out = BaseModelOutputWithPast(x, presents, all_hidden_states, all_attentions)
+        return out if return_dict else out.to_tuple()
+
+    def forward_cached(self, input_ids, input_pos, position_ids, key_padding_mask=None):
+        """Final hidden states (B, T, C) through the static caches; see GPTNeoXJapaneseForCausalLM.forward_cached."""
+        cache = self.layers[0].attention.kv_cache
+        if cache is None:
+            raise RuntimeError("no KV caches: call setup_caches(max_batch_size, max_seq_length) first")
+        B, T = input_ids.shape
+        T_max = cache.max_seq_length
+        if input_pos.shape != (T,) or position_ids.shape != (B, T):
+            raise ValueError(f"forward_cached: input_ids {tuple(input_ids.shape)} needs input_pos ({T},) and "
+                             f"position_ids ({B}, {T}), got {tuple(input_pos.shape)} and {tuple(position_ids.shape)}")
+        if B > cache.max_batch_size:
+            raise ValueError(f"forward_cached: batch {B} exceeds the caches' max_batch_size {cache.max_batch_size}")
+
+        slots = torch.arange(T_max, device=input_ids.device)
+        mask = slots[None, :] <= input_pos[:, None]  # (T, T_max): written slots up to this token
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != (B, T_max):
+                raise ValueError(f"key_padding_mask must be ({B}, {T_max}), got {tuple(key_padding_mask.shape)}")
+            mask = mask & key_padding_mask[:, None, None, :]  # (B, 1, T, T_max)
+            mask = mask | (slots[None, :] == input_pos[:, None])  # a token always sees itself: no empty rows
+
+        cos, sin = self.rotary_emb(position_ids)  # (B, T, rd)
+        x = self.embed_in(input_ids)  # (B, T, C)
+        for layer in self.layers:
+            x, _, _ = layer(x, cos, sin, mask, input_pos=input_pos)
+        return self.final_layer_norm(x)  # (B, T, C)
+
+
+class GPTNeoXJapaneseForCausalLM(GPTNeoXJapanesePreTrainedModel, GenerationMixin):
+    def __init__(self, config: GPTNeoXJapaneseConfig):
+        super().__init__(config)
+        self.gpt_neox_japanese = GPTNeoXJapaneseModel(config)
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        nn.init.normal_(self.embed_out.weight, mean=0.0, std=config.initializer_range)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """With config.tie_word_embeddings (transformers' default), embed_out shares embed_in's weight."""
+        if self.config.tie_word_embeddings:
+            self.embed_out.weight = self.gpt_neox_japanese.embed_in.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.gpt_neox_japanese.embed_in
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.embed_out
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        self.embed_out = new_embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, inputs_embeds=None,
+                past_key_values=None, labels=None, use_cache=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, logits_to_keep: int = 0):
+        """`logits_to_keep=n > 0` applies the LM head to the last n positions only (0: all)."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        out = self.gpt_neox_japanese(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     head_mask=head_mask, inputs_embeds=inputs_embeds,
+                                     past_key_values=past_key_values, use_cache=use_cache,
+                                     output_attentions=output_attentions,
+                                     output_hidden_states=output_hidden_states, return_dict=True)
+        x = out.last_hidden_state  # (B, T, C)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.embed_out(x)  # (B, T, V)
+
+        loss = None
+        if labels is not None:
+            if labels.shape != x.shape[:2]:
+                raise ValueError(f"labels must have shape {tuple(x.shape[:2])}, got {tuple(labels.shape)}")
+            _check_token_ids(labels, self.config.vocab_size, "labels", allow=-100)
+            # token t predicts label t+1; -100 is ignored
+            shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+            shift_labels = labels[:, 1:].to(logits.device)  # (B, T-1)
+            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                                   ignore_index=-100)
+
+        result = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+        return result if return_dict else result.to_tuple()
+
+    # ---- fast cached path for generation (gpt-fast style) ----
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None):
+        """Allocate one zero-filled KVCache (B, nh, T_max, hs) per layer; calling again re-allocates."""
+        cfg = self.config
+        dtype = dtype or self.dtype
+        device = device or self.device
+        for layer in self.gpt_neox_japanese.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, cfg.num_attention_heads,
+                                               cfg.head_size, dtype=dtype, device=device)
+
+    def clear_caches(self):
+        for layer in self.gpt_neox_japanese.layers:
+            layer.attention.kv_cache = None
+
+    @torch.no_grad()
+    def forward_cached(self, input_ids: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
+                       key_padding_mask: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
+        """Logits through the static KV caches.
+
+        input_ids (B, T); input_pos (T,): cache slots these tokens write (the same for every row);
+        position_ids (B, T): rotary positions (they differ per row under left padding);
+        key_padding_mask (B, T_max) bool or None: True where a slot holds a real token.
+        Returns (B, 1, V) logits for the last position when last_only, else (B, T, V).
+        """
+        x = self.gpt_neox_japanese.forward_cached(input_ids, input_pos, position_ids, key_padding_mask)
+        if last_only:
+            x = x[:, -1:]  # the LM head only where it is needed
+        return self.embed_out(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_token_ids(ids: torch.Tensor, vocab_size: int, name: str, allow: int | None = None):
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be (batch, seq), got shape {tuple(ids.shape)}")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if allow is not None:
+        bad &= ids != allow
+    if ids.numel() and bool(bad.any()):
+        raise ValueError(f"{name} holds ids outside [0, {vocab_size}): e.g. {ids[bad][:5].tolist()}")
+
+
+def _past_length(past_key_values, num_layers: int) -> int:
+    if past_key_values is None:
+        return 0
+    if not isinstance(past_key_values, (tuple, list)) or len(past_key_values) != num_layers:
+        raise ValueError(f"past_key_values must be a tuple of {num_layers} (key, value) pairs "
+                         f"as returned by a previous forward")
+    return past_key_values[0][0].size(2)
+
+
+def _attention_mask(attention_mask, B: int, past_length: int, T: int, device):
+    """(mask, is_causal) for SDPA: mask is None, or bool (T, S) / (B, 1, T, S) with True = may attend."""
+    S = past_length + T
+    if attention_mask is None:
+        if T == 1:
+            return None, False  # one new token sees every key
+        if past_length == 0:
+            return None, True  # plain causal: SDPA needs no mask tensor
+    key_pos = torch.arange(S, device=device)  # (S,)
+    query_pos = torch.arange(past_length, S, device=device)  # (T,)
+    mask = key_pos[None, :] <= query_pos[:, None]  # (T, S) causal
+    if attention_mask is not None:
+        if attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask must be (batch, past + seq) = ({B}, {S}), "
+                             f"got {tuple(attention_mask.shape)}")
+        mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, T, S)
+        # a padding token has no real key to its left; letting every token see itself keeps rows non-empty
+        mask = mask | (key_pos[None, :] == query_pos[:, None])
+    return mask, False
+
+
+def _head_mask(head_mask, num_layers: int, num_heads: int, device) -> list:
+    """Per layer None or a (1, nh, 1, 1) multiplier for the attention probabilities."""
+    if head_mask is None:
+        return [None] * num_layers
+    head_mask = torch.as_tensor(head_mask)
+    if head_mask.shape == (num_heads,):
+        head_mask = head_mask.expand(num_layers, num_heads)
+    if head_mask.shape != (num_layers, num_heads):
+        raise ValueError(f"head_mask must be [num_heads]=[{num_heads}] or [num_layers, num_heads]="
+                         f"[{num_layers}, {num_heads}], got {list(head_mask.shape)}")
+    return [m.view(1, num_heads, 1, 1) for m in head_mask.to(device=device, dtype=torch.float)]
