@@ -1,0 +1,228 @@
+"""Training checkpoints: written aside and renamed into place, the last K kept.
+
+Layout of OUT/checkpoints/step_00000100/ (a directory counts only once `meta.json` is in it, and it
+is renamed into place only after everything inside was written and fsync'ed):
+  meta.json         step, samples consumed, world size, arguments that shape the data stream
+  state.pt          model, optimizer, scheduler, grad scaler (single process / DDP; torch.save,
+                    read back with torch.load(weights_only=True))
+  or, with FSDP:    torch.distributed.checkpoint shards (*.distcp + .metadata) of model and optimizer,
+                    plus trainer.pt with scheduler and grad scaler
+  rng_rank{r}.pt    each rank's torch RNG state (dropout draws continue exactly)
+
+Model and optimizer states go through torch.distributed.checkpoint.state_dict, which gives the same
+(FQN-keyed) dictionaries for a plain module, DDP and FSDP2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from neoxja.train.distributed import DistEnv, barrier
+
+NAME = re.compile(r"^step_(\d+)$")
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names it and says why."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under root, oldest first (directories being written are hidden, `.tmp-*`)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = NAME.match(path.name)
+        if match and (path / "meta.json").is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint (no meta.json; incomplete or not written by neoxja train)")
+    try:
+        return json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_file}: corrupt: {err}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_file(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _load_file(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: incomplete checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated or not a plain tensor file
+        raise CheckpointError(f"{path}: cannot be read safely: {err}") from None
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _remove(path: Path) -> None:
+    """Rename out of sight first, so a half-deleted directory never looks like a checkpoint."""
+    trash = path.with_name(TRASH_PREFIX + path.name)
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def clean_partial(root: str | Path) -> None:
+    """Remove what a killed run left half-written (call on rank 0 before training)."""
+    root = Path(root)
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    meta: dict,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    env: DistEnv,
+    fsdp: bool,
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically and keep the newest `keep`. Collective: call on every rank."""
+    root = Path(root)
+    final = root / checkpoint_name(step)
+    tmp = root / (TMP_PREFIX + final.name)
+    if env.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier(env)
+
+    options = StateDictOptions(full_state_dict=not fsdp, cpu_offload=not fsdp)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if fsdp:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+        if env.is_main:
+            _save_file(trainer_state, tmp / "trainer.pt")
+    elif env.is_main:
+        _save_file({"model": model_state, "optimizer": optim_state, **trainer_state}, tmp / "state.pt")
+    _save_file(_rng_state(), tmp / f"rng_rank{env.rank}.pt")
+    barrier(env)
+
+    if env.is_main:
+        meta_tmp = tmp / "meta.json.tmp"
+        with open(meta_tmp, "w", encoding="utf-8") as f:
+            json.dump({**meta, "step": step, "fsdp": fsdp, "world_size": env.world_size}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(meta_tmp, tmp / "meta.json")
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again after a resume
+            _remove(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for _, old in list_checkpoints(root)[:-keep]:
+            _remove(old)
+    barrier(env)
+    return final
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    env: DistEnv,
+    fsdp: bool,
+) -> tuple[dict, dict]:
+    """Restore model, optimizer and this rank's RNG from `path`; returns (meta, trainer_state)."""
+    path = Path(path)
+    meta = read_meta(path)
+    if bool(meta.get("fsdp")) != fsdp:
+        kind = "FSDP (--fsdp)" if meta.get("fsdp") else "non-FSDP"
+        raise CheckpointError(f"{path} is a {kind} checkpoint: resume it with{'' if meta.get('fsdp') else 'out'} --fsdp")
+    if fsdp and meta.get("world_size") != env.world_size:
+        raise CheckpointError(
+            f"{path} was written by {meta.get('world_size')} FSDP processes; resume it with the same number "
+            f"(this run has {env.world_size})"
+        )
+    options = StateDictOptions(full_state_dict=not fsdp, cpu_offload=not fsdp)
+    if fsdp:
+        import torch.distributed.checkpoint as dcp
+
+        state = {
+            "model": get_model_state_dict(model, options=options),
+            "optimizer": get_optimizer_state_dict(model, optimizer, options=options),
+        }
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot load the distributed checkpoint: {err}") from None
+        trainer_state = _load_file(path / "trainer.pt")
+    else:
+        state = _load_file(path / "state.pt")
+        trainer_state = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+    try:
+        set_model_state_dict(model, state["model"], options=options)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path}: does not match this model / optimizer: {err}") from None
+
+    rng_file = path / f"rng_rank{env.rank}.pt"
+    if rng_file.is_file():
+        rng = _load_file(rng_file)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    else:  # resumed on more processes than wrote it (DDP): a fresh, still seeded, stream for this rank
+        print(f"warning: {rng_file.name} not in {path}; rank {env.rank} continues with a fresh RNG stream")
+    return meta, trainer_state

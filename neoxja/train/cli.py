@@ -1,0 +1,102 @@
+"""`neoxja train`: pre-train or fine-tune on data written by `neoxja prepare`.
+
+One process:       neoxja train --data DATA --out OUT --model-config cfg.json --steps 1000 ...
+Many (one node):   torchrun --nproc_per_node 8 -m neoxja train ... [--fsdp]
+Many nodes:        torchrun --nnodes 2 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+                            --nproc_per_node 8 -m neoxja train ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _non_negative(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="neoxja train", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="directory written by `neoxja prepare`")
+    p.add_argument("--out", required=True, help="output directory (metrics, checkpoints, final model)")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model-config", metavar="JSON", help="new model: config.json file or inline JSON object")
+    model.add_argument("--init-from", metavar="DIR_OR_HUB_ID", help="fine-tune a pretrained model")
+    p.add_argument("--steps", type=_positive(int), required=True, help="optimizer steps in total")
+    p.add_argument("--batch-size", type=_positive(int), required=True, help="sequences per micro-batch per process")
+    p.add_argument("--seq-len", type=_positive(int), required=True, help="tokens per sequence")
+    p.add_argument("--grad-accum", type=_positive(int), default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=_positive(float), default=3e-4, help="peak learning rate (default 3e-4)")
+    p.add_argument("--min-lr", type=_non_negative(float), default=None, help="final learning rate (default lr / 10)")
+    p.add_argument("--warmup-steps", type=_non_negative(int), default=None,
+                   help="linear warm-up steps (default min(100, steps // 10))")
+    p.add_argument("--weight-decay", type=_non_negative(float), default=0.1, help="AdamW weight decay (default 0.1)")
+    p.add_argument("--grad-clip", type=_non_negative(float), default=1.0, help="max gradient norm; 0 disables")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="autocast dtype (default bfloat16 on GPUs that support it, else float32)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations per layer in backward")
+    p.add_argument("--eval-every", type=_non_negative(int), default=0,
+                   help="validate every N steps (0: only at the end, if the validation split allows)")
+    p.add_argument("--eval-steps", type=_positive(int), default=20, help="validation batches per evaluation")
+    p.add_argument("--save-every", type=_non_negative(int), default=500, help="checkpoint every N steps (0: never)")
+    p.add_argument("--keep", type=_positive(int), default=3, help="checkpoints kept (default 3)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--resume", metavar="auto|PATH", default=None,
+                   help="continue from the newest checkpoint in OUT (auto) or from PATH")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per layer)")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda:LOCAL_RANK if available, else cpu)")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.min_lr is None:
+        args.min_lr = args.lr / 10
+    if args.min_lr > args.lr:
+        parser.error(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
+    if args.warmup_steps is None:
+        args.warmup_steps = min(100, args.steps // 10)
+    if args.dtype is None:
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and args.device in (None, "cuda")
+        args.dtype = "bfloat16" if cuda_bf16 else "float32"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from neoxja.train.checkpoint import CheckpointError
+    from neoxja.train.loop import TrainError, train
+
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (TrainError, CheckpointError) as err:
+        print(f"neoxja train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The training loop behind `neoxja train` (one process, DDP or FSDP2 under torchrun).
+
+One optimizer step: grad_accum micro-batches (each a slice of the global batch for this rank),
+forward under autocast, backward (gradients synchronised on the last micro-batch only), gradient
+clipping, AdamW step, learning-rate step. Everything a resumed run needs to continue bit for bit is
+in the checkpoint: model, optimizer, scheduler, grad scaler, every rank's RNG, and the data position
+(samples consumed; the batch order is a pure function of it, see data.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from argparse import Namespace
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from neoxja.config import GPTNeoXJapaneseConfig
+from neoxja.model import GPTNeoXJapaneseForCausalLM
+from neoxja.train import checkpoint as ckpt
+from neoxja.train import distributed as dist_utils
+from neoxja.train.data import DataError, DistributedBatches, TokenWindows, load_manifest, open_tokens
+from neoxja.train.metrics import MetricsLog, plot_loss_curve
+from neoxja.train.optim import make_optimizer, make_scheduler
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HEAD_CHUNK_TOKENS = 1024  # rows of logits alive at once when the LM head is checkpointed
+
+
+class TrainError(ValueError):
+    """Arguments or inputs that make training impossible; the message says which and why."""
+
+
+# ----------------------------------------------------------------------------- model and loss
+
+
+class CausalLMLoss(torch.nn.Module):
+    """Mean next-token cross-entropy of a GPTNeoXJapaneseForCausalLM; the unit DDP / FSDP wrap.
+
+    With `checkpoint_head`, the LM head and loss run in checkpointed chunks of HEAD_CHUNK_TOKENS
+    positions, so the (tokens, vocab) logits never exist at once (they dominate memory at long
+    sequence lengths once the layers are checkpointed too).
+    """
+
+    def __init__(self, lm: GPTNeoXJapaneseForCausalLM, checkpoint_head: bool = False):
+        super().__init__()
+        self.lm = lm
+        self.checkpoint_head = checkpoint_head
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if not self.checkpoint_head:
+            logits = self.lm(input_ids, use_cache=False).logits  # (B, T, V)
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        hidden = self.lm.gpt_neox_japanese(input_ids, use_cache=False).last_hidden_state  # (B, T, C)
+        hidden, targets = hidden.flatten(0, 1), targets.flatten()  # (B*T, C), (B*T,)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.size(0), HEAD_CHUNK_TOKENS):
+            rows = slice(start, start + HEAD_CHUNK_TOKENS)
+            total = total + checkpoint(self._summed_loss, hidden[rows], targets[rows], use_reentrant=False)
+        return total / targets.numel()
+
+    def _summed_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.lm.embed_out(hidden).float(), targets, reduction="sum")
+
+
+def checkpoint_layers(layers: torch.nn.ModuleList) -> None:
+    """Activation checkpointing per transformer layer, applied from outside the model.
+
+    Each layer's forward runs under torch.utils.checkpoint (non-reentrant, RNG state preserved so
+    dropout is replayed identically); only its input is kept, the rest is recomputed in backward.
+    Parameter names are unchanged, so checkpoints and exports are unaffected.
+    """
+    for layer in layers:
+        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def _read_model_config(spec: str) -> dict:
+    """--model-config: a JSON file or an inline JSON object."""
+    text = spec
+    if not spec.lstrip().startswith("{"):
+        path = Path(spec)
+        if not path.is_file():
+            raise TrainError(f"--model-config {spec}: no such file (give a JSON file or an inline JSON object)")
+        text = path.read_text(encoding="utf-8")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TrainError(f"--model-config: not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise TrainError("--model-config must be a JSON object")
+    return config
+
+
+def build_model(args: Namespace, manifest: dict, data_dir: Path) -> GPTNeoXJapaneseForCausalLM:
+    """A fresh model from --model-config, or a pretrained one from --init-from, in float32."""
+    if args.init_from:
+        model = GPTNeoXJapaneseForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+    else:
+        from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+        tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(str(data_dir / manifest["tokenizer"]["dir"]))
+        config = {  # defaults follow the data's tokenizer; the JSON overrides them
+            "vocab_size": manifest["tokenizer"]["vocab_size"],
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            **_read_model_config(args.model_config),
+        }
+        try:
+            model = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig.from_dict(config))
+        except (TypeError, ValueError) as err:
+            raise TrainError(f"--model-config: {err}") from None
+    vocab = manifest["tokenizer"]["vocab_size"]
+    if model.config.vocab_size < vocab:
+        raise TrainError(
+            f"the model's vocab_size ({model.config.vocab_size}) is smaller than the data's tokenizer ({vocab})"
+        )
+    if args.seq_len > model.config.max_position_embeddings:
+        raise TrainError(
+            f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+            f"({model.config.max_position_embeddings})"
+        )
+    return model.float()
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train(args: Namespace) -> dict:
+    """Run training as the arguments say; returns a summary. Collective under torchrun."""
+    env = dist_utils.setup(args.device, need_group=args.fsdp)
+    try:
+        return _train(args, env)
+    finally:
+        dist_utils.teardown(env)
+
+
+def _train(args: Namespace, env: dist_utils.DistEnv) -> dict:
+    out = Path(args.out)
+    data_dir = Path(args.data)
+    try:
+        manifest = load_manifest(data_dir)
+        train_tokens = open_tokens(data_dir, "train", manifest)
+        val_tokens = open_tokens(data_dir, "val", manifest)
+    except DataError as err:
+        raise TrainError(str(err)) from None
+    ckpt_root = out / "checkpoints"
+
+    resume_path = None
+    if args.resume == "auto":
+        resume_path = ckpt.latest_checkpoint(ckpt_root)
+    elif args.resume:
+        resume_path = Path(args.resume)
+        ckpt.read_meta(resume_path)  # fail early with a clear message
+    meta = ckpt.read_meta(resume_path) if resume_path else None
+    if meta:
+        for key in ("seq_len", "seed"):
+            if meta["args"][key] != getattr(args, key):
+                raise TrainError(f"{resume_path} was trained with --{key.replace('_', '-')} {meta['args'][key]}; "
+                                 f"resume with the same value (got {getattr(args, key)})")
+
+    # Identical initial weights on every rank (FSDP shards them, DDP broadcasts rank 0's anyway).
+    torch.manual_seed(args.seed)
+    model = build_model(args, manifest, data_dir).to(env.device)
+    layers = model.gpt_neox_japanese.layers
+    if args.grad_checkpointing:
+        checkpoint_layers(layers)
+    loss_module = CausalLMLoss(model, checkpoint_head=args.grad_checkpointing)
+    if args.fsdp:
+        train_module = dist_utils.shard_fsdp(loss_module, layers)
+    elif env.world_size > 1:
+        train_module = dist_utils.wrap_ddp(loss_module, env)
+    else:
+        train_module = loss_module
+    torch.manual_seed(args.seed + env.rank)  # dropout: a different stream per rank
+
+    optimizer = make_optimizer(loss_module, args.lr, args.weight_decay, device=env.device)
+    scheduler = make_scheduler(optimizer, args.lr, args.min_lr, args.warmup_steps, args.steps)
+    dtype = DTYPES[args.dtype]
+    scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
+
+    windows = TokenWindows(train_tokens, args.seq_len, seed=args.seed, shuffle=True)
+    if windows.num_windows == 0:
+        raise TrainError(f"the training split has {len(train_tokens)} tokens, fewer than --seq-len + 1 = {args.seq_len + 1}")
+    batches = DistributedBatches(windows, args.batch_size, env.rank, env.world_size)
+    global_batch = batches.global_batch_size
+    eval_batches = _eval_batches(args, val_tokens, env, global_batch)
+
+    step, samples_seen = 0, 0
+    if resume_path:
+        meta, trainer_state = ckpt.load_checkpoint(resume_path, train_module, optimizer, env, args.fsdp)
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        scaler.load_state_dict(trainer_state["scaler"])
+        step, samples_seen = meta["step"], meta["samples_seen"]
+        if env.is_main:
+            print(f"resumed from {resume_path} at step {step}")
+    if env.is_main:
+        ckpt.clean_partial(ckpt_root)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if resume_path else None)
+    dist_utils.barrier(env)
+
+    autocast = partial(torch.autocast, env.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    tokens_per_step = global_batch * args.grad_accum * args.seq_len
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=args.steps, initial=step, unit="step", disable=not env.is_main, dynamic_ncols=True)
+    train_module.train()
+    last = {}
+    while step < args.steps:
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=env.device)
+        for micro in range(args.grad_accum):
+            x, y = batches(samples_seen)
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            samples_seen += global_batch
+            sync = micro == args.grad_accum - 1
+            no_sync = train_module.no_sync if (not sync and hasattr(train_module, "no_sync")) else contextlib.nullcontext
+            if args.fsdp:  # FSDP2: reduce-scatter gradients on the last micro-batch only
+                train_module.set_requires_gradient_sync(sync)
+            with no_sync():
+                with autocast():
+                    loss = train_module(x, y) / args.grad_accum
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        grad_norm = _clip_gradients(loss_module, optimizer, scaler, args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        loss_value = dist_utils.mean_over_ranks(loss_sum, env).item()
+        elapsed = time.perf_counter() - t0
+
+        if not math.isfinite(loss_value) and dtype != torch.float16:
+            raise TrainError(f"the loss became {loss_value} at step {step}; lower --lr or check the data")
+        record = {"step": step, "loss": loss_value, "lr": lr, "tokens": step * tokens_per_step,
+                  "tokens_per_s": tokens_per_step / elapsed}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        eval_due = (args.eval_every and step % args.eval_every == 0) or step == args.steps
+        if eval_batches and eval_due:
+            record["val_loss"] = evaluate(train_module, eval_batches, autocast, env)
+        if env.is_main:
+            metrics.write(record)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+            bar.update()
+        last = record
+        if args.save_every and (step % args.save_every == 0 or step == args.steps):
+            ckpt.save_checkpoint(
+                ckpt_root, step,
+                {"samples_seen": samples_seen, "args": _saved_args(args)},
+                train_module, optimizer,
+                {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
+                env, args.fsdp, args.keep,
+            )
+    bar.close()
+
+    export_final(train_module, model, out / "final", data_dir / manifest["tokenizer"]["dir"], env, args.fsdp)
+    if env.is_main:
+        metrics.close()
+        plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
+        print(f"done: step {step}, loss {last.get('loss', float('nan')):.4f}; model in {out / 'final'}")
+    return {"step": step, **last}
+
+
+def _saved_args(args: Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
+def _clip_gradients(module, optimizer, scaler, max_norm: float) -> float | None:
+    """Clip the global gradient norm (across ranks under FSDP); returns it before clipping."""
+    if not max_norm:
+        return None
+    scaler.unscale_(optimizer)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if hasattr(total, "full_tensor"):  # a DTensor under FSDP2: the norm of the whole model
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(module.parameters(), max_norm, total)
+    return total.item()
+
+
+def _eval_batches(args: Namespace, val_tokens, env, global_batch: int) -> list | None:
+    """The validation batches (this rank's rows): the first windows of the split, in file order."""
+    windows = TokenWindows(val_tokens, args.seq_len, shuffle=False)
+    count = min(args.eval_steps, windows.num_windows // global_batch)
+    if count == 0:
+        message = (f"the validation split ({len(val_tokens)} tokens) holds fewer than one batch of "
+                   f"{global_batch} x {args.seq_len + 1} tokens")
+        if args.eval_every:
+            raise TrainError(message + "; drop --eval-every or prepare with a larger --val-fraction")
+        return None  # no evaluation was asked for; the final one is skipped
+    batches = DistributedBatches(windows, args.batch_size, env.rank, env.world_size)
+    return [batches(i * global_batch) for i in range(count)]
+
+
+@torch.no_grad()
+def evaluate(train_module, eval_batches, autocast, env) -> float:
+    train_module.eval()
+    total = torch.zeros((), device=env.device)
+    for x, y in eval_batches:
+        with autocast():
+            total += train_module(x.to(env.device), y.to(env.device)).float()
+    train_module.train()
+    return dist_utils.mean_over_ranks(total / len(eval_batches), env).item()
+
+
+def export_final(train_module, model, final_dir: Path, tokenizer_dir: Path, env, fsdp: bool) -> None:
+    """The trained model in the Hugging Face layout (config.json, safetensors, tokenizer files).
+
+    Written aside and renamed into place. Under FSDP the full weights are gathered to rank 0 first.
+    """
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(train_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if env.is_main:
+            export_model = GPTNeoXJapaneseForCausalLM(model.config)
+            export_model.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()})
+    else:
+        export_model = model
+    if env.is_main:
+        tmp = final_dir.with_name(final_dir.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        export_model.save_pretrained(tmp)
+        for path in sorted(Path(tokenizer_dir).iterdir()):
+            if path.is_file():
+                shutil.copy2(path, tmp / path.name)
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        tmp.replace(final_dir)
+    dist_utils.barrier(env)

@@ -1,0 +1,308 @@
+"""`neoxja prepare`: tokenize a corpus into memory-mapped token files for training.
+
+Inputs are text files (one document each), directories of them (searched recursively, in sorted
+order) and JSON-lines files (`.jsonl`, `.jsonl.gz`; one document per line, text in `--field`).
+
+Output directory:
+  train.bin, val.bin          token ids (uint16 while the vocabulary fits, else uint32), each document
+                              followed by <|endoftext|>, so documents are separated by it
+  train_docs.npy, val_docs.npy int64 offsets of document starts (plus the end), i.e. the boundaries
+  tokenizer/                  the tokenizer's files (training exports them with the model)
+  manifest.json               tokenizer, dtype, counts, sources, skipped input
+
+The validation split is made of whole documents chosen by a fixed-seed permutation, so the output
+is the same for the same input, whatever the number of processes (`imap` keeps input order).
+Every file is read twice: once to validate it and count documents (cheap next to tokenizing),
+then to tokenize; bad input is therefore reported before any tokenizing starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+MANIFEST_VERSION = 1
+SPLIT_SEED = 0  # fixed: the split is a property of the corpus, not of a training run
+
+
+class CorpusError(ValueError):
+    """Input that cannot be prepared: the message names the file (and line / byte offset)."""
+
+
+# ----------------------------------------------------------------------------- reading input
+
+
+def is_jsonl(path: Path) -> bool:
+    return path.name.endswith((".jsonl", ".jsonl.gz"))
+
+
+def list_input_files(inputs: list[str]) -> list[Path]:
+    """Expand directories (recursively, sorted, hidden entries skipped); keep the given order otherwise."""
+    files: list[Path] = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CorpusError(f"{path}: no such file or directory")
+    return files
+
+
+@dataclass
+class SkipLog:
+    """What --skip-bad left out; reported on stderr and in the manifest, never dropped silently."""
+
+    skip_bad: bool
+    files: int = 0
+    lines: int = 0
+    empty_documents: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    def bad(self, message: str, whole_file: bool) -> None:
+        if not self.skip_bad:
+            raise CorpusError(message)
+        if whole_file:
+            self.files += 1
+        else:
+            self.lines += 1
+        self.messages.append(message)
+        print(f"warning: skipping: {message}", file=sys.stderr)
+
+
+def _utf8_error(path: Path, offset: int, err: UnicodeDecodeError, where: str = "") -> str:
+    return (
+        f"{path}{where}: not valid UTF-8 at byte offset {offset + err.start}"
+        f"{' (of the decompressed data)' if path.name.endswith('.gz') else ''}: {err.reason}"
+    )
+
+
+def read_documents(path: Path, text_field: str, skips: SkipLog) -> Iterator[str]:
+    """Yield the documents of one input file (empty ones are counted in `skips`, not yielded)."""
+    if not is_jsonl(path):
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            skips.bad(_utf8_error(path, 0, err), whole_file=True)
+            return
+        if text:
+            yield text
+        else:
+            skips.empty_documents += 1
+        return
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    offset = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                line_start, offset = offset, offset + len(raw)
+                where = f":{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    skips.bad(_utf8_error(path, line_start, err, where), whole_file=False)
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    skips.bad(f"{path}{where}: invalid JSON: {err.msg} (column {err.colno})", whole_file=False)
+                    continue
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    skips.bad(f"{path}{where}: no string field {text_field!r}", whole_file=False)
+                    continue
+                if record[text_field]:
+                    yield record[text_field]
+                else:
+                    skips.empty_documents += 1
+    except (OSError, EOFError) as err:  # e.g. a truncated or non-gzip .gz file
+        skips.bad(f"{path}: cannot read: {err}", whole_file=True)
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+_worker_tokenizer = None
+_worker_dtype = None
+
+
+def _init_worker(tokenizer_dir: str, dtype: str) -> None:
+    global _worker_tokenizer, _worker_dtype
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    _worker_tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(tokenizer_dir)
+    _worker_dtype = np.dtype(dtype)
+
+
+def _encode_document(text: str) -> np.ndarray:
+    """Token ids of one document followed by <|endoftext|>."""
+    ids = _worker_tokenizer.encode(text)
+    ids.append(_worker_tokenizer.eos_token_id)
+    return np.asarray(ids, dtype=_worker_dtype)
+
+
+def choose_validation_documents(num_documents: int, val_fraction: float) -> np.ndarray:
+    """Boolean mask of the documents held out for validation (whole documents, fixed seed)."""
+    is_val = np.zeros(num_documents, dtype=bool)
+    if val_fraction <= 0 or num_documents < 2:
+        return is_val
+    num_val = min(max(1, round(val_fraction * num_documents)), num_documents - 1)
+    is_val[np.random.default_rng(SPLIT_SEED).permutation(num_documents)[:num_val]] = True
+    return is_val
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="neoxja prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text file, directory, or .jsonl / .jsonl.gz")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    p.add_argument("--num-proc", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer processes")
+    p.add_argument("--field", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument("--skip-bad", action="store_true", help="warn about and count bad input instead of failing")
+    return p
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    if not 0 <= args.val_fraction < 1:
+        raise CorpusError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.num_proc < 1:
+        raise CorpusError(f"--num-proc must be >= 1, got {args.num_proc}")
+    files = list_input_files(args.inputs)
+
+    # Pass 1: validate everything and count documents.
+    skips = SkipLog(skip_bad=args.skip_bad)
+    sources = []
+    for path in files:
+        count = sum(1 for _ in read_documents(path, args.field, skips))
+        sources.append({"path": str(path), "documents": count})
+    num_documents = sum(s["documents"] for s in sources)
+    if num_documents == 0:
+        raise CorpusError(f"empty corpus: no documents in {', '.join(args.inputs)}")
+    is_val = choose_validation_documents(num_documents, args.val_fraction)
+    if args.val_fraction > 0 and not is_val.any():
+        print("warning: a single document cannot be split; the validation split is empty", file=sys.stderr)
+
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(args.tokenizer)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = out / "tokenizer"
+    tokenizer.save_pretrained(str(tokenizer_dir))
+    # every id the tokenizer can emit, special tokens included, must fit the model and the dtype
+    vocab_size = max(len(tokenizer), max(tokenizer.all_special_ids) + 1)
+    dtype = "uint16" if vocab_size <= 2**16 else "uint32"
+
+    # Pass 2: tokenize in input order, writing aside; rename into place only when complete.
+    from tqdm.auto import tqdm
+
+    def documents() -> Iterator[str]:
+        quiet = SkipLog(skip_bad=True)  # pass 1 already reported every problem
+        for path in files:
+            yield from read_documents(path, args.field, quiet)
+
+    splits = {"train": [0], "val": [0]}  # document start offsets, per split
+    tmp = {name: out / f"{name}.bin.tmp" for name in splits}
+    start = time.perf_counter()
+    with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
+        sinks = {"train": f_train, "val": f_val}
+        if args.num_proc == 1:
+            _init_worker(str(tokenizer_dir), dtype)
+            encoded = map(_encode_document, documents())
+            pool = None
+        else:
+            pool = multiprocessing.get_context().Pool(args.num_proc, _init_worker, (str(tokenizer_dir), dtype))
+            encoded = pool.imap(_encode_document, documents(), chunksize=8)
+        try:
+            with tqdm(total=num_documents, unit="doc", desc="tokenizing", mininterval=1.0) as bar:
+                for index, ids in enumerate(encoded):
+                    split = "val" if is_val[index] else "train"
+                    sinks[split].write(ids.tobytes())
+                    splits[split].append(splits[split][-1] + len(ids))
+                    bar.update()
+        finally:
+            if pool is not None:
+                pool.terminate()
+    elapsed = time.perf_counter() - start
+    if index + 1 != num_documents:  # the files changed between the two passes
+        raise CorpusError(f"input changed while preparing: expected {num_documents} documents, read {index + 1}")
+
+    for name in splits:
+        np.save(out / f"{name}_docs.npy", np.asarray(splits[name], dtype=np.int64))
+        os.replace(tmp[name], out / f"{name}.bin")
+    num_tokens = splits["train"][-1] + splits["val"][-1]
+    manifest = {
+        "format_version": MANIFEST_VERSION,
+        "dtype": dtype,
+        "tokenizer": {
+            "source": str(args.tokenizer),
+            "dir": "tokenizer",
+            "vocab_size": vocab_size,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        "separator": "<|endoftext|> after every document",
+        "val_fraction": args.val_fraction,
+        "split_seed": SPLIT_SEED,
+        "train": {"file": "train.bin", "documents": len(splits["train"]) - 1, "tokens": splits["train"][-1],
+                  "document_offsets": "train_docs.npy"},
+        "val": {"file": "val.bin", "documents": len(splits["val"]) - 1, "tokens": splits["val"][-1],
+                "document_offsets": "val_docs.npy"},
+        "text_field": args.field,
+        "sources": sources,
+        "skipped": {"files": skips.files, "lines": skips.lines, "empty_documents": skips.empty_documents,
+                    "messages": skips.messages},
+    }
+    tmp_manifest = out / "manifest.json.tmp"
+    tmp_manifest.write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp_manifest, out / "manifest.json")
+
+    rate = num_tokens / elapsed if elapsed > 0 else math.inf
+    print(
+        f"prepared {num_documents:,} documents, {num_tokens:,} tokens "
+        f"(train {manifest['train']['tokens']:,}, val {manifest['val']['tokens']:,}) in {elapsed:.1f} s: "
+        f"{rate:,.0f} tokens/s with {args.num_proc} process(es) -> {out}"
+    )
+    if skips.files or skips.lines or skips.empty_documents:
+        print(
+            f"skipped {skips.files} file(s) and {skips.lines} line(s) of bad input, "
+            f"{skips.empty_documents} empty document(s)",
+            file=sys.stderr,
+        )
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        prepare(args)
+    except CorpusError as err:
+        print(f"neoxja prepare: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
