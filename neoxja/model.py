@@ -354,7 +354,7 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
             if key_padding_mask.shape != (B, T_max):
                 raise ValueError(f"key_padding_mask must be ({B}, {T_max}), got {tuple(key_padding_mask.shape)}")
             mask = mask & key_padding_mask[:, None, None, :]  # (B, 1, T, T_max)
-            mask = mask | (slots[None, :] == input_pos[:, None])  # a token always sees itself: no empty rows
+            mask = _see_self_if_alone(mask, slots[None, :] == input_pos[:, None])
 
         cos, sin = self.rotary_emb(position_ids)  # (B, T, rd)
         x = self.embed_in(input_ids)  # (B, T, C)
@@ -487,9 +487,13 @@ def _attention_mask(attention_mask, B: int, past_length: int, T: int, device):
             raise ValueError(f"attention_mask must be (batch, past + seq) = ({B}, {S}), "
                              f"got {tuple(attention_mask.shape)}")
         mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, T, S)
-        # a padding token has no real key to its left; letting every token see itself keeps rows non-empty
-        mask = mask | (key_pos[None, :] == query_pos[:, None])
+        mask = _see_self_if_alone(mask, key_pos[None, :] == query_pos[:, None])
     return mask, False
+
+
+def _see_self_if_alone(mask: torch.Tensor, is_self: torch.Tensor) -> torch.Tensor:
+    """A query that may see no key (a left-padding token) sees itself, so no softmax row is empty."""
+    return mask | (is_self & ~mask.any(dim=-1, keepdim=True))
 
 
 def _head_mask(head_mask, num_layers: int, num_heads: int, device) -> list:

@@ -1,0 +1,338 @@
+"""Differential tests of the model against transformers' GPTNeoXJapanese (the oracle), random-init small configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from neoxja.config import GPTNeoXJapaneseConfig  # noqa: E402
+from neoxja.model import GPTNeoXJapaneseForCausalLM, GPTNeoXJapaneseModel  # noqa: E402
+
+ATOL = 2e-5
+
+CONFIGS = {
+    # full rotary, tied embeddings, even heads
+    "rot1-tied": dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, rotary_pct=1.0,
+                      tie_word_embeddings=True),
+    # partial rotary, untied, odd head count (3 heads of 16 dims, 4 rotary dims)
+    "rot025-untied-3heads": dict(vocab_size=97, hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
+                                 rotary_pct=0.25, tie_word_embeddings=False),
+    # 5 heads, half rotary, linear rope scaling, other base
+    "rot05-5heads-linear": dict(vocab_size=89, hidden_size=40, num_hidden_layers=2, num_attention_heads=5,
+                                rotary_pct=0.5, rotary_emb_base=500, tie_word_embeddings=False,
+                                rope_scaling={"rope_type": "linear", "factor": 2.0}),
+}
+
+
+def reference_config(kw: dict):
+    kw = dict(kw)
+    rope = {"rope_type": "default"}
+    if kw.get("rope_scaling"):
+        rope = dict(kw.pop("rope_scaling"))
+    rope.update(rope_theta=float(kw.pop("rotary_emb_base", 10000)), partial_rotary_factor=kw.pop("rotary_pct"))
+    return transformers.GPTNeoXJapaneseConfig(**kw, rope_parameters=rope, bos_token_id=0, eos_token_id=1)
+
+
+def make_pair(name: str, seed: int = 0):
+    """(transformers model, our model) with the same random weights, incl. non-trivial LayerNorms and dense_bias."""
+    kw = CONFIGS[name]
+    torch.manual_seed(seed)
+    ref = transformers.GPTNeoXJapaneseForCausalLM(reference_config(kw)).eval()
+    with torch.no_grad():
+        for pname, p in ref.named_parameters():
+            if "layernorm" in pname or "layer_norm" in pname or "dense_bias" in pname:
+                p.add_(torch.randn_like(p) * 0.5)  # dense_bias of the last layer becomes non-zero
+            else:
+                p.normal_(0.0, 0.1)
+    ours = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(**kw, bos_token_id=0, eos_token_id=1)).eval()
+    result = ours.load_state_dict(ref.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    last = ours.gpt_neox_japanese.layers[-1].attention.dense_bias
+    assert last is not None and last.abs().max() > 0.1
+    assert all(layer.attention.dense_bias is None for layer in ours.gpt_neox_japanese.layers[:-1])
+    return ref, ours
+
+
+def make_batch(vocab_size: int, padding: str, B: int = 3, T: int = 11, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    lengths = [T, T - 4, T - 7]
+    for row, n in enumerate(lengths[:B]):
+        if padding == "right":
+            mask[row, n:] = 0
+        elif padding == "left":
+            mask[row, : T - n] = 0
+    if padding == "none":
+        mask = None
+    return ids, mask
+
+
+def real(mask, B, T):
+    return torch.ones(B, T, dtype=torch.bool) if mask is None else mask.bool()
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parity_float32(name, padding):
+    ref, ours = make_pair(name)
+    ids, mask = make_batch(ref.config.vocab_size, padding)
+    B, T = ids.shape
+    # compared everywhere except at left-padding positions (see test_left_padding_positions_see_only_themselves)
+    keep = real(mask, B, T) if padding == "left" else torch.ones(B, T, dtype=torch.bool)
+    # labels: -100 on padding and where the predicting position is left padding, plus a random one
+    labels = ids.clone()
+    labels[~real(mask, B, T)] = -100
+    labels[:, 1:][~keep[:, :-1]] = -100
+    labels[0, 3] = -100
+
+    kwargs = dict(attention_mask=mask, labels=labels, output_hidden_states=True, output_attentions=True,
+                  use_cache=True)
+    with torch.no_grad():
+        r = ref(ids, **kwargs)
+        o = ours(ids, **kwargs)
+    torch.testing.assert_close(o.logits[keep], r.logits[keep], atol=ATOL, rtol=0)
+    assert o.logits.abs().max() > 1.0  # logits of order 1 to 10, so 2e-5 is a tight bound
+    torch.testing.assert_close(o.loss, r.loss, atol=ATOL, rtol=0)
+    assert len(o.hidden_states) == len(r.hidden_states) == ref.config.num_hidden_layers + 1
+    for ho, hr in zip(o.hidden_states, r.hidden_states):
+        torch.testing.assert_close(ho[keep], hr[keep], atol=ATOL, rtol=0)
+    assert len(o.attentions) == ref.config.num_hidden_layers
+    for ao, ar in zip(o.attentions, r.attentions):
+        torch.testing.assert_close(ao.transpose(1, 2)[keep], ar.transpose(1, 2)[keep], atol=ATOL, rtol=0)
+    assert len(o.past_key_values) == ref.config.num_hidden_layers
+    for i, (k, v) in enumerate(o.past_key_values):
+        layer = r.past_key_values.layers[i]
+        torch.testing.assert_close(k.transpose(1, 2)[keep], layer.keys.transpose(1, 2)[keep], atol=ATOL, rtol=0)
+        torch.testing.assert_close(v.transpose(1, 2)[keep], layer.values.transpose(1, 2)[keep], atol=ATOL, rtol=0)
+
+    # the SDPA path (no attention weights asked for) gives the same numbers
+    with torch.no_grad():
+        fast = ours(ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(fast.logits[keep], r.logits[keep], atol=ATOL, rtol=0)
+    torch.testing.assert_close(fast.loss, r.loss, atol=ATOL, rtol=0)
+
+
+def test_left_padding_positions_see_only_themselves():
+    """Intended deviation: a left-padding position has no real key to its left. transformers adds finfo.min to
+    every key, which averages uniformly over all positions, the future included; here it attends to itself only.
+    Real positions never attend to padding in either implementation (checked by test_parity_float32)."""
+    _, ours = make_pair("rot025-untied-3heads")
+    ids, mask = make_batch(ours.config.vocab_size, "left")
+    with torch.no_grad():
+        out = ours(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        for row, col in [(2, 0), (2, 5), (1, 2)]:
+            assert mask[row, col] == 0
+            alone = ours.gpt_neox_japanese(ids[row: row + 1, col: col + 1],
+                                           position_ids=torch.tensor([[col]])).last_hidden_state
+            torch.testing.assert_close(out[row, col], alone[0, 0], atol=ATOL, rtol=0)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_incremental_decoding_equals_full_forward(padding):
+    ref, ours = make_pair("rot025-untied-3heads")
+    ids, mask = make_batch(ref.config.vocab_size, padding)
+    B, T = ids.shape
+    keep = real(mask, B, T)
+    full_mask = mask if mask is not None else torch.ones(B, T, dtype=torch.long)
+    with torch.no_grad():
+        full = ours(ids, attention_mask=mask).logits
+        out = ours(ids[:, :4], attention_mask=full_mask[:, :4])
+        pieces, past = [out.logits], out.past_key_values
+        for t in range(4, T, 3):  # chunks of up to 3 tokens
+            out = ours(ids[:, t: t + 3], attention_mask=full_mask[:, : t + 3], past_key_values=past)
+            pieces.append(out.logits)
+            past = out.past_key_values
+        # the reference, fed the same way, agrees too
+        r = ref(ids[:, :4], attention_mask=full_mask[:, :4])
+        ref_pieces, ref_past = [r.logits], r.past_key_values
+        for t in range(4, T, 3):
+            r = ref(ids[:, t: t + 3], attention_mask=full_mask[:, : t + 3], past_key_values=ref_past)
+            ref_pieces.append(r.logits)
+            ref_past = r.past_key_values
+    incremental = torch.cat(pieces, dim=1)
+    assert past[0][0].shape == (B, 3, T, 16)
+    torch.testing.assert_close(incremental[keep], full[keep], atol=ATOL, rtol=0)
+    torch.testing.assert_close(incremental[keep], torch.cat(ref_pieces, 1)[keep], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["rot1-tied", "rot05-5heads-linear"])
+def test_forward_cached_equals_forward(name):
+    _, ours = make_pair(name)
+    ids, mask = make_batch(ours.config.vocab_size, "left")
+    B, T = ids.shape
+    keep = mask.bool()
+    # rotary positions count real tokens only, as a generator does under left padding
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = ours(ids, attention_mask=mask, position_ids=position_ids).logits  # (B, T, V)
+
+    T_max = T + 5
+    ours.setup_caches(max_batch_size=B, max_seq_length=T_max)
+    cache = ours.gpt_neox_japanese.layers[0].attention.kv_cache
+    assert cache.k_cache.shape == (B, ours.config.num_attention_heads, T_max, ours.config.head_size)
+    assert "k_cache" not in str(list(ours.state_dict()))  # non-persistent
+    key_padding_mask = torch.zeros(B, T_max, dtype=torch.bool)
+    key_padding_mask[:, :T] = keep
+    prefill = ours.forward_cached(ids[:, :6], torch.arange(6), position_ids[:, :6], key_padding_mask, last_only=False)
+    steps = [prefill]
+    for t in range(6, T):
+        logits = ours.forward_cached(ids[:, t: t + 1], torch.tensor([t]), position_ids[:, t: t + 1], key_padding_mask)
+        assert logits.shape == (B, 1, ours.config.vocab_size)
+        steps.append(logits)
+    cached = torch.cat(steps, dim=1)
+    torch.testing.assert_close(cached[keep], full[keep], atol=ATOL, rtol=0)
+
+    # last_only applies the head to the last position only; the same numbers
+    ours.setup_caches(max_batch_size=B, max_seq_length=T_max)
+    last = ours.forward_cached(ids, torch.arange(T), position_ids, key_padding_mask)
+    assert last.shape == (B, 1, ours.config.vocab_size)
+    torch.testing.assert_close(last[:, 0], full[:, -1], atol=ATOL, rtol=0)
+
+    # no padding mask: a smaller batch in a bigger cache, plain causal attention
+    ours.setup_caches(max_batch_size=B + 2, max_seq_length=T_max)
+    with torch.no_grad():
+        plain = ours(ids[:2]).logits
+    got = ours.forward_cached(ids[:2], torch.arange(T), torch.arange(T).expand(2, T), last_only=False)
+    torch.testing.assert_close(got, plain, atol=ATOL, rtol=0)
+
+    ours.clear_caches()
+    assert ours.gpt_neox_japanese.layers[0].attention.kv_cache is None
+    with pytest.raises(RuntimeError, match="setup_caches"):
+        ours.forward_cached(ids, torch.arange(T), position_ids)
+
+
+def test_cached_path_arguments_are_checked():
+    _, ours = make_pair("rot1-tied")
+    ours.setup_caches(2, 8)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="input_pos"):
+        ours.forward_cached(ids, torch.arange(2), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        ours.forward_cached(ids, torch.arange(3), torch.zeros(2, 3, dtype=torch.long),
+                            key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ours.forward_cached(torch.zeros(3, 3, dtype=torch.long), torch.arange(3), torch.zeros(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_seq_length"):
+        ours.setup_caches(2, 0)
+
+
+def test_bfloat16_relative_error_and_float16_stays_finite():
+    ref, ours = make_pair("rot025-untied-3heads")
+    ids, mask = make_batch(ref.config.vocab_size, "right")
+    keep = mask.bool()
+    with torch.no_grad():
+        expected = ref(ids, attention_mask=mask).logits[keep]
+        for dtype in (torch.bfloat16, torch.float16):
+            half = GPTNeoXJapaneseForCausalLM(ours.config).to(dtype).eval()
+            half.load_state_dict(ours.state_dict())
+            got = half(ids, attention_mask=mask, output_attentions=dtype == torch.float16).logits
+            assert got.dtype == dtype
+            rel = (got[keep].float() - expected).norm() / expected.norm()
+            assert rel < 2e-2, (dtype, rel)
+            # large activations: LayerNorm statistics in float32 keep float16 from overflowing
+            big = half.gpt_neox_japanese(inputs_embeds=torch.full((1, 4, ours.config.hidden_size), 300.0,
+                                                                  dtype=dtype)).last_hidden_state
+            assert torch.isfinite(big).all()
+
+
+def test_inputs_embeds_and_return_tuple_match_reference():
+    ref, ours = make_pair("rot1-tied")
+    ids, mask = make_batch(ref.config.vocab_size, "right")
+    keep = mask.bool()
+    with torch.no_grad():
+        embeds = ours.get_input_embeddings()(ids)
+        o = ours(inputs_embeds=embeds, attention_mask=mask, labels=ids, return_dict=False, output_hidden_states=True)
+        r = ref(inputs_embeds=embeds, attention_mask=mask, labels=ids, return_dict=False, output_hidden_states=True)
+    # (loss, logits, past_key_values, hidden_states)
+    assert len(o) == len(r) == 4
+    torch.testing.assert_close(o[0], r[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(o[1][keep], r[1][keep], atol=ATOL, rtol=0)
+    with torch.no_grad():
+        base = ours.gpt_neox_japanese(ids, return_dict=False, use_cache=False)
+        ref_base = ref.gpt_neox_japanese(ids, return_dict=False, use_cache=False)
+    assert len(base) == len(ref_base) == 1
+    torch.testing.assert_close(base[0], ref_base[0], atol=ATOL, rtol=0)
+
+
+def test_logits_to_keep_and_tied_head_and_parameter_count():
+    ref, ours = make_pair("rot1-tied")
+    ids, _ = make_batch(ref.config.vocab_size, "none")
+    with torch.no_grad():
+        full = ours(ids).logits
+        last = ours(ids, logits_to_keep=1).logits
+    assert last.shape == (3, 1, ref.config.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], atol=0, rtol=0)
+    assert ours.get_output_embeddings().weight is ours.get_input_embeddings().weight
+    assert ours.num_parameters() == ref.num_parameters()
+    _, untied = make_pair("rot025-untied-3heads")
+    assert untied.get_output_embeddings().weight is not untied.get_input_embeddings().weight
+
+
+def test_head_mask_switches_heads_off():
+    """transformers 5 dropped head_mask, so it is checked against an equivalent weight edit: zeroing head h's
+    probabilities in layer l equals zeroing the columns of that layer's output projection that read head h."""
+    _, ours = make_pair("rot025-untied-3heads")
+    cfg = ours.config
+    ids, mask = make_batch(cfg.vocab_size, "right")
+    head_mask = torch.ones(cfg.num_hidden_layers, cfg.num_attention_heads)
+    head_mask[1, 2] = 0.0
+    with torch.no_grad():
+        plain = ours(ids, attention_mask=mask).logits
+        ones = ours(ids, attention_mask=mask, head_mask=torch.ones(cfg.num_attention_heads)).logits
+        masked = ours(ids, attention_mask=mask, head_mask=head_mask, output_attentions=True)
+        edited = GPTNeoXJapaneseForCausalLM(cfg).eval()
+        edited.load_state_dict(ours.state_dict())
+        hs = cfg.head_size
+        edited.gpt_neox_japanese.layers[1].attention.dense.weight[:, 2 * hs: 3 * hs] = 0
+        expected = edited(ids, attention_mask=mask).logits
+    torch.testing.assert_close(ones, plain, atol=ATOL, rtol=0)
+    torch.testing.assert_close(masked.logits, expected, atol=ATOL, rtol=0)
+    assert (masked.logits - plain).abs().max() > 1e-3
+    assert masked.attentions[1][:, 2].abs().max() == 0
+    with pytest.raises(ValueError, match="head_mask"):
+        ours(ids, head_mask=torch.ones(5))
+
+
+def test_training_mode_dropout_and_gradients():
+    _, ours = make_pair("rot1-tied")
+    ids, mask = make_batch(ours.config.vocab_size, "none")
+    ours.train()
+    a = ours(ids, labels=ids).loss
+    b = ours(ids, labels=ids).loss
+    assert a != b  # attention dropout 0.1 is active in training
+    a.backward()
+    grads = [p.grad for p in ours.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    ours.eval()
+    with torch.no_grad():
+        assert ours(ids, labels=ids).loss == ours(ids, labels=ids).loss
+
+
+def test_bad_inputs_raise_clear_errors():
+    _, ours = make_pair("rot1-tied")
+    V = ours.config.vocab_size
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="exactly one"):
+        ours(ids, inputs_embeds=torch.zeros(2, 5, 32))
+    with pytest.raises(ValueError, match="exactly one"):
+        ours()
+    with pytest.raises(ValueError, match="outside"):
+        ours(torch.full((1, 3), V))
+    with pytest.raises(TypeError, match="integer"):
+        ours(ids.float())
+    with pytest.raises(ValueError, match="attention_mask"):
+        ours(ids, attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="labels"):
+        ours(ids, labels=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        ours(ids, labels=torch.full((2, 5), -5))
+    with pytest.raises(ValueError, match="past_key_values"):
+        ours(ids, past_key_values=((torch.zeros(1), torch.zeros(1)),))
+    with pytest.raises(ValueError, match="empty"):
+        ours(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(TypeError, match="GPTNeoXJapaneseConfig"):
+        GPTNeoXJapaneseModel({"hidden_size": 8})
