@@ -98,18 +98,16 @@ def _read_model_config(spec: str) -> dict:
     return config
 
 
-def build_model(args: Namespace, manifest: dict, data_dir: Path) -> GPTNeoXJapaneseForCausalLM:
+def build_model(args: Namespace, manifest: dict) -> GPTNeoXJapaneseForCausalLM:
     """A fresh model from --model-config, or a pretrained one from --init-from, in float32."""
     if args.init_from:
         model = GPTNeoXJapaneseForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
     else:
-        from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
-
-        tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(str(data_dir / manifest["tokenizer"]["dir"]))
+        tokenizer = manifest["tokenizer"]
         config = {  # defaults follow the data's tokenizer; the JSON overrides them
-            "vocab_size": manifest["tokenizer"]["vocab_size"],
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
+            "vocab_size": tokenizer["vocab_size"],
+            "bos_token_id": tokenizer.get("bos_token_id"),
+            "eos_token_id": tokenizer.get("eos_token_id"),
             **_read_model_config(args.model_config),
         }
         try:
@@ -167,7 +165,7 @@ def _train(args: Namespace, env: dist_utils.DistEnv) -> dict:
 
     # Identical initial weights on every rank (FSDP shards them, DDP broadcasts rank 0's anyway).
     torch.manual_seed(args.seed)
-    model = build_model(args, manifest, data_dir).to(env.device)
+    model = build_model(args, manifest).to(env.device)
     layers = model.gpt_neox_japanese.layers
     if args.grad_checkpointing:
         checkpoint_layers(layers)

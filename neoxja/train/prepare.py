@@ -261,6 +261,7 @@ def prepare(args: argparse.Namespace) -> dict:
             "source": str(args.tokenizer),
             "dir": "tokenizer",
             "vocab_size": vocab_size,
+            "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
         },
         "separator": "<|endoftext|> after every document",

@@ -1,0 +1,158 @@
+"""`neoxja prepare`: token files, document boundaries, split, manifest, determinism, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from neoxja.train.data import load_manifest, open_tokens
+from neoxja.train.prepare import choose_validation_documents, main
+
+DOCS = [
+    "吾輩は猫である。名前はまだ無い。",
+    "どこで生れたかとんと見当がつかぬ。\n何でも薄暗いじめじめした所で泣いていた事だけは記憶している。",
+    "国境の長いトンネルを抜けると雪国であった。",
+    "メロスは激怒した。必ず、かの邪智暴虐の王を除かなければならぬと決意した。",
+    "山路を登りながら、こう考えた。智に働けば角が立つ。",
+    "Hello, world! 123 😀",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(abeja_dir):
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    return GPTNeoXJapaneseTokenizer.from_pretrained(str(abeja_dir))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Two plain-text documents in a directory (plus a nested one) and four JSON-lines documents (gzip)."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "b.txt").write_text(DOCS[1], encoding="utf-8")
+    (root / "a.txt").write_text(DOCS[0], encoding="utf-8")
+    (root / "sub" / "c.txt").write_text(DOCS[2], encoding="utf-8")
+    (root / ".hidden.txt").write_bytes(b"\xff not read")
+    with gzip.open(tmp_path / "more.jsonl.gz", "wt", encoding="utf-8") as f:
+        for doc in DOCS[3:]:
+            f.write(json.dumps({"text": doc, "title": "t"}, ensure_ascii=False) + "\n")
+        f.write("\n")  # blank lines are not documents
+    # expected document order: directory sorted (a, b, sub/c), then the JSON lines in order
+    return [str(root), str(tmp_path / "more.jsonl.gz")]
+
+
+def run(abeja_dir, out, inputs, *extra):
+    return main(["--tokenizer", str(abeja_dir), "--out", str(out), *extra, *map(str, inputs)])
+
+
+def documents(out, split):
+    manifest = load_manifest(out)
+    tokens = open_tokens(out, split, manifest)
+    offsets = np.load(out / manifest[split]["document_offsets"])
+    return [tokens[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def test_token_files_hold_every_document_once_with_separators(abeja_dir, tokenizer, corpus, tmp_path, capsys):
+    out = tmp_path / "data"
+    assert run(abeja_dir, out, corpus, "--val-fraction", "0.34", "--num-proc", "1") == 0
+    assert "tokens/s" in capsys.readouterr().out
+    manifest = load_manifest(out)
+    assert manifest["dtype"] == "uint16"
+    assert (out / "train.bin").stat().st_size == 2 * manifest["train"]["tokens"]
+    assert manifest["train"]["documents"] == 4 and manifest["val"]["documents"] == 2  # round(0.34 * 6)
+    assert [s["documents"] for s in manifest["sources"]] == [1, 1, 1, 3]
+
+    eos = tokenizer.eos_token_id
+    expected = [tokenizer.encode(doc) + [eos] for doc in DOCS]
+    train, val = documents(out, "train"), documents(out, "val")
+    is_val = choose_validation_documents(len(DOCS), 0.34)
+    assert train == [e for e, v in zip(expected, is_val) if not v]
+    assert val == [e for e, v in zip(expected, is_val) if v]
+    for doc in train + val:  # <|endoftext|> ends each document and occurs nowhere else
+        assert doc[-1] == eos and eos not in doc[:-1]
+    assert manifest["tokenizer"]["eos_token_id"] == eos
+    assert manifest["tokenizer"]["vocab_size"] > max(max(d) for d in expected)
+    # the tokenizer travels with the data (training exports it with the model)
+    saved = type(tokenizer).from_pretrained(str(out / "tokenizer"))
+    assert saved.get_vocab() == tokenizer.get_vocab() and saved.encode(DOCS[1]) == tokenizer.encode(DOCS[1])
+
+
+def test_output_is_deterministic_whatever_the_process_count(abeja_dir, corpus, tmp_path):
+    assert run(abeja_dir, tmp_path / "one", corpus, "--num-proc", "1", "--val-fraction", "0.2") == 0
+    assert run(abeja_dir, tmp_path / "two", corpus, "--num-proc", "2", "--val-fraction", "0.2") == 0
+    for name in ("train.bin", "val.bin", "train_docs.npy", "val_docs.npy"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    one = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    two = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert one == two
+
+
+def test_validation_split_is_whole_documents_and_never_everything():
+    assert not choose_validation_documents(10, 0.0).any()
+    assert not choose_validation_documents(1, 0.5).any()  # one document cannot be split
+    assert choose_validation_documents(10, 0.001).sum() == 1  # a positive fraction holds out at least one
+    assert choose_validation_documents(3, 0.99).sum() == 2  # and never all
+    mask = choose_validation_documents(1000, 0.1)
+    assert mask.sum() == 100 and np.array_equal(mask, choose_validation_documents(1000, 0.1))
+    assert mask[:500].sum() not in (0, 100)  # spread over the corpus, not a tail
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n"])
+def test_empty_corpus_is_an_error(abeja_dir, tmp_path, capsys, content):
+    (tmp_path / "in.jsonl").write_bytes(content)
+    assert run(abeja_dir, tmp_path / "out", [tmp_path / "in.jsonl"]) == 2
+    assert "empty corpus" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_missing_input_is_an_error(abeja_dir, tmp_path, capsys):
+    assert run(abeja_dir, tmp_path / "out", [tmp_path / "nope.txt"]) == 2
+    assert "nope.txt: no such file" in capsys.readouterr().err
+
+
+def test_non_utf8_text_file_names_file_and_byte_offset(abeja_dir, tmp_path, capsys):
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text(DOCS[0], encoding="utf-8")
+    bad.write_bytes("猫".encode() + b"\x80abc")  # the stray byte is at offset 3
+    assert run(abeja_dir, tmp_path / "out", [good, bad]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: not valid UTF-8 at byte offset 3" in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+    # --skip-bad: a warning naming the same place, a count, and the rest prepared
+    assert run(abeja_dir, tmp_path / "out", [good, bad], "--skip-bad", "--val-fraction", "0") == 0
+    captured = capsys.readouterr()
+    assert f"{bad}: not valid UTF-8 at byte offset 3" in captured.err and "skipped 1 file(s)" in captured.err
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest["skipped"]["files"] == 1 and manifest["train"]["documents"] == 1
+
+
+def test_bad_jsonl_lines_name_file_line_and_offset(abeja_dir, tmp_path, capsys):
+    path = tmp_path / "in.jsonl.gz"
+    first = (json.dumps({"text": DOCS[0]}, ensure_ascii=False) + "\n").encode()
+    with gzip.open(path, "wb") as f:
+        f.write(first + b'{"text": "\xe3\x81"}\n' + b"{not json}\n" + b'{"body": "x"}\n' + b'{"text": ""}\n')
+    assert run(abeja_dir, tmp_path / "out", [path]) == 2
+    err = capsys.readouterr().err
+    # the truncated 3-byte character starts 10 bytes into line 2
+    assert f"{path}:2: not valid UTF-8 at byte offset {len(first) + 10}" in err
+
+    assert run(abeja_dir, tmp_path / "out", [path], "--skip-bad", "--val-fraction", "0") == 0
+    err = capsys.readouterr().err
+    assert f"{path}:3: invalid JSON" in err and f"{path}:4: no string field 'text'" in err
+    skipped = load_manifest(tmp_path / "out")["skipped"]
+    assert (skipped["files"], skipped["lines"], skipped["empty_documents"]) == (0, 3, 1)
+
+
+def test_field_option_and_bad_arguments(abeja_dir, tmp_path, capsys):
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"body": DOCS[0]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert run(abeja_dir, tmp_path / "out", [path], "--field", "body") == 0
+    assert load_manifest(tmp_path / "out")["train"]["documents"] == 1
+    assert run(abeja_dir, tmp_path / "out", [path], "--field", "body", "--val-fraction", "1.5") == 2
+    assert "--val-fraction" in capsys.readouterr().err
+    assert run(abeja_dir, tmp_path / "out", [path], "--field", "body", "--num-proc", "0") == 2
