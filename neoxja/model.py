@@ -223,10 +223,14 @@ class GPTNeoXJapanesePreTrainedModel(nn.Module):
             raise TypeError(f"config must be a GPTNeoXJapaneseConfig, got {type(config).__name__}")
         self.config = config
 
-    def init_weights(self):
-        """transformers' initialisation: N(0, initializer_range) for linears and embeddings, LayerNorm 1/0."""
+    def init_weights(self, root: nn.Module | None = None):
+        """transformers' initialisation of `root` (default: the whole model): N(0, initializer_range) for linears
+        and embeddings, LayerNorm 1 and 0, dense_bias 0."""
+        root = self if root is None else root
         std = self.config.initializer_range
-        for module in self.modules():
+        if next(root.parameters()).is_meta:
+            return  # built to be loaded into: nothing to initialise (and meta init would import half of torch)
+        for module in root.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, nn.LayerNorm):
@@ -271,7 +275,9 @@ class GPTNeoXJapanesePreTrainedModel(nn.Module):
 class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
     def __init__(self, config: GPTNeoXJapaneseConfig):
         super().__init__(config)
-        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        # _weight skips nn.Embedding's own init: init_weights does it, and on the meta device normal_ is slow
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size,
+                                     _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(GPTNeoXJapaneseLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
@@ -368,7 +374,7 @@ class GPTNeoXJapaneseForCausalLM(GPTNeoXJapanesePreTrainedModel, GenerationMixin
         super().__init__(config)
         self.gpt_neox_japanese = GPTNeoXJapaneseModel(config)
         self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        nn.init.normal_(self.embed_out.weight, mean=0.0, std=config.initializer_range)
+        self.init_weights(self.embed_out)
         self.tie_weights()
 
     def tie_weights(self):
