@@ -151,3 +151,12 @@ def test_config_import_stays_light():
 
     code = "import sys, neoxja.config; assert 'torch' not in sys.modules and 'huggingface_hub' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_config_copies_and_pickles():
+    import copy
+    import pickle
+
+    config = GPTNeoXJapaneseConfig(hidden_size=32, num_attention_heads=4, extra={"note": 1})
+    for clone in (copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert clone == config and clone.note == 1
