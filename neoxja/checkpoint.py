@@ -331,9 +331,12 @@ def save_pretrained(model, save_directory: str | os.PathLike, max_shard_size: in
     state = {}
     seen = set()
     for name, tensor in model.state_dict().items():
-        if id(tensor) in seen or (name == EMBED_OUT and model.config.tie_word_embeddings):
-            continue  # a tied weight is stored once, under embed_in (as transformers does)
-        seen.add(id(tensor))
+        storage = (tensor.data_ptr(), tuple(tensor.shape))
+        if storage in seen:
+            if model.config.tie_word_embeddings:
+                continue  # a tied weight is stored once, under embed_in (as transformers does)
+            tensor = tensor.clone()  # shared without the config saying so: store both (safetensors needs copies)
+        seen.add(storage)
         state[name] = tensor.detach().to("cpu").contiguous()
 
     # greedy shards in state-dict order, each at most `limit` bytes (a bigger single tensor gets its own)

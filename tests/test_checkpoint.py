@@ -400,3 +400,13 @@ def test_hub_id_resolution_passes_revision_and_cache(tmp_path, monkeypatch):
                          "pytorch_model.bin.index.json"]
     assert sorted(asked[5:]) == ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
     assert all(c[0] == "org/bin-only" and c[2] == "abc" and c[3] == "/somewhere" and c[4] is False for c in calls)
+
+
+def test_save_keeps_a_head_that_was_untied_by_hand(tmp_path):
+    ours = ours_model(tie=True)
+    ours.embed_out.weight = torch.nn.Parameter(torch.randn_like(ours.embed_out.weight))
+    ours.save_pretrained(tmp_path)
+    assert "embed_out.weight" in load_file(tmp_path / "model.safetensors")
+    with pytest.warns(UserWarning, match="different values"):
+        loaded = GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(loaded), logits(ours), atol=0, rtol=0)
