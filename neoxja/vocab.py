@@ -33,6 +33,7 @@ Everything is deterministic: ties are broken by the entry's text.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import re
@@ -214,9 +215,21 @@ def ngram_counts(runs: dict[str, int]) -> Counter:
     return counts
 
 
+def is_placeholder_char(ch: str) -> bool:
+    """Characters the tokenizer replaces by <KIGOU> or <U2000U2BFF> when they have no entry (lossy)."""
+    cp = ord(ch)
+    return (0xA1 <= cp <= 0xBF or 0x1C0 <= cp <= 0x1C3 or 0x2B9 <= cp <= 0x362) or 0x2000 <= cp <= 0x2BFF
+
+
 def char_cost(ch: str) -> int:
-    """Tokens a character costs without an entry of its own (its UTF-8 bytes)."""
-    return len(ch.encode("utf-8"))
+    """Tokens the tokenizer spends on a character without an entry: one placeholder, or its UTF-8 bytes."""
+    return 1 if is_placeholder_char(ch) else len(ch.encode("utf-8"))
+
+
+def single_saving(ch: str) -> int:
+    """Tokens saved per occurrence by an entry for `ch`. A placeholder loses the character, so an
+    entry is valued as if it saved the bytes: the vocabulary prefers lossless encodings."""
+    return len(ch.encode("utf-8")) - 1
 
 
 @dataclass
@@ -296,27 +309,26 @@ def choose_entries(corpus: Corpus, budget: int, order: str = "refined", iteratio
         single_scores = {e: float(c) for e, c in chars.items()}
     elif order in ("savings", "refined"):
         sub_scores = {e: float(c * (len(e) - 1)) for e, c in ngrams.items()}
-        single_scores = {e: float(c * (char_cost(e) - 1)) for e, c in chars.items()}
+        single_scores = {e: float(c * single_saving(e)) for e, c in chars.items()}
     else:
         raise ValueError(f"unknown order {order!r} (frequency, savings or refined)")
 
     subwords, singles = _select(sub_scores, single_scores, budget, corpus.chars)
-    fixed_singles = set(ASCII_SINGLES)
-    result = encode_corpus(corpus, {e: i for i, e in enumerate(subwords)}, set(singles) | fixed_singles)
+    result = encode_corpus(corpus, {e: i for i, e in enumerate(subwords)}, covered_chars(singles))
     best = Choice(subwords, singles, result.tokens, [result.tokens])
     if order != "refined":
         return best
 
     for _ in tqdm(range(iterations), desc="refining", unit="pass", disable=not progress):
-        result = encode_corpus(corpus, {e: i for i, e in enumerate(subwords)},
-                               set(singles) | fixed_singles, candidates=ngrams)
+        result = encode_corpus(corpus, {e: i for i, e in enumerate(subwords)}, covered_chars(singles),
+                               candidates=ngrams)
         # Re-score by what each entry actually saves now (chosen) or would save (left out).
         chosen = set(subwords)
         sub_scores = {e: float(result.used[e] * (len(e) - 1)) for e in chosen}
         sub_scores |= {e: float(c * (len(e) - 1)) for e, c in result.missed.items() if e not in chosen}
-        single_scores = {e: float(result.singles.get(e, 0) * (char_cost(e) - 1)) for e in chars}
+        single_scores = {e: float(result.singles.get(e, 0) * single_saving(e)) for e in chars}
         subwords, singles = _select(sub_scores, single_scores, budget, corpus.chars)
-        tokens = encode_corpus(corpus, {e: i for i, e in enumerate(subwords)}, set(singles) | fixed_singles).tokens
+        tokens = encode_corpus(corpus, {e: i for i, e in enumerate(subwords)}, covered_chars(singles)).tokens
         best.history.append(tokens)
         if tokens < best.tokens:
             best = Choice(subwords, singles, tokens, best.history)
@@ -326,29 +338,41 @@ def choose_entries(corpus: Corpus, budget: int, order: str = "refined", iteratio
 # ----------------------------------------------------------------------------- writing
 
 
-def nfkc_variants(taken: set[str]) -> dict[str, list[str]]:
-    """Single characters (BMP and CJK compatibility supplement) by their one-character NFKC form."""
-    variants: dict[str, list[str]] = {}
-    code_points = list(range(0x80, 0xD800)) + list(range(0xE000, 0x10000)) + list(range(0x2F800, 0x2FA20))
+@functools.lru_cache(maxsize=1)
+def _nfkc_sources() -> dict[str, tuple[str, ...]]:
+    """Single characters (BMP and CJK compatibility supplement) by their one-character NFKC form,
+    leaving out any whose NFKC form holds a comma (no spelling may contain the line separator)."""
+    sources: dict[str, list[str]] = {}
+    code_points = [*range(0x80, 0xD800), *range(0xE000, 0x10000), *range(0x2F800, 0x2FA20)]
     for cp in code_points:
         ch = chr(cp)
         norm = unicodedata.normalize("NFKC", ch)
-        if len(norm) == 1 and norm != ch and ch not in taken:
-            variants.setdefault(norm, []).append(ch)
-    return variants
+        if len(norm) == 1 and norm != ch and norm != "," and ch not in REPLACED_BEFORE_LOOKUP:
+            sources.setdefault(norm, []).append(ch)
+    return {norm: tuple(chs) for norm, chs in sources.items()}
+
+
+def heterographs(singles: list[str], excluded: set[str]) -> dict[str, list[str]]:
+    """Extra spellings for each single-character entry: the characters whose NFKC form it is
+    (half-width katakana, compatibility ideographs, circled letters ...), unless they are entries
+    themselves or in `excluded`. "," keeps a line of its own (the port's loader tests for it)."""
+    taken = set(singles) | excluded
+    return {ch: [v for v in _nfkc_sources().get(ch, ()) if v not in taken] for ch in singles if ch != ","}
+
+
+def covered_chars(singles: list[str]) -> set[str]:
+    """Every character encoded as one token by a vocabulary with these single-character entries."""
+    heads = list(singles) + ASCII_SINGLES
+    return set(heads).union(*heterographs(heads, set()).values())
 
 
 def vocab_lines(choice: Choice, emoji: dict[str, str]) -> list[str]:
     """The lines of vocab.txt: sub-words, single characters (with heterographs), fixed tail."""
-    singles = [ch for ch in choice.singles] + ASCII_SINGLES
-    taken = set(choice.subwords) | set(singles) | set(FIXED_TAIL) | set(emoji) | REPLACED_BEFORE_LOOKUP
-    # No spelling may hold a comma (the separator), and "," keeps a line of its own.
-    taken |= {ch for ch in map(chr, range(0x80, 0x10000)) if "," in unicodedata.normalize("NFKC", ch)}
-    variants = nfkc_variants(taken)
+    singles = list(choice.singles) + ASCII_SINGLES
+    # emoji keys never reach the lookup (they become tags first): not worth a spelling
+    variants = heterographs(singles, set(emoji))
     lines = list(choice.subwords)
-    for ch in singles:
-        extra = [] if ch == "," else variants.get(ch, [])
-        lines.append(",".join([ch] + extra))
+    lines += [",".join([ch] + variants.get(ch, [])) for ch in singles]
     return lines + FIXED_TAIL
 
 
