@@ -9,8 +9,8 @@ is renamed into place only after everything inside was written and fsync'ed):
                     plus trainer.pt with scheduler and grad scaler
   rng_rank{r}.pt    each rank's torch RNG state (dropout draws continue exactly)
 
-Model and optimizer states go through torch.distributed.checkpoint.state_dict, which gives the same
-(FQN-keyed) dictionaries for a plain module, DDP and FSDP2.
+Without FSDP the plain `state_dict()`s of the unwrapped module and optimizer are saved; with FSDP
+the sharded ones from torch.distributed.checkpoint.state_dict (imported only then: it is slow to import).
 """
 
 from __future__ import annotations
@@ -22,13 +22,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from neoxja.train.distributed import DistEnv, barrier
 
@@ -37,7 +30,7 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message names it and says why."""
 
 
@@ -105,6 +98,10 @@ def _rng_state() -> dict:
     return state
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DDP keeps the module it wraps in .module
+
+
 def _remove(path: Path) -> None:
     """Rename out of sight first, so a half-deleted directory never looks like a checkpoint."""
     trash = path.with_name(TRASH_PREFIX + path.name)
@@ -145,17 +142,17 @@ def save_checkpoint(
         tmp.mkdir()
     barrier(env)
 
-    options = StateDictOptions(full_state_dict=not fsdp, cpu_offload=not fsdp)
-    model_state = get_model_state_dict(model, options=options)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     if fsdp:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        model_state, optim_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
         if env.is_main:
             _save_file(trainer_state, tmp / "trainer.pt")
     elif env.is_main:
-        _save_file({"model": model_state, "optimizer": optim_state, **trainer_state}, tmp / "state.pt")
+        state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), **trainer_state}
+        _save_file(state, tmp / "state.pt")
     _save_file(_rng_state(), tmp / f"rng_rank{env.rank}.pt")
     barrier(env)
 
@@ -195,26 +192,25 @@ def load_checkpoint(
             f"{path} was written by {meta.get('world_size')} FSDP processes; resume it with the same number "
             f"(this run has {env.world_size})"
         )
-    options = StateDictOptions(full_state_dict=not fsdp, cpu_offload=not fsdp)
-    if fsdp:
-        import torch.distributed.checkpoint as dcp
-
-        state = {
-            "model": get_model_state_dict(model, options=options),
-            "optimizer": get_optimizer_state_dict(model, optimizer, options=options),
-        }
-        try:
-            dcp.load(state, checkpoint_id=str(path))
-        except Exception as err:
-            raise CheckpointError(f"{path}: cannot load the distributed checkpoint: {err}") from None
-        trainer_state = _load_file(path / "trainer.pt")
-    else:
-        state = _load_file(path / "state.pt")
-        trainer_state = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
     try:
-        set_model_state_dict(model, state["model"], options=options)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
-    except (KeyError, RuntimeError, ValueError) as err:
+        if fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optimizer": optim_state}
+            try:
+                dcp.load(state, checkpoint_id=str(path))
+            except Exception as err:
+                raise CheckpointError(f"{path}: cannot load the distributed checkpoint: {err}") from None
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+            trainer_state = _load_file(path / "trainer.pt")
+        else:
+            state = _load_file(path / "state.pt")
+            _unwrap(model).load_state_dict(state.pop("model"))
+            optimizer.load_state_dict(state.pop("optimizer"))
+            trainer_state = state
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: does not match this model / optimizer: {err}") from None
 
     rng_file = path / f"rng_rank{env.rank}.pt"

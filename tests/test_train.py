@@ -1,0 +1,402 @@
+"""`neoxja train` on one process: schedule, parameter groups, data order, checkpoints, exact resume
+after SIGKILL, mixed precision, activation checkpointing, export, bad input.
+
+The helpers at the top are shared with test_train_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# ----------------------------------------------------------------------------- helpers
+
+SENTENCES = [
+    "吾輩は猫である。", "名前はまだ無い。", "どこで生れたかとんと見当がつかぬ。",
+    "国境の長いトンネルを抜けると雪国であった。", "夜の底が白くなった。", "メロスは激怒した。",
+    "山路を登りながら、こう考えた。", "智に働けば角が立つ。", "情に棹させば流される。",
+    "春はあけぼの。", "やうやう白くなりゆく山ぎは、少し明かりて。", "祇園精舎の鐘の声、諸行無常の響きあり。",
+]
+
+# tiny, so that a step takes milliseconds; vocab_size comes from the data's tokenizer
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_multiple_size": 2,
+        "max_position_embeddings": 64, "attention_dropout": 0.0, "hidden_dropout": 0.0}
+
+
+def write_corpus(path: Path, documents: int = 60, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(documents):
+            text = "".join(rng.choice(SENTENCES) for _ in range(rng.randint(5, 30)))
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    return path
+
+
+def prepare_data(tmp: Path, tokenizer_dir: Path) -> Path:
+    from neoxja.train.prepare import main
+
+    out = tmp / "data"
+    assert main(["--tokenizer", str(tokenizer_dir), "--out", str(out), "--num-proc", "1", "--val-fraction", "0.1",
+                 str(write_corpus(tmp / "corpus.jsonl"))]) == 0
+    return out
+def subprocess_env() -> dict:
+    # one thread per process: on a shared 2-core machine more threads only contend
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def neoxja_command(*args) -> list[str]:
+    return [sys.executable, "-m", "neoxja", *map(str, args)]
+
+
+def torchrun_command(nproc: int, *args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--standalone", "-m", "neoxja", *map(str, args)]
+
+
+def run(command: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def losses(out: Path) -> list[float]:
+    from neoxja.train.metrics import read_metrics
+
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+
+
+def train_args(data: Path, out: Path, config: dict = TINY, **options) -> list[str]:
+    """Arguments of `neoxja train` for a tiny run; options override (name_with_underscores=value)."""
+    values = {"batch_size": 4, "seq_len": 16, "steps": 6, "save_every": 0, "lr": 3e-3, "warmup_steps": 2, **options}
+    args = ["--data", str(data), "--out", str(out), "--model-config", json.dumps(config)]
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is not None and value is not False:
+            args += [flag, str(value)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, abeja_dir):
+    return prepare_data(tmp_path_factory.mktemp("train"), abeja_dir)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: more threads only contend on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_here(*args) -> int:
+    from neoxja.train.cli import main
+
+    return main(list(args))
+
+
+# ----------------------------------------------------------------------------- schedule, groups, data
+
+
+def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
+    from neoxja.train.optim import lr_factor
+
+    factors = [lr_factor(s, warmup_steps=4, total_steps=14, min_ratio=0.1) for s in range(14)]
+    np.testing.assert_allclose(factors[:5], [0.2, 0.4, 0.6, 0.8, 1.0])
+    assert factors[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(factors[4:], factors[5:]))  # strictly decreasing after the peak
+    # halfway through the decay the cosine is at the midpoint between peak and floor
+    assert lr_factor(9, 4, 15, 0.0) == pytest.approx(0.5)
+    assert lr_factor(0, 0, 1, 0.1) == 1.0  # no warm-up, single step: the peak
+
+
+def test_no_weight_decay_on_layernorm_and_biases():
+    from neoxja.config import GPTNeoXJapaneseConfig
+    from neoxja.model import GPTNeoXJapaneseForCausalLM
+    from neoxja.train.optim import make_optimizer
+
+    model = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig.from_dict({**TINY, "vocab_size": 100}))
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    decay, no_decay = (set(map(id, g["params"])) for g in optimizer.param_groups)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    names = dict(model.named_parameters())
+    assert len(decay) + len(no_decay) == len(names) and not decay & no_decay
+    for name, param in names.items():
+        vector = "layernorm" in name or "layer_norm" in name or name.endswith(("bias", "dense_bias"))
+        assert (id(param) in no_decay) == vector, name
+    assert id(names["gpt_neox_japanese.layers.1.attention.dense_bias"]) in no_decay
+    assert optimizer.defaults["fused"]  # fused AdamW on CPU
+
+
+def test_batches_are_deterministic_and_ranks_split_the_global_batch():
+    from neoxja.train.data import DistributedBatches, TokenWindows
+
+    tokens = np.arange(1000, dtype=np.uint16)
+    windows = TokenWindows(tokens, seq_len=8, seed=3)
+    whole = DistributedBatches(windows, batch_size=6)(12)
+    parts = [DistributedBatches(windows, batch_size=2, rank=r, world_size=3)(12) for r in range(3)]
+    for i in (0, 1):  # inputs, targets
+        assert torch.equal(torch.cat([p[i] for p in parts]), whole[i])
+    x, y = whole
+    assert torch.equal(x[:, 1:], y[:, :-1]) and x.shape == (6, 8)  # targets are the next tokens
+    assert torch.equal(x, TokenWindows(tokens, 8, seed=3).batch(12, 6)[0])  # a pure function of the position
+    # one epoch visits every window exactly once, and the next epoch in another order
+    n = windows.num_windows
+    first = [windows.window_index(k) for k in range(n)]
+    second = [windows.window_index(k) for k in range(n, 2 * n)]
+    assert sorted(first) == sorted(second) == list(range(n)) and first != second
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _tiny_training_state():
+    from neoxja.config import GPTNeoXJapaneseConfig
+    from neoxja.model import GPTNeoXJapaneseForCausalLM
+    from neoxja.train.distributed import DistEnv
+    from neoxja.train.optim import make_optimizer
+
+    torch.manual_seed(0)
+    model = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig.from_dict({**TINY, "vocab_size": 50}))
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    model(torch.randint(0, 50, (2, 8)), use_cache=False).logits.sum().backward()
+    optimizer.step()
+    return model, optimizer, DistEnv(0, 0, 1, torch.device("cpu"), False)
+
+
+def test_checkpoints_are_atomic_keep_the_last_k_and_reject_corruption(tmp_path, monkeypatch):
+    from neoxja.train import checkpoint as ckpt
+
+    model, optimizer, env = _tiny_training_state()
+    root = tmp_path / "checkpoints"
+
+    def save(step):
+        return ckpt.save_checkpoint(root, step, {"samples_seen": step}, model, optimizer, {"scheduler": {}},
+                                    env, fsdp=False, keep=2)
+
+    for step in (1, 2, 3):
+        save(step)
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [2, 3]  # keep=2
+    saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # The process dies half-way through writing step 4: what was written stays out of sight.
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save(4)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (root / ".tmp-step_00000004").is_dir()
+    assert ckpt.latest_checkpoint(root) == root / "step_00000003"
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    meta, trainer_state = ckpt.load_checkpoint(ckpt.latest_checkpoint(root), model, optimizer, env, fsdp=False)
+    assert meta["step"] == 3 and meta["samples_seen"] == 3 and trainer_state == {"scheduler": {}}
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved_weights[name]), name
+    ckpt.clean_partial(root)
+    assert not (root / ".tmp-step_00000004").exists()
+
+    # corrupt files are refused with the file's name, never unpickled
+    state = root / "step_00000003" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match="state.pt"):
+        ckpt.load_checkpoint(root / "step_00000003", model, optimizer, env, fsdp=False)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+
+    torch.save({"model": Evil()}, state)
+    with pytest.raises(ckpt.CheckpointError, match="cannot be read safely"):
+        ckpt.load_checkpoint(root / "step_00000003", model, optimizer, env, fsdp=False)
+    assert not (Path.cwd() / "pwned").exists()
+    with pytest.raises(ckpt.CheckpointError, match="not a checkpoint"):
+        ckpt.load_checkpoint(tmp_path, model, optimizer, env, fsdp=False)
+
+
+# ----------------------------------------------------------------------------- kill -9 and resume
+
+
+def _wait_for_steps(metrics: Path, steps: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.is_file() and metrics.read_text(encoding="utf-8").count("\n") >= steps:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"training ended (rc {process.returncode}) before step {steps}")
+        time.sleep(0.002)
+    raise AssertionError(f"no step {steps} within {timeout} s")
+
+
+def test_sigkill_then_resume_logs_exactly_the_same_losses(data, tmp_path):
+    """A real process killed with SIGKILL between checkpoints, resumed with --resume auto, logs the
+    same float32 losses, bit for bit, as an uninterrupted run. Dropout is on, so the RNG state
+    matters; --grad-accum 2 and evaluation are on, so the data position and eval do too."""
+    config = {**TINY, "attention_dropout": 0.1, "hidden_dropout": 0.1}
+    options = dict(steps=40, save_every=5, keep=2, grad_accum=2, batch_size=2, eval_every=10, eval_steps=1)
+    interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
+
+    process = subprocess.Popen(neoxja_command("train", *train_args(data, interrupted, config, **options)), cwd=REPO,
+                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_steps(interrupted / "metrics.jsonl", 13, process)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (interrupted / "final").exists()
+    done_before_kill = len(losses(interrupted))
+    assert 13 <= done_before_kill < 40
+
+    resumed = run(neoxja_command("train", *train_args(data, interrupted, config, **options), "--resume", "auto"))
+    assert "resumed from" in resumed.stdout
+    run(neoxja_command("train", *train_args(data, reference, config, **options)))
+
+    from neoxja.train.metrics import read_metrics
+
+    records, expected = read_metrics(interrupted / "metrics.jsonl"), read_metrics(reference / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert [r["loss"] for r in records] == [r["loss"] for r in expected]  # exactly
+    assert [r.get("val_loss") for r in records] == [r.get("val_loss") for r in expected]
+    assert [r["step"] for r in records if "val_loss" in r] == [10, 20, 30, 40]
+    for r in records:
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= r.keys()
+        assert r["tokens"] == r["step"] * 2 * 2 * 16 and r["tokens_per_s"] > 0
+    assert [s.name for s in sorted((interrupted / "checkpoints").iterdir())] == ["step_00000035", "step_00000040"]
+    png = (reference / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+    # the exported model: our from_pretrained and transformers load it and agree with each other
+    from transformers import GPTNeoXJapaneseForCausalLM as HFModel
+
+    from neoxja.model import GPTNeoXJapaneseForCausalLM
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    final = reference / "final"
+    assert {"config.json", "model.safetensors", "vocab.txt", "emoji.json"} <= {p.name for p in final.iterdir()}
+    ours = GPTNeoXJapaneseForCausalLM.from_pretrained(final).eval()
+    theirs = HFModel.from_pretrained(final).eval()
+    ids = GPTNeoXJapaneseTokenizer.from_pretrained(final)("吾輩は猫である。", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-5)
+    # and training did learn something
+    assert expected[-1]["val_loss"] < expected[9]["val_loss"] < 10.0
+
+
+# ----------------------------------------------------------------------------- in-process runs
+
+
+def test_gradient_accumulation_equals_the_larger_batch(data, tmp_path):
+    assert train_here(*train_args(data, tmp_path / "big", batch_size=4, steps=4)) == 0
+    assert train_here(*train_args(data, tmp_path / "accum", batch_size=2, grad_accum=2, steps=4)) == 0
+    np.testing.assert_allclose(losses(tmp_path / "accum"), losses(tmp_path / "big"), rtol=0, atol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(data):
+    from neoxja.config import GPTNeoXJapaneseConfig
+    from neoxja.model import GPTNeoXJapaneseForCausalLM
+    from neoxja.train.loop import HEAD_CHUNK_TOKENS, CausalLMLoss, checkpoint_layers
+
+    config = GPTNeoXJapaneseConfig.from_dict({**TINY, "vocab_size": 300, "attention_dropout": 0.1})
+    torch.manual_seed(0)
+    plain = GPTNeoXJapaneseForCausalLM(config)
+    recomputed = GPTNeoXJapaneseForCausalLM(config)
+    recomputed.load_state_dict(plain.state_dict())
+    checkpoint_layers(recomputed.gpt_neox_japanese.layers)
+    x = torch.randint(0, 300, (3, HEAD_CHUNK_TOKENS // 2 + 5))  # the head runs in two chunks
+    y = torch.randint(0, 300, x.shape)
+    results = []
+    for model, checkpointed in ((plain, False), (recomputed, True)):
+        torch.manual_seed(1)  # the same dropout masks: checkpointing replays the RNG in recomputation
+        loss = CausalLMLoss(model, checkpoint_head=checkpointed)(x, y)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert set(dict(recomputed.named_parameters())) == set(dict(plain.named_parameters()))  # names unchanged
+    # and through the command
+    assert train_here(*train_args(data, Path(data).parent / "ckpt", steps=2, grad_checkpointing=True)) == 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_trains_and_resumes(data, tmp_path, dtype):
+    out = tmp_path / dtype
+    assert train_here(*train_args(data, out, steps=3, dtype=dtype, save_every=3)) == 0
+    recorded = losses(out)
+    assert len(recorded) == 3 and all(np.isfinite(recorded))
+    state = torch.load(out / "checkpoints" / "step_00000003" / "state.pt", weights_only=True)
+    assert bool(state["scaler"]) == (dtype == "float16")  # a gradient scaler for fp16 only
+    assert train_here(*train_args(data, out, steps=4, dtype=dtype, save_every=3), "--resume", "auto") == 0
+    assert len(losses(out)) == 4 and losses(out)[:3] == recorded
+    # the master weights stay float32 and so does the export
+    from safetensors import safe_open
+
+    with safe_open(out / "final" / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def test_fine_tuning_from_a_pretrained_directory(data, tmp_path):
+    assert train_here(*train_args(data, tmp_path / "base", steps=4)) == 0
+    base_final = tmp_path / "base" / "final"
+    args = train_args(data, tmp_path / "tuned", steps=2)
+    args[args.index("--model-config"):args.index("--model-config") + 2] = ["--init-from", str(base_final)]
+    assert train_here(*args) == 0
+    base_config = json.loads((base_final / "config.json").read_text())
+    tuned_config = json.loads((tmp_path / "tuned" / "final" / "config.json").read_text())
+    assert tuned_config["hidden_size"] == base_config["hidden_size"] == 32
+    # continuing from the trained weights: the first loss is the base run's level, not a fresh model's
+    assert losses(tmp_path / "tuned")[0] < losses(tmp_path / "base")[0] - 0.05
+
+
+def test_bad_arguments_and_inputs_are_clear_errors(data, tmp_path, capsys):
+    def error(*args) -> str:
+        assert train_here(*args) == 2
+        return capsys.readouterr().err
+
+    assert "max_position_embeddings" in error(*train_args(data, tmp_path / "a", seq_len=100))
+    assert "run `neoxja prepare" in error(*train_args(tmp_path / "nothing", tmp_path / "a"))
+    bad_config = train_args(data, tmp_path / "a")
+    bad_config[bad_config.index("--model-config") + 1] = "{not json"
+    assert "not valid JSON" in error(*bad_config)
+    assert "not a checkpoint" in error(*train_args(data, tmp_path / "a"), "--resume", str(tmp_path))
+    assert "fewer than one batch" in error(*train_args(data, tmp_path / "a", eval_every=1, eval_steps=1,
+                                                       batch_size=64, seq_len=32))
+
+    assert train_here(*train_args(data, tmp_path / "b", steps=2, save_every=2)) == 0
+    assert "--seq-len 16" in error(*train_args(data, tmp_path / "b", steps=3, seq_len=8), "--resume", "auto")
+    with pytest.raises(SystemExit):  # argparse: out-of-range numbers
+        train_here(*train_args(data, tmp_path / "c", steps=0))
+    with pytest.raises(SystemExit):
+        train_here(*train_args(data, tmp_path / "c", lr=1e-3, min_lr=1e-2))
+
+    # a data file that does not match its manifest (truncated) is refused before training
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in Path(data).iterdir():
+        if path.is_file():
+            (broken / path.name).write_bytes(path.read_bytes())
+    (broken / "train.bin").write_bytes((broken / "train.bin").read_bytes()[:-2])
+    assert "truncated" in error(*train_args(broken, tmp_path / "d"))
