@@ -1,6 +1,276 @@
-"""Text generation (placeholder until the generation work lands; see issue 4)."""
+"""Text generation: `model.generate(...)` as in transformers, built on the model's static KV cache.
+
+The loop (gpt-fast style): allocate every layer's KV cache once for the whole generation, run the
+prompt through it in one forward (prefill), then one forward per step over only the newest token.
+Each step: logits of the last position -> logits processors (sampling.py, transformers' order) ->
+sampler -> append; rows that finish (EOS or a stop string) are padded with pad_token_id from then on.
+
+Left-padded batches: the attention mask gives every row its own rotary positions (a row's first real
+token is position 0) and a key padding mask keeps padding slots out of attention, so each row of a
+greedy batch equals generating that prompt alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, Sequence
+
+import torch
+
+from neoxja.sampling import apply_logits_processors, make_logits_processors, make_sampler
+
+# transformers' generation defaults (GenerationConfig), so that ported calls sample the same distribution
+DEFAULT_MAX_LENGTH = 20  # when neither max_length nor max_new_tokens is given
+DEFAULT_TOP_K = 50  # when sampling and top_k is None
 
 
 class GenerationMixin:
-    def generate(self, *args, **kwargs):
-        raise NotImplementedError("generate() is not implemented yet")
+    """Adds `generate()` to a causal LM that provides `config`, `setup_caches`, `clear_caches`
+    and `forward_cached` (see neoxja.model)."""
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_length: int | None = None,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        num_return_sequences: int = 1,
+        generator: torch.Generator | None = None,
+        streamer=None,
+        stop_strings: str | Sequence[str] | None = None,
+        tokenizer=None,
+    ) -> torch.LongTensor:
+        """Continue each row of `input_ids` (B, T); return prompt + new tokens, (B * num_return_sequences, T').
+
+        Lengths: `max_new_tokens` new tokens, or a total of `max_length` (prompt included); with neither,
+        max_length=20 as in transformers. Generation stops early when every row has produced an EOS
+        (`eos_token_id`, default config.eos_token_id) or one of `stop_strings` (needs `tokenizer`).
+        Greedy unless `do_sample`; sampling applies repetition_penalty, no_repeat_ngram_size,
+        temperature, top_k, top_p in transformers' order, drawing with `generator` when given.
+        As in transformers, top_k=None samples from the 50 most likely tokens; top_k=0 turns that off.
+        `streamer` (TextStreamer-like, batch size 1) receives the prompt, then each new token.
+        """
+        cfg = self.config
+        device = self.device
+
+        # ---- arguments ----
+        if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be an integer >= 1, got {num_return_sequences!r}")
+        if num_return_sequences > 1 and not do_sample:
+            raise ValueError("num_return_sequences > 1 needs do_sample=True: greedy decoding would repeat one sequence")
+        if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+        eos_ids = _as_id_list(cfg.eos_token_id if eos_token_id is None else eos_token_id, "eos_token_id")
+        if pad_token_id is None:
+            pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+        stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer: generate(..., stop_strings=[...], tokenizer=tokenizer)")
+        if any(not isinstance(s, str) or not s for s in stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
+
+        if top_k is None:
+            top_k = DEFAULT_TOP_K  # what transformers samples with when top_k is not given; 0 turns it off
+        input_ids, attention_mask = self._prepare_prompt(input_ids, attention_mask, pad_token_id, eos_ids)
+        batch, prompt_length = input_ids.shape
+        if streamer is not None and batch * num_return_sequences != 1:
+            raise ValueError("a streamer shows one sequence: use batch size 1 and num_return_sequences=1")
+        total_length = self._total_length(prompt_length, max_length, max_new_tokens)
+
+        if num_return_sequences > 1:
+            input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+            attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
+            batch = input_ids.shape[0]
+        padding_lengths = (attention_mask == 0).sum(dim=1)  # (B,) left padding per row
+        processors = make_logits_processors(
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+            min_new_tokens=min_new_tokens, prompt_length=prompt_length, eos_token_ids=eos_ids,
+            padding_lengths=padding_lengths if bool(padding_lengths.any()) else None,
+        )
+        sample = make_sampler(do_sample, generator)
+
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        if total_length == prompt_length:
+            if streamer is not None:
+                streamer.end()
+            return input_ids
+
+        # ---- buffers for the whole generation: tokens, cache slots, padding mask, positions ----
+        tokens = torch.full((batch, total_length), pad_token_id, dtype=torch.long, device=device)  # (B, T_total)
+        tokens[:, :prompt_length] = input_ids
+        slots = torch.arange(total_length, device=device)  # slot t holds column t of `tokens`
+        key_padding_mask = torch.ones(batch, total_length, dtype=torch.bool, device=device)  # (B, T_total)
+        key_padding_mask[:, :prompt_length] = attention_mask.bool()
+        # rotary position = index among the row's real tokens; padding gets 0 (it is masked anyway)
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T_prompt)
+        next_position = position_ids[:, -1:] + 1  # (B, 1)
+        eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        stop_checker = _StopStringChecker(tokenizer, stop_strings, batch, prompt_length) if stop_strings else None
+
+        self.setup_caches(max_batch_size=batch, max_seq_length=total_length)
+        try:
+            # prefill: the whole prompt in one forward, logits for its last position only
+            logits = self.forward_cached(input_ids, slots[:prompt_length], position_ids, key_padding_mask)
+            length = prompt_length
+            while True:
+                scores = apply_logits_processors(processors, tokens[:, :length], logits[:, -1].float())  # (B, V)
+                next_tokens = sample(scores)  # (B,)
+                next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
+                tokens[:, length] = next_tokens
+                length += 1
+                if streamer is not None:
+                    streamer.put(next_tokens.cpu())
+                if eos_tensor.numel():
+                    unfinished &= ~torch.isin(next_tokens, eos_tensor)
+                if stop_checker is not None:
+                    unfinished &= ~stop_checker.found(tokens[:, :length], unfinished)
+                if length == total_length or not bool(unfinished.any()):
+                    break
+                # one step: the newest token only, written to slot `length - 1`
+                logits = self.forward_cached(tokens[:, length - 1 : length], slots[length - 1 : length],
+                                             next_position, key_padding_mask)
+                next_position += 1
+        finally:
+            self.clear_caches()
+            if streamer is not None:
+                streamer.end()
+        return tokens[:, :length]
+
+    # ---- helpers ----
+
+    def _prepare_prompt(self, input_ids, attention_mask, pad_token_id: int, eos_ids: list[int]):
+        """Validated (B, T) input_ids and 0/1 attention_mask on the model's device; empty prompts get BOS."""
+        cfg = self.config
+        device = self.device
+        if input_ids is None:
+            input_ids = torch.zeros(1, 0, dtype=torch.long)
+        if not isinstance(input_ids, torch.Tensor):
+            try:
+                input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"input_ids must be a LongTensor (batch, seq) or nested lists of ints: {e}") from None
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
+            raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids has no rows")
+        input_ids = input_ids.to(device=device, dtype=torch.long)
+        if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= cfg.vocab_size)).any()):
+            bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)][:5].tolist()
+            raise ValueError(f"input_ids holds ids outside the vocabulary [0, {cfg.vocab_size}): e.g. {bad}")
+
+        if attention_mask is None:
+            # as transformers: padding can only be told apart from text when pad differs from EOS
+            if pad_token_id not in eos_ids:
+                attention_mask = (input_ids != pad_token_id).long()
+            else:
+                attention_mask = torch.ones_like(input_ids)
+        else:
+            attention_mask = torch.as_tensor(attention_mask).to(device)
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            if attention_mask.numel() and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                raise ValueError("attention_mask must hold only 0 and 1")
+            attention_mask = attention_mask.long()
+            if input_ids.shape[1] and bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+                raise ValueError("generate() needs left padding: a row of attention_mask has a 0 after a 1 "
+                                 "(set tokenizer.padding_side = 'left')")
+
+        # an empty prompt (or an all-padding row) starts from <|startoftext|>
+        empty_rows = attention_mask.sum(dim=1) == 0  # (B,)
+        if bool(empty_rows.any()):
+            bos = cfg.bos_token_id
+            if bos is None:
+                raise ValueError("the prompt is empty and config.bos_token_id is not set, so there is nothing to start from")
+            if input_ids.shape[1] == 0:
+                input_ids = torch.full((input_ids.shape[0], 1), bos, dtype=torch.long, device=device)
+                attention_mask = torch.ones_like(input_ids)
+            else:
+                input_ids = input_ids.clone()
+                attention_mask = attention_mask.clone()
+                input_ids[empty_rows, -1] = bos
+                attention_mask[empty_rows, -1] = 1
+
+        if input_ids.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(f"the prompt has {input_ids.shape[1]} tokens, more than the model's "
+                             f"max_position_embeddings={cfg.max_position_embeddings}; shorten it")
+        return input_ids, attention_mask
+
+    def _total_length(self, prompt_length: int, max_length: int | None, max_new_tokens: int | None) -> int:
+        limit = self.config.max_position_embeddings
+        if max_new_tokens is not None:
+            if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+                raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+            total = prompt_length + max_new_tokens  # takes precedence over max_length, as in transformers
+        else:
+            if max_length is None:
+                max_length = DEFAULT_MAX_LENGTH
+            if not isinstance(max_length, int) or max_length < 1:
+                raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+            if max_length <= prompt_length:
+                warnings.warn(f"max_length={max_length} leaves no room after the {prompt_length}-token prompt; "
+                              "nothing is generated (use max_new_tokens to set the number of new tokens)",
+                              stacklevel=3)
+            total = max(max_length, prompt_length)
+        if total > limit:
+            warnings.warn(f"the requested length ({total} tokens) exceeds max_position_embeddings={limit}: "
+                          f"generation stops at {limit} tokens", stacklevel=3)
+            total = limit
+        return total
+
+
+class _StopStringChecker:
+    """Finds rows whose generated text now contains one of the stop strings.
+
+    Only the new tokens are decoded (a stop string inside the prompt does not count); the search looks
+    at the text that the newest token could have completed, so each step costs O(new text).
+    """
+
+    def __init__(self, tokenizer, stop_strings: list[str], batch: int, prompt_length: int):
+        self.tokenizer = tokenizer
+        self.stop_strings = stop_strings
+        self.prompt_length = prompt_length
+        self.longest = max(len(s) for s in stop_strings)
+        self.checked = [0] * batch  # characters of each row's text already searched
+
+    def found(self, tokens: torch.Tensor, unfinished: torch.Tensor) -> torch.Tensor:
+        hits = torch.zeros_like(unfinished)
+        rows = unfinished.nonzero().flatten().tolist()
+        new_tokens = tokens[:, self.prompt_length :].tolist()
+        for row in rows:
+            text = self.tokenizer.decode(new_tokens[row])
+            start = max(0, self.checked[row] - self.longest + 1)
+            window = text[start:]
+            if any(s in window for s in self.stop_strings):
+                hits[row] = True
+            # an unfinished UTF-8 run at the end may still change: search it again next time
+            self.checked[row] = len(text.rstrip("\ufffd"))
+        return hits
+
+
+def _as_id_list(value, name: str) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    values = [value] if isinstance(value, int) else list(value) if isinstance(value, Iterable) else None
+    if values is None or any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in values):
+        raise ValueError(f"{name} must be a token id or a list of token ids, got {value!r}")
+    return values
