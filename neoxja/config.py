@@ -172,8 +172,9 @@ class GPTNeoXJapaneseConfig:
         rope.update(rope_theta=float(self.rotary_emb_base), partial_rotary_factor=float(self.rotary_pct))
         d["rope_parameters"] = rope
         if self.rope_scaling is not None:
-            # v4 reads "type"; v5 lets rope_scaling override rope_parameters, so it carries theta/factor too
-            d["rope_scaling"] = {**rope, "type": rope["rope_type"]}
+            # v4 reads rope_scaling (older v4 spell the type "type"); v5 lets it win over rope_parameters and
+            # then takes theta and the rotary fraction from rotary_emb_base / rotary_pct, written above
+            d["rope_scaling"] = {**self.rope_scaling, "type": self.rope_scaling["rope_type"]}
         return d
 
     def to_json_string(self) -> str:
