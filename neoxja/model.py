@@ -255,9 +255,18 @@ class GPTNeoXJapanesePreTrainedModel(nn.Module):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None, revision: str | None = None,
                         local_files_only: bool = False, cache_dir: str | os.PathLike | None = None,
-                        config: GPTNeoXJapaneseConfig | None = None):
-        """Load a Hugging Face checkpoint (directory or hub id); see neoxja.checkpoint.load_pretrained."""
+                        config: GPTNeoXJapaneseConfig | None = None, torch_dtype: torch.dtype | str | None = None):
+        """Load a Hugging Face checkpoint (directory or hub id); see neoxja.checkpoint.load_pretrained.
+
+        dtype None or "auto" keeps the dtype recorded in config.json (else the weights'), as transformers 5 does;
+        `torch_dtype` is accepted as the older spelling of `dtype`.
+        """
         from neoxja.checkpoint import load_pretrained
+
+        if torch_dtype is not None:
+            if dtype is not None:
+                raise ValueError("pass dtype or torch_dtype, not both")
+            dtype = torch_dtype
 
         return load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, device=device, revision=revision,
                                local_files_only=local_files_only, cache_dir=cache_dir, config=config)
@@ -314,9 +323,11 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
 
         past_length = _past_length(past_key_values, cfg.num_hidden_layers)
         if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + T, device=x.device).unsqueeze(0)  # (1, T)
-        elif position_ids.shape[-1] != T:
-            raise ValueError(f"position_ids must have {T} positions per row, got shape {tuple(position_ids.shape)}")
+            position_ids = torch.arange(past_length, past_length + T, device=x.device)
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)  # (1, T): the same positions for every row
+        if position_ids.dim() != 2 or position_ids.shape[-1] != T:
+            raise ValueError(f"position_ids must be (batch, {T}) or ({T},), got shape {tuple(position_ids.shape)}")
         cos, sin = self.rotary_emb(position_ids)  # (B|1, T, rd) each
         mask, is_causal = _attention_mask(attention_mask, B, past_length, T, x.device)
         head_masks = _head_mask(head_mask, cfg.num_hidden_layers, cfg.num_attention_heads, x.device)

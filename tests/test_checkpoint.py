@@ -140,8 +140,11 @@ def test_dtype_argument_and_auto_dtype(tmp_path):
     assert json.loads((tmp_path / "half" / "config.json").read_text())["dtype"] == "float16"
     assert GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path / "half").dtype == torch.float16  # "auto"
     assert GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path / "half", dtype="float32").dtype == torch.float32
+    assert GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype"):
         GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path, dtype=torch.int8)
+    with pytest.raises(ValueError, match="not both"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path, dtype=torch.float16, torch_dtype=torch.float16)
 
 
 def test_base_model_and_causal_lm_checkpoints_interchange(tmp_path):

@@ -264,8 +264,10 @@ def test_logits_to_keep_and_tied_head_and_parameter_count():
     with torch.no_grad():
         full = ours(ids).logits
         last = ours(ids, logits_to_keep=1).logits
+        flat_positions = ours(ids, position_ids=torch.arange(ids.shape[1])).logits
     assert last.shape == (3, 1, ref.config.vocab_size)
     torch.testing.assert_close(last, full[:, -1:], atol=0, rtol=0)
+    torch.testing.assert_close(flat_positions, full, atol=0, rtol=0)
     assert ours.get_output_embeddings().weight is ours.get_input_embeddings().weight
     assert ours.num_parameters() == ref.num_parameters()
     _, untied = make_pair("rot025-untied-3heads")
@@ -334,5 +336,7 @@ def test_bad_inputs_raise_clear_errors():
         ours(ids, past_key_values=((torch.zeros(1), torch.zeros(1)),))
     with pytest.raises(ValueError, match="empty"):
         ours(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="position_ids"):
+        ours(ids, position_ids=torch.arange(4))
     with pytest.raises(TypeError, match="GPTNeoXJapaneseConfig"):
         GPTNeoXJapaneseModel({"hidden_size": 8})
