@@ -413,3 +413,23 @@ def test_save_keeps_a_head_that_was_untied_by_hand(tmp_path):
     with pytest.warns(UserWarning, match="different values"):
         loaded = GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
     torch.testing.assert_close(logits(loaded), logits(ours), atol=0, rtol=0)
+
+
+def test_loading_builds_on_meta_and_reads_each_tensor_once(tmp_path, monkeypatch):
+    from neoxja import checkpoint
+
+    ours = ours_model(tie=False)
+    ours.save_pretrained(tmp_path, max_shard_size=4000)
+
+    def no_random_init(*args, **kwargs):
+        raise AssertionError("from_pretrained must not initialise weights it is about to load")
+
+    reads = []
+    real_tensor = checkpoint._SafetensorsFile.tensor
+    monkeypatch.setattr(torch.nn.init, "normal_", no_random_init)
+    monkeypatch.setattr(checkpoint._SafetensorsFile, "tensor",
+                        lambda self, key: (reads.append(key), real_tensor(self, key))[1])
+    loaded = GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert sorted(reads) == sorted(ours.state_dict())  # every tensor read exactly once
+    assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in loaded.parameters())
+    assert not loaded.gpt_neox_japanese.rotary_emb.inv_freq.is_meta
