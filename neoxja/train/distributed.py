@@ -94,8 +94,8 @@ def shard_fsdp(module: torch.nn.Module, layers: torch.nn.ModuleList) -> torch.nn
     optimizer state are sharded across all ranks."""
     from torch.distributed.fsdp import fully_shard
 
-    # The layers return tuples holding views (e.g. rotary slices); the model never writes into them
-    # in place, which is the only case this warning is about.
+    # Each layer also returns its key/value tensors, views of the fused QKV projection; nothing writes
+    # into them in place, which is the only case this warning is about.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for layer in layers:
         fully_shard(layer)
