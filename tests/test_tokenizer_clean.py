@@ -46,7 +46,7 @@ DATE_TEXT = pieces(
 )  # fmt: skip
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(PRICE_TEXT)
 @example("1,000円")
 @example("0,000円")
@@ -58,7 +58,7 @@ def test_price_spans_equal_the_original_pattern(text):
     assert clean.price_spans(text) == spans(clean.ORIGINAL_PRICE, text)
 
 
-@settings(max_examples=800, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(EMAIL_TEXT)
 @example("a@b@c")
 @example("x@-b@c.de.f")
@@ -67,7 +67,7 @@ def test_email_spans_equal_the_original_pattern(text):
     assert clean.email_spans(text) == spans(clean.ORIGINAL_EMAIL, text)
 
 
-@settings(max_examples=800, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(DATE_TEXT)
 @example("2000/2001/12/31日12時(日)")
 @example("1999年1000年1月")
@@ -83,7 +83,7 @@ MIXED_TEXT = pieces(
 )  # fmt: skip
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(MIXED_TEXT)
 def test_clean_text_equals_the_original(text):
     assert clean.clean_text(text) == original_clean_text(text)
