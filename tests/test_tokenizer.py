@@ -410,3 +410,30 @@ def test_random_text_never_crashes(files):
         ids = tok.encode(text)
         assert all(0 <= i < len(tok.ids_to_tokens) for i in ids)
         assert isinstance(tok.decode(ids), str)
+
+
+def test_symbol_ranges_equal_the_original_byte_tests():
+    """The original tests UTF-8 byte values; the code point ranges used here must agree on every character."""
+
+    def original_kigou(x):
+        e = x.encode()
+        if len(e) == 2:
+            c = (e[0] << 8) + e[1]
+            return 0xC2A1 <= c <= 0xC2BF or 0xC780 <= c <= 0xC783 or 0xCAB9 <= c <= 0xCBBF or 0xCC80 <= c <= 0xCDA2
+        return False
+
+    def original_u2e(x):
+        e = x.encode()
+        return len(e) == 3 and 0xE28080 <= (e[0] << 16) + (e[1] << 8) + e[2] <= 0xE2B07F
+
+    for c in [*range(0xD800), *range(0xE000, 0x10000), 0x10000, 0x1F42F, 0x10FFFF]:
+        assert tokmod._is_kigou(c) == original_kigou(chr(c)), hex(c)
+        assert tokmod._is_u2e(c) == original_u2e(chr(c)), hex(c)
+
+
+def test_clean_text_tags(files):
+    tok = GPTNeoXJapaneseTokenizer(*files, do_clean_text=True)
+    text = "a http://x.jp/a?b=1 b a.b@c.de 1,000円(税込) 2020/1/2 ─█"
+    assert tok.tokenize(text) == ["a", "<SP>", "<URL>", "<SP>", "b", "<SP>", "<EMAIL>", "<SP>", "<PRICE>", "<SP>",
+                                  "<DATE>", "<SP>", "<BLOCK>"]  # fmt: skip
+    assert GPTNeoXJapaneseTokenizer(*files).tokenize("─█") == ["<U2000U2BFF>", "<U2000U2BFF>"]
