@@ -448,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}/vocab.txt ({stats['lines']} lines: {stats['subwords']} sub-words, "
           f"{stats['singles']} single characters) and emoji.json; training text: {stats['chars']:,} characters, "
           f"{stats['tokens']:,} tokens, {stats['chars_per_token']:.3f} characters per token")
+    if len(stats["history"]) > 1:
+        print("tokens after each refinement pass: " + " ".join(f"{t:,}" for t in stats["history"]))
     return 0
 
 

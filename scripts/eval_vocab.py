@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         byte_ids = {tok.convert_tokens_to_ids(f"<|byte{b}|>") for b in range(256)}
         lossy = sum(i in special for i in ids)
         fallback = sum(i in byte_ids for i in ids)
-        print(f"{str(vocab_dir):60s} {len(tok.get_vocab() if impl == 'neoxja' else tok.raw_vocab):6d} ids  "
+        print(f"{str(vocab_dir):60s} {len(tok):6d} ids  "
               f"{len(ids):9,d} tokens  {chars / len(ids):.3f} chars/token  "
               f"byte tokens {fallback:,}  placeholders {lossy:,}  ({impl})")
     return 0

@@ -204,7 +204,7 @@ def test_counting_encoder_matches_transformers_on_aozora(aozora_path, tmp_path):
     """Same on real text (a few Aozora works): kanji pairs, long kana runs, placeholders, byte fallback."""
     pytest.importorskip("transformers")
     with gzip.open(aozora_path, "rt", encoding="utf-8") as f:
-        texts = [json.loads(next(f))["text"][:20000].replace(",", "") for _ in range(8)]
+        texts = [json.loads(next(f))["text"][:10000].replace(",", "") for _ in range(6)]
     emoji = V.load_emoji_map()
     counted = V.Corpus.from_units(V.count_units(texts, emoji["emoji"], progress=False))
     choice = V.choose_entries(counted, 1500, "refined", iterations=2, progress=False)
