@@ -36,6 +36,7 @@ import argparse
 import functools
 import gzip
 import json
+import os
 import re
 import sys
 import unicodedata
@@ -384,10 +385,13 @@ def write_vocab(out_dir: Path, lines: list[str], emoji_map: dict) -> None:
             if not word or word in seen or "\n" in word:
                 raise AssertionError(f"vocab line {i} {line!r}: empty, repeated or multi-line spelling {word!r}")
             seen.add(word)
-    # As abeja's vocab.txt: no newline after the last line.
-    (out_dir / "vocab.txt").write_text("\n".join(lines), encoding="utf-8")
-    with open(out_dir / "emoji.json", "w", encoding="utf-8") as f:
-        json.dump(emoji_map, f, ensure_ascii=False)
+    # As abeja's vocab.txt: no newline after the last line. Each file is written to a temporary
+    # name and renamed, so an interrupted build never leaves a truncated file behind.
+    contents = {"vocab.txt": "\n".join(lines), "emoji.json": json.dumps(emoji_map, ensure_ascii=False)}
+    for name, text in contents.items():
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out_dir / name)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -445,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     except (VocabInputError, ValueError) as err:
         print(f"neoxja vocab: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. an output directory that cannot be written
+        print(f"neoxja vocab: error: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}/vocab.txt ({stats['lines']} lines: {stats['subwords']} sub-words, "
           f"{stats['singles']} single characters) and emoji.json; training text: {stats['chars']:,} characters, "
           f"{stats['tokens']:,} tokens, {stats['chars_per_token']:.3f} characters per token")

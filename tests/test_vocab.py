@@ -211,3 +211,11 @@ def test_counting_encoder_matches_transformers_on_aozora(aozora_path, tmp_path):
     V.write_vocab(tmp_path, V.vocab_lines(choice, emoji["emoji"]), emoji)
     assert count_with_transformers(tmp_path, texts) == choice.tokens
     assert choice.history[-1] <= choice.history[0] * 1.01  # refinement does not wander off
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.jsonl", copies=1)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert V.main(["build", "--size", "450", "--out", str(blocker / "sub"), "--no-progress", str(corpus)]) == 1
+    assert "neoxja vocab: error:" in capsys.readouterr().err
