@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import weakref
 import warnings
 
@@ -135,3 +136,52 @@ def test_float_weights_are_released():
     quantize(model)
     gc.collect()
     assert refs and all(r() is None for r in refs)
+
+
+BUNDLED_FILES = ("config.json", "model.safetensors", "vocab.txt", "emoji.json")
+
+
+def _bundled_model_dir():
+    from neoxja.assets import default_model_dir
+
+    path = default_model_dir()
+    if not all((path / name).is_file() for name in BUNDLED_FILES):
+        pytest.skip(f"the bundled model files are absent from {path}")
+    return path
+
+
+def test_int8_raises_held_out_perplexity_of_the_bundled_model_by_less_than_1_percent(aozora_path):
+    """On a trained model, int8 must cost < 1% perplexity on text it was not trained on: the opening
+    of held-out Aozora works (the validation split of `neoxja prepare --val-fraction 0.03`)."""
+    import gzip
+    import json
+
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+    from neoxja.train.prepare import choose_validation_documents
+
+    model_dir = _bundled_model_dir()
+    with gzip.open(aozora_path, "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    is_val = choose_validation_documents(len(texts), 0.03)
+    held_out = [t[:2000] for t, v in zip(texts, is_val) if v][:6]
+
+    tok = GPTNeoXJapaneseTokenizer.from_pretrained(model_dir)
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    window = model.config.max_position_embeddings
+
+    def mean_nll(m) -> float:
+        total, count = 0.0, 0
+        for text in held_out:
+            ids = [tok.eos_token_id] + tok.encode(text)  # each work is scored after an <|endoftext|>
+            for start in range(0, len(ids) - 1, window):
+                chunk = torch.tensor([ids[start:start + window + 1]])
+                with torch.no_grad():
+                    logits = m(chunk[:, :-1]).logits.float()
+                total += float(torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum"))
+                count += chunk.shape[1] - 1
+        return total / count
+
+    fp32 = mean_nll(model)
+    int8 = mean_nll(quantize(model, "int8"))
+    rise = math.exp(int8 - fp32) - 1
+    assert rise < 0.01, f"perplexity {math.exp(fp32):.2f} -> {math.exp(int8):.2f} (+{rise:.2%})"

@@ -151,3 +151,20 @@ def test_iterator_streamer_from_another_thread():
     thread.join()
     assert "".join(pieces) == "yes, 日本語です"
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_real_tokenizer_byte_fallback_tokens_are_held_back(abeja_dir):
+    """With the abeja vocabulary, characters outside it (here rare kanji, Hangul and a supplementary-plane
+    character) become runs of byte tokens; streaming them token by token never emits a half character."""
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    tok = GPTNeoXJapaneseTokenizer.from_pretrained(abeja_dir)
+    text = "吉野家の龘靐齉と한국어、𝔘。"
+    ids = tok.encode(text)
+    # the premise: byte fallback happens (a lone byte token decodes to U+FFFD)
+    assert sum(tok.decode([i]) == "\ufffd" for i in ids) >= 20
+    rec = stream(tok, ids)
+    assert "".join(rec.pieces) == tok.decode(ids) == text
+    assert all("\ufffd" not in p for p in rec.pieces)
+    # at least one token was held back: there are fewer non-empty pieces than tokens
+    assert len([p for p in rec.pieces if p]) < len(ids)
