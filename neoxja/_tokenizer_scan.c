@@ -46,6 +46,7 @@ typedef struct {
     uint8_t *pair3;        /* filter: bit set if some 3-character entry may start with (c0, c1) */
     PyObject **id_objects; /* one int object per id, so that appending needs no allocation */
     long n_ids;
+    int ready; /* set once __init__ has succeeded */
     Py_ssize_t maxlen;
     long byte_ids[256];
     long kigou_id;
@@ -114,6 +115,7 @@ static void Scanner_clear_tables(Scanner *self)
     self->pair2 = self->pair3 = NULL;
     self->id_objects = NULL;
     self->n_ids = 0;
+    self->ready = 0;
 }
 
 static void Scanner_dealloc(Scanner *self)
@@ -158,6 +160,11 @@ static int Scanner_init(Scanner *self, PyObject *args, PyObject *kwds)
         long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, b));
         if (v == -1 && PyErr_Occurred()) {
             Py_DECREF(seq);
+            return -1;
+        }
+        if (v < 0) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "ids must be non-negative");
             return -1;
         }
         self->byte_ids[b] = v;
@@ -267,6 +274,7 @@ static int Scanner_init(Scanner *self, PyObject *args, PyObject *kwds)
         self->longs[i].id = id;
         off += len;
     }
+    self->ready = 1;
     return 0;
 }
 
@@ -310,7 +318,7 @@ static PyObject *Scanner_scan(Scanner *self, PyObject *text)
         PyErr_Format(PyExc_TypeError, "scan() needs a str, not %.100s", Py_TYPE(text)->tp_name);
         return NULL;
     }
-    if (self->shorts == NULL) {
+    if (!self->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Scanner was not initialised");
         return NULL;
     }

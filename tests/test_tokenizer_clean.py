@@ -130,3 +130,14 @@ def test_port_price_pattern_differs_from_the_original():
     for text, ours in [("0,000円", "0,<PRICE>"), ("１０円", "１０<PRICE>"), ("１万円", "１<PRICE>")]:
         assert clean.ORIGINAL_PRICE.sub("<PRICE>", text) == clean.clean_text(text) == ours
         assert port.clean_text(text) == "<PRICE>" != ours
+
+
+@pytest.mark.parametrize(
+    "unit",
+    ["明治1年1月1日。", "090-1234-5678。", "(03)1234-5678。", "1999年12月31日(金)。", "a.b@c.de。", "1,000円(税込)。",
+     "https://x.jp/?a=1。", "──。", "1月2日3時。", "１０円。"],
+)  # fmt: skip
+def test_repeated_items_clean_independently(unit):
+    # Every pattern stops at '。', so a long repetition cleans like one unit, repeated.
+    assert clean.clean_text(unit * 20_000) == clean.clean_text(unit) * 20_000
+    assert clean.clean_text(unit) == original_clean_text(unit)
