@@ -8,8 +8,10 @@
  *   - a '<...' candidate longer than 2 characters wins at once (the longest is met first);
  *   - otherwise the lowest id wins, and on equal ids the longer candidate;
  *   - with no candidate, one character becomes <KIGOU>, <U2000U2BFF> or its UTF-8 bytes.
- * Vocabulary entries are kept in an open-addressing table keyed by an FNV-1a hash of
- * their code points, so a lookup needs no Python object.
+ * Lookups need no Python object: one-character entries of the BMP sit in a direct table,
+ * entries of 2-3 characters in an open-addressing table keyed by their packed code points
+ * (behind a bit filter on their first two characters, as most windows are no entry), and the
+ * few longer '<...' entries in a table keyed by an FNV-1a hash of their code points.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -285,17 +287,7 @@ static inline int is_kigou(Py_UCS4 c)
 }
 static inline int is_u2e(Py_UCS4 c) { return c >= 0x2000 && c <= 0x2BFF; }
 
-static inline int append_id(const Scanner *s, PyObject *out, long id)
-{
-    PyObject *v = s->id_objects[id];
-    Py_INCREF(v);
-    if (PyList_Append(out, v) < 0) {
-        Py_DECREF(v);
-        return -1;
-    }
-    Py_DECREF(v);
-    return 0;
-}
+static inline int append_id(const Scanner *s, PyObject *out, long id) { return PyList_Append(out, s->id_objects[id]); }
 
 /* Id of the entry text[pos:pos+len], len <= 3, or -1. */
 static inline long lookup_at(const Scanner *s, int kind, const void *data, Py_ssize_t pos, Py_ssize_t len)

@@ -18,13 +18,11 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import GPTNeoXJapaneseTokenizer as PortTokenizer  # the oracle (test-only dependency)
 
 from neoxja import _tokenizer_clean as clean
 from neoxja import tokenizer as tokmod
 from neoxja.tokenizer import TAG_TEXT, GPTNeoXJapaneseTokenizer
-
-transformers = pytest.importorskip("transformers", reason="transformers is the test oracle ([test] extra)")
-from transformers import GPTNeoXJapaneseTokenizer as PortTokenizer  # noqa: E402
 
 EXAMPLE = "吾輩は猫である🐯。実は慶応(慶應)大学出身"
 EXAMPLE_IDS = [30014, 26883, 26638, 27228, 25, 26650, 31732, 31679, 27809, 26638, 17749, 31592, 17749, 31593, 321, 1281]
