@@ -170,12 +170,12 @@ def test_aozora_ids_tokens_and_decoding(ours, port, snippets):
 
 def test_aozora_with_clean_text(ours_clean, port_clean_original_price, snippets):
     skipped = 0
-    for text in snippets[:1000]:
+    for text in snippets:
         if LONG_ASCII_NUMBER.search(text):
             skipped += 1  # the original price pattern would take exponential time
             continue
         assert as_port_ids(ours_clean, ours_clean.encode(text)) == port_clean_original_price(text)["input_ids"], text
-    assert skipped < 10
+    assert skipped < 20
 
 
 def test_compiled_and_python_agree_on_aozora(abeja_dir, ours, snippets):
