@@ -9,7 +9,7 @@ bandwidth). The bandwidth is measured in the same run with a large read (a sum o
 each result is printed as a fraction of that bound.
 
     python benchmarks/bench_generate.py                 # the issue's checks; exits 1 if one fails
-    python benchmarks/bench_generate.py --layers 32 --table --skip-checks   # README table (slow)
+    python benchmarks/bench_generate.py --table --layers 32 --new 16   # README table (slow: ~1 token/s)
 """
 
 from __future__ import annotations
@@ -85,16 +85,109 @@ def make_reference(cfg: dict, state_dict, dtype):
     return ref.to(dtype)
 
 
+def rss_gib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def table_row(impl: str, dtype_name: str, args) -> dict:
+    """One row of the README table, measured in a fresh process: build, warm up, time one generation."""
+    import json
+
+    dtype = getattr(torch, "float32" if dtype_name == "int8" else dtype_name)
+    cfg = dict(vocab_size=32000, hidden_size=2560, num_hidden_layers=args.layers, num_attention_heads=32,
+               eos_token_id=None, bos_token_id=31996)
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)  # build straight in the target dtype: no float32 copy on the way
+    if impl == "transformers":
+        import transformers
+
+        model = transformers.GPTNeoXJapaneseForCausalLM(transformers.GPTNeoXJapaneseConfig(**cfg)).eval()
+        run = lambda n: model.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)  # noqa: E731
+    else:
+        model = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(**cfg)).eval()
+        if dtype_name == "int8":
+            quantize(model, "int8")
+        run = lambda n: model.generate(prompt, max_new_tokens=n)  # noqa: E731
+    torch.set_default_dtype(torch.float32)
+    gc.collect()
+    prompt = torch.randint(0, 31000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    load_peak = rss_gib("VmHWM")
+    run(2)  # warm-up
+    reset_peak_rss()
+    t = time.perf_counter()
+    out = run(args.new)
+    seconds = time.perf_counter() - t
+    assert out.shape[1] == args.prompt + args.new
+    row = dict(impl=impl, dtype=dtype_name, layers=args.layers, tokens_per_s=args.new / seconds,
+               seconds=seconds, load_peak_gib=load_peak, generate_peak_gib=rss_gib("VmHWM"),
+               weights_gb=weight_bytes_per_token(model) / 1e9)
+    print("ROW " + json.dumps(row), flush=True)
+    return row
+
+
+def run_table(args) -> int:
+    """All rows, each in its own process (so that peak memory is that row's alone)."""
+    import json
+    import subprocess
+
+    bandwidth = read_bandwidth()
+    print(f"large-read bandwidth: {bandwidth / 1e9:.1f} GB/s; {args.layers} layers, prompt {args.prompt}, "
+          f"{args.new} new tokens, greedy, batch 1", flush=True)
+    rows = []
+    for impl, dtype in [("transformers", "float32"), ("neoxja", "float32"), ("transformers", "bfloat16"),
+                        ("neoxja", "bfloat16"), ("neoxja", "int8")]:
+        cmd = [sys.executable, __file__, "--row", impl, dtype, "--layers", str(args.layers),
+               "--prompt", str(args.prompt), "--new", str(args.new)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+        if proc.returncode != 0 or not lines:
+            print(f"{impl} {dtype}: failed\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        rows.append(json.loads(lines[-1][4:]))
+        r = rows[-1]
+        print(f"{impl:<13} {dtype:<9} {r['tokens_per_s']:6.2f} tok/s  peak RSS {r['load_peak_gib']:.1f} GiB "
+              f"(while generating {r['generate_peak_gib']:.1f} GiB)", flush=True)
+    print("\n| implementation | dtype | tokens/s | vs transformers float32 | fraction of bandwidth bound "
+          "| peak RSS (load) | peak RSS (generating) |")
+    print("|---|---|---|---|---|---|---|")
+    base = next((r["tokens_per_s"] for r in rows if r["impl"] == "transformers" and r["dtype"] == "float32"), None)
+    for r in rows:
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        frac = r["tokens_per_s"] * r["weights_gb"] * 1e9 / bandwidth
+        print(f"| {r['impl']} | {r['dtype']} | {r['tokens_per_s']:.2f} | {ratio} | {frac:.0%} "
+              f"| {r['load_peak_gib']:.1f} GiB | {r['generate_peak_gib']:.1f} GiB |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--table", action="store_true", help="also bfloat16 for both (README table)")
+    p.add_argument("--table", action="store_true",
+                   help="README table: transformers and neoxja in float32 and bfloat16, neoxja int8, each in its "
+                        "own process, tokens/s and peak memory")
+    p.add_argument("--row", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     p.add_argument("--skip-checks", action="store_true", help="print numbers without checking the goals")
     p.add_argument("--no-batch", action="store_true", help="skip the batch-8 measurement")
     args = p.parse_args(argv)
+    if args.row:
+        table_row(args.row[0], args.row[1], args)
+        return 0
+    if args.table:
+        return run_table(args)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"quantized engine {torch.backends.quantized.engine}", flush=True)
@@ -113,8 +206,7 @@ def main(argv=None) -> int:
         print(f"{name:<34} {tps:7.2f} tok/s  ({seconds:.2f} s)  weights/token {per_token / 1e9:.2f} GB  {frac}"
               f"  peak RSS so far {peak_rss_gib():.1f} GiB", flush=True)
 
-    dtypes = [torch.float32] + ([torch.bfloat16] if args.table else [])
-    for dtype in dtypes:
+    for dtype in [torch.float32]:
         tag = str(dtype).replace("torch.", "")
         ours, cfg = make_models(args, dtype)
         ref = make_reference(cfg, ours.state_dict(), dtype)
