@@ -28,7 +28,7 @@ class GenerationMixin:
     """Adds `generate()` to a causal LM that provides `config`, `setup_caches`, `clear_caches`
     and `forward_cached` (see neoxja.model)."""
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(
         self,
         input_ids: torch.Tensor | None = None,
@@ -118,7 +118,7 @@ class GenerationMixin:
         next_position = position_ids[:, -1:] + 1  # (B, 1)
         eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-        stop_checker = _StopStringChecker(tokenizer, stop_strings, batch, prompt_length) if stop_strings else None
+        stop_checker = _StopStringChecker(tokenizer, stop_strings, prompt_length) if stop_strings else None
 
         self.setup_caches(max_batch_size=batch, max_seq_length=total_length)
         try:
@@ -239,29 +239,25 @@ class GenerationMixin:
 class _StopStringChecker:
     """Finds rows whose generated text now contains one of the stop strings.
 
-    Only the new tokens are decoded (a stop string inside the prompt does not count); the search looks
-    at the text that the newest token could have completed, so each step costs O(new text).
+    Only new tokens count (a stop string inside the prompt does not). A row stops at its first match,
+    so any match in the text of its newest tokens is a new one: decoding a tail long enough to hold
+    the longest stop string (every token is at least one character, a byte token a quarter of one)
+    keeps each step's cost independent of the length generated so far.
     """
 
-    def __init__(self, tokenizer, stop_strings: list[str], batch: int, prompt_length: int):
+    def __init__(self, tokenizer, stop_strings: list[str], prompt_length: int):
         self.tokenizer = tokenizer
         self.stop_strings = stop_strings
         self.prompt_length = prompt_length
-        self.longest = max(len(s) for s in stop_strings)
-        self.checked = [0] * batch  # characters of each row's text already searched
+        self.tail_tokens = 4 * max(len(s) for s in stop_strings) + 4
 
     def found(self, tokens: torch.Tensor, unfinished: torch.Tensor) -> torch.Tensor:
         hits = torch.zeros_like(unfinished)
-        rows = unfinished.nonzero().flatten().tolist()
-        new_tokens = tokens[:, self.prompt_length :].tolist()
-        for row in rows:
-            text = self.tokenizer.decode(new_tokens[row])
-            start = max(0, self.checked[row] - self.longest + 1)
-            window = text[start:]
-            if any(s in window for s in self.stop_strings):
-                hits[row] = True
-            # an unfinished UTF-8 run at the end may still change: search it again next time
-            self.checked[row] = len(text.rstrip("\ufffd"))
+        start = max(self.prompt_length, tokens.shape[1] - self.tail_tokens)
+        tails = tokens[:, start:].tolist()
+        for row in unfinished.nonzero().flatten().tolist():
+            text = self.tokenizer.decode(tails[row])
+            hits[row] = any(s in text for s in self.stop_strings)
         return hits
 
 
