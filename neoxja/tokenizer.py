@@ -435,6 +435,8 @@ class GPTNeoXJapaneseTokenizer:
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
         """Id(s) -> the text of each token on its own (as transformers: ' ' for <SP>, '🐯' for <|emoji4|>)."""
+        if hasattr(ids, "tolist"):  # numpy / torch, also 0-d
+            ids = ids.tolist()
         if isinstance(ids, int) and not isinstance(ids, bool):
             return self._id_text[self._check_ids([ids])[0]]
         ids = self._check_ids(_as_id_list(ids))
