@@ -238,11 +238,22 @@ class GPTNeoXJapaneseTokenizer:
             use_compiled = _CScanner is not None
         if use_compiled and _CScanner is None:
             raise RuntimeError("the compiled scan neoxja._tokenizer_scan is not built")
-        self._c_scanner = (
-            _CScanner(self._scan_entries, self.maxlen, self._byte_ids, fallback["<KIGOU>"], fallback["<U2000U2BFF>"])
-            if use_compiled
-            else None
-        )
+        self._c_scanner = self._make_scanner() if use_compiled else None
+
+    def _make_scanner(self):
+        ids = self._fallback_ids
+        return _CScanner(self._scan_entries, self.maxlen, self._byte_ids, ids["<KIGOU>"], ids["<U2000U2BFF>"])
+
+    def __getstate__(self):
+        # The compiled scanner is rebuilt on unpickling (for multiprocessing workers, deepcopy).
+        state = self.__dict__.copy()
+        state["_c_scanner"] = self._c_scanner is not None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        compiled = state["_c_scanner"] and _CScanner is not None
+        self._c_scanner = self._make_scanner() if compiled else None
 
     def _init_emoji_map(self):
         """Index emoji.json so that its in-order str.replace chain only visits keys that can occur.

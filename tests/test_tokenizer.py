@@ -437,3 +437,12 @@ def test_clean_text_tags(files):
     assert tok.tokenize(text) == ["a", "<SP>", "<URL>", "<SP>", "b", "<SP>", "<EMAIL>", "<SP>", "<PRICE>", "<SP>",
                                   "<DATE>", "<SP>", "<BLOCK>"]  # fmt: skip
     assert GPTNeoXJapaneseTokenizer(*files).tokenize("─█") == ["<U2000U2BFF>", "<U2000U2BFF>"]
+
+
+def test_pickle_and_deepcopy(tok):
+    import copy
+    import pickle
+
+    for clone in (pickle.loads(pickle.dumps(tok)), copy.deepcopy(tok)):
+        assert (clone._c_scanner is None) == (tok._c_scanner is None)
+        assert clone.encode("abc慶應👍🏻Ω") == tok.encode("abc慶應👍🏻Ω")
