@@ -387,6 +387,7 @@ def test_bad_arguments_and_inputs_are_clear_errors(data, tmp_path, capsys):
 
     assert train_here(*train_args(data, tmp_path / "b", steps=2, save_every=2)) == 0
     assert "--seq-len 16" in error(*train_args(data, tmp_path / "b", steps=3, seq_len=8), "--resume", "auto")
+    assert "--resume auto" in error(*train_args(data, tmp_path / "b", steps=3))  # would mix two runs' checkpoints
     with pytest.raises(SystemExit):  # argparse: out-of-range numbers
         train_here(*train_args(data, tmp_path / "c", steps=0))
     with pytest.raises(SystemExit):

@@ -16,12 +16,14 @@ OPTIONS = dict(steps=STEPS, batch_size=2, eval_every=3, eval_steps=2)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, abeja_dir):
-    """One process with batch 4, then 2 processes with batch 2 each: DDP, and FSDP saving at step 3."""
+    """One process with batch 4, then 2 processes with batch 2 each: DDP, and FSDP saving at step 3.
+    The parallel runs also use activation checkpointing (exact recomputation: the losses must not move)."""
     tmp = tmp_path_factory.mktemp("distributed")
     data = prepare_data(tmp, abeja_dir)
     run(neoxja_command("train", *train_args(data, tmp / "single", **{**OPTIONS, "batch_size": 4})))
-    run(torchrun_command(2, "train", *train_args(data, tmp / "ddp", **OPTIONS)))
-    run(torchrun_command(2, "train", *train_args(data, tmp / "fsdp", **OPTIONS, save_every=3), "--fsdp"))
+    run(torchrun_command(2, "train", *train_args(data, tmp / "ddp", **OPTIONS), "--grad-checkpointing"))
+    run(torchrun_command(2, "train", *train_args(data, tmp / "fsdp", **OPTIONS, save_every=3), "--fsdp",
+                         "--grad-checkpointing"))
     return data, tmp
 
 
@@ -51,7 +53,7 @@ def test_fsdp_resumes_from_its_distributed_checkpoint(runs):
     checkpoint = tmp / "fsdp" / "checkpoints" / "step_00000003"
     assert (checkpoint / ".metadata").is_file() and (checkpoint / "rng_rank1.pt").is_file()
     run(torchrun_command(2, "train", *train_args(data, tmp / "resumed", **OPTIONS), "--fsdp",
-                         "--resume", str(checkpoint)))
+                         "--grad-checkpointing", "--resume", str(checkpoint)))
     resumed, full = read_metrics(tmp / "resumed" / "metrics.jsonl"), read_metrics(tmp / "fsdp" / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [4, 5, 6]
     np.testing.assert_allclose([r["loss"] for r in resumed], losses(tmp / "fsdp")[3:], rtol=0, atol=1e-6)

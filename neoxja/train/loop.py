@@ -31,7 +31,7 @@ from neoxja.train.metrics import MetricsLog, plot_loss_curve
 from neoxja.train.optim import make_optimizer, make_scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HEAD_CHUNK_TOKENS = 1024  # rows of logits alive at once when the LM head is checkpointed
+HEAD_CHUNK_TOKENS = 256  # rows of logits alive at once when the LM head is checkpointed
 
 
 class TrainError(ValueError):
@@ -156,6 +156,11 @@ def _train(args: Namespace, env: dist_utils.DistEnv) -> dict:
     elif args.resume:
         resume_path = Path(args.resume)
         ckpt.read_meta(resume_path)  # fail early with a clear message
+    elif ckpt.list_checkpoints(ckpt_root):  # a fresh run would mix its checkpoints with these
+        raise TrainError(f"{ckpt_root} holds checkpoints of an earlier run: continue it with --resume auto, "
+                         "or choose another --out")
+    if args.resume == "auto" and resume_path is None and env.is_main:
+        print(f"--resume auto: no checkpoint in {ckpt_root}, starting from scratch")
     meta = ckpt.read_meta(resume_path) if resume_path else None
     if meta:
         for key in ("seq_len", "seed"):

@@ -170,6 +170,37 @@ def choose_validation_documents(num_documents: int, val_fraction: float) -> np.n
     return is_val
 
 
+def _tokenize_into(files, text_field, is_val, tokenizer_dir, dtype, num_proc, tmp, splits) -> int:
+    """Tokenize every document in input order into the split's file; returns the last document's index."""
+    from tqdm.auto import tqdm
+
+    def documents() -> Iterator[str]:
+        quiet = SkipLog(skip_bad=True)  # pass 1 already reported every problem
+        for path in files:
+            yield from read_documents(path, text_field, quiet)
+
+    index = -1
+    with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
+        sinks = {"train": f_train, "val": f_val}
+        if num_proc == 1:
+            _init_worker(tokenizer_dir, dtype)
+            encoded, pool = map(_encode_document, documents()), None
+        else:
+            pool = multiprocessing.get_context().Pool(num_proc, _init_worker, (tokenizer_dir, dtype))
+            encoded = pool.imap(_encode_document, documents(), chunksize=8)
+        try:
+            with tqdm(total=len(is_val), unit="doc", desc="tokenizing", mininterval=1.0) as bar:
+                for index, ids in enumerate(encoded):
+                    split = "val" if is_val[index] else "train"
+                    sinks[split].write(ids.tobytes())
+                    splits[split].append(splits[split][-1] + len(ids))
+                    bar.update()
+        finally:
+            if pool is not None:
+                pool.terminate()
+    return index
+
+
 # ----------------------------------------------------------------------------- command
 
 
@@ -217,35 +248,16 @@ def prepare(args: argparse.Namespace) -> dict:
     dtype = "uint16" if vocab_size <= 2**16 else "uint32"
 
     # Pass 2: tokenize in input order, writing aside; rename into place only when complete.
-    from tqdm.auto import tqdm
-
-    def documents() -> Iterator[str]:
-        quiet = SkipLog(skip_bad=True)  # pass 1 already reported every problem
-        for path in files:
-            yield from read_documents(path, args.field, quiet)
-
     splits = {"train": [0], "val": [0]}  # document start offsets, per split
     tmp = {name: out / f"{name}.bin.tmp" for name in splits}
+    (out / "manifest.json").unlink(missing_ok=True)  # the directory is "prepared" again only when complete
     start = time.perf_counter()
-    with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
-        sinks = {"train": f_train, "val": f_val}
-        if args.num_proc == 1:
-            _init_worker(str(tokenizer_dir), dtype)
-            encoded = map(_encode_document, documents())
-            pool = None
-        else:
-            pool = multiprocessing.get_context().Pool(args.num_proc, _init_worker, (str(tokenizer_dir), dtype))
-            encoded = pool.imap(_encode_document, documents(), chunksize=8)
-        try:
-            with tqdm(total=num_documents, unit="doc", desc="tokenizing", mininterval=1.0) as bar:
-                for index, ids in enumerate(encoded):
-                    split = "val" if is_val[index] else "train"
-                    sinks[split].write(ids.tobytes())
-                    splits[split].append(splits[split][-1] + len(ids))
-                    bar.update()
-        finally:
-            if pool is not None:
-                pool.terminate()
+    try:
+        index = _tokenize_into(files, args.field, is_val, str(tokenizer_dir), dtype, args.num_proc, tmp, splits)
+    except BaseException:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
     elapsed = time.perf_counter() - start
     if index + 1 != num_documents:  # the files changed between the two passes
         raise CorpusError(f"input changed while preparing: expected {num_documents} documents, read {index + 1}")
