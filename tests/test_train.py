@@ -65,10 +65,21 @@ def torchrun_command(nproc: int, *args) -> list[str]:
             "--standalone", "-m", "neoxja", *map(str, args)]
 
 
-def run(command: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0 or not check, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+def start(command: list[str]) -> subprocess.Popen:
+    """Start a command in the background (independent runs overlap: one process per core)."""
+    return subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=timeout)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    assert result.returncode == 0 or not check, f"{' '.join(process.args)}\n{stdout[-3000:]}\n{stderr[-3000:]}"
     return result
+
+
+def run(command: list[str], timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
+    return finish(start(command), timeout, check)
 
 
 def losses(out: Path) -> list[float]:
@@ -257,6 +268,7 @@ def test_sigkill_then_resume_logs_exactly_the_same_losses(data, tmp_path):
     options = dict(steps=40, save_every=5, keep=2, grad_accum=2, batch_size=2, eval_every=10, eval_steps=1)
     interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
 
+    uninterrupted = start(neoxja_command("train", *train_args(data, reference, config, **options)))
     process = subprocess.Popen(neoxja_command("train", *train_args(data, interrupted, config, **options)), cwd=REPO,
                                env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -272,7 +284,7 @@ def test_sigkill_then_resume_logs_exactly_the_same_losses(data, tmp_path):
 
     resumed = run(neoxja_command("train", *train_args(data, interrupted, config, **options), "--resume", "auto"))
     assert "resumed from" in resumed.stdout
-    run(neoxja_command("train", *train_args(data, reference, config, **options)))
+    finish(uninterrupted)
 
     from neoxja.train.metrics import read_metrics
 
@@ -344,13 +356,13 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(data):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_mixed_precision_trains_and_resumes(data, tmp_path, dtype):
     out = tmp_path / dtype
-    assert train_here(*train_args(data, out, steps=3, dtype=dtype, save_every=3)) == 0
+    assert train_here(*train_args(data, out, steps=2, dtype=dtype, save_every=2)) == 0
     recorded = losses(out)
-    assert len(recorded) == 3 and all(np.isfinite(recorded))
-    state = torch.load(out / "checkpoints" / "step_00000003" / "state.pt", weights_only=True)
+    assert len(recorded) == 2 and all(np.isfinite(recorded))
+    state = torch.load(out / "checkpoints" / "step_00000002" / "state.pt", weights_only=True)
     assert bool(state["scaler"]) == (dtype == "float16")  # a gradient scaler for fp16 only
-    assert train_here(*train_args(data, out, steps=4, dtype=dtype, save_every=3), "--resume", "auto") == 0
-    assert len(losses(out)) == 4 and losses(out)[:3] == recorded
+    assert train_here(*train_args(data, out, steps=3, dtype=dtype, save_every=2), "--resume", "auto") == 0
+    assert len(losses(out)) == 3 and losses(out)[:2] == recorded
     # the master weights stay float32 and so does the export
     from safetensors import safe_open
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_train import losses, neoxja_command, prepare_data, run, torchrun_command, train_args
+from test_train import finish, losses, prepare_data, run, start, torchrun_command, train_args, train_here
 
 from neoxja.train.metrics import read_metrics
 
@@ -20,8 +20,14 @@ def runs(tmp_path_factory, abeja_dir):
     The parallel runs also use activation checkpointing (exact recomputation: the losses must not move)."""
     tmp = tmp_path_factory.mktemp("distributed")
     data = prepare_data(tmp, abeja_dir)
-    run(neoxja_command("train", *train_args(data, tmp / "single", **{**OPTIONS, "batch_size": 4})))
-    run(torchrun_command(2, "train", *train_args(data, tmp / "ddp", **OPTIONS), "--grad-checkpointing"))
+    ddp = start(torchrun_command(2, "train", *train_args(data, tmp / "ddp", **OPTIONS), "--grad-checkpointing"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # the reference runs here, meanwhile (no process start-up to pay)
+        assert train_here(*train_args(data, tmp / "single", **{**OPTIONS, "batch_size": 4})) == 0
+    finally:
+        torch.set_num_threads(threads)
+    finish(ddp)
     run(torchrun_command(2, "train", *train_args(data, tmp / "fsdp", **OPTIONS, save_every=3), "--fsdp",
                          "--grad-checkpointing"))
     return data, tmp
