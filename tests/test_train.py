@@ -413,3 +413,44 @@ def test_bad_arguments_and_inputs_are_clear_errors(data, tmp_path, capsys):
             (broken / path.name).write_bytes(path.read_bytes())
     (broken / "train.bin").write_bytes((broken / "train.bin").read_bytes()[:-2])
     assert "truncated" in error(*train_args(broken, tmp_path / "d"))
+
+
+def test_hub_ids_resolve_through_huggingface_hub(data, tmp_path, abeja_dir, monkeypatch, capsys):
+    """`--tokenizer` and `--init-from` accept hub ids; the hub is unreachable here, so a fake
+    hf_hub_download serves a local directory per repo id."""
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError
+
+    assert train_here(*train_args(data, tmp_path / "base", steps=1)) == 0
+    repos = {"abeja/gpt-neox-japanese-2.7b": abeja_dir, "someone/tiny-neox-ja": tmp_path / "base" / "final"}
+    requested = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        requested.append((repo_id, filename))
+        path = Path(repos.get(repo_id, "/nonexistent")) / filename
+        if not path.is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    from neoxja.train.prepare import main as prepare
+
+    corpus = write_corpus(tmp_path / "c.jsonl", documents=5)
+    assert prepare(["--tokenizer", "abeja/gpt-neox-japanese-2.7b", "--out", str(tmp_path / "d"), "--num-proc", "1",
+                    str(corpus)]) == 0
+    assert ("abeja/gpt-neox-japanese-2.7b", "vocab.txt") in requested
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["source"] == "abeja/gpt-neox-japanese-2.7b"
+
+    args = train_args(tmp_path / "d", tmp_path / "tuned", steps=1, seq_len=8, batch_size=1)
+    args[args.index("--model-config"):args.index("--model-config") + 2] = ["--init-from", "someone/tiny-neox-ja"]
+    assert train_here(*args) == 0
+    assert ("someone/tiny-neox-ja", "config.json") in requested
+    capsys.readouterr()
+
+    # ids that do not resolve are clear errors
+    args[args.index("--init-from") + 1] = "someone/missing"
+    assert train_here(*args) == 2
+    assert "--init-from someone/missing: cannot load it" in capsys.readouterr().err
+    assert prepare(["--tokenizer", "someone/missing", "--out", str(tmp_path / "e"), str(corpus)]) == 2
+    assert "--tokenizer someone/missing: cannot load it" in capsys.readouterr().err

@@ -101,7 +101,10 @@ def _read_model_config(spec: str) -> dict:
 def build_model(args: Namespace, manifest: dict) -> GPTNeoXJapaneseForCausalLM:
     """A fresh model from --model-config, or a pretrained one from --init-from, in float32."""
     if args.init_from:
-        model = GPTNeoXJapaneseForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        try:
+            model = GPTNeoXJapaneseForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        except (OSError, ValueError) as err:  # missing files, unknown hub id, offline without a cache
+            raise TrainError(f"--init-from {args.init_from}: cannot load it: {err}") from None
     else:
         tokenizer = manifest["tokenizer"]
         config = {  # defaults follow the data's tokenizer; the JSON overrides them

@@ -238,7 +238,10 @@ def prepare(args: argparse.Namespace) -> dict:
 
     from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
 
-    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(args.tokenizer)
+    try:
+        tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(args.tokenizer)
+    except (OSError, ValueError) as err:  # missing files, unknown hub id, offline without a cache
+        raise CorpusError(f"--tokenizer {args.tokenizer}: cannot load it: {err}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = out / "tokenizer"
