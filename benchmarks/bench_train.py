@@ -111,7 +111,8 @@ def peak_rss_mb(data: Path, out: Path, args, seq_len: int, *extra) -> float:
     code = ("import resource, sys; from neoxja.train.cli import main; rc = main(sys.argv[1:]); "
             "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
     command = [sys.executable, "-c", code, *train_args(data, out, SMALL, args, seq_len, 2, *extra)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
     kb = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("PEAK_KB")][0]

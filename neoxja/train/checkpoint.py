@@ -186,7 +186,8 @@ def load_checkpoint(
     meta = read_meta(path)
     if bool(meta.get("fsdp")) != fsdp:
         kind = "FSDP (--fsdp)" if meta.get("fsdp") else "non-FSDP"
-        raise CheckpointError(f"{path} is a {kind} checkpoint: resume it with{'' if meta.get('fsdp') else 'out'} --fsdp")
+        advice = "with --fsdp" if meta.get("fsdp") else "without --fsdp"
+        raise CheckpointError(f"{path} is a {kind} checkpoint: resume it {advice}")
     if fsdp and meta.get("world_size") != env.world_size:
         raise CheckpointError(
             f"{path} was written by {meta.get('world_size')} FSDP processes; resume it with the same number "

@@ -7,8 +7,8 @@ resuming needs nothing but the number of samples consumed, and every process can
 own rows of a global batch without talking to the others.
 
 A global batch (one micro-step) is samples [s, s + B) with B = world_size * batch_size and s the
-samples consumed so far; rank r takes rows [r * batch_size, (r + 1) * batch_size) of it. N processes with batch b therefore see
-exactly the rows one process with batch N * b sees.
+samples consumed so far; rank r takes rows [r * batch_size, (r + 1) * batch_size) of it.
+N processes with batch b therefore see exactly the rows one process with batch N * b sees.
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ def setup(device: str | None = None, need_group: bool = False) -> DistEnv:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device if device.type == "cuda" else None)
+        device_id = device if device.type == "cuda" else None
+        dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device_id)
     return DistEnv(rank, local_rank, world_size, device, distributed)
 
 
@@ -71,14 +72,6 @@ def mean_over_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
         value /= env.world_size
     return value
-
-
-def broadcast_object(obj, env: DistEnv):
-    if not env.distributed:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:

@@ -193,7 +193,8 @@ def _train(args: Namespace, env: dist_utils.DistEnv) -> dict:
 
     windows = TokenWindows(train_tokens, args.seq_len, seed=args.seed, shuffle=True)
     if windows.num_windows == 0:
-        raise TrainError(f"the training split has {len(train_tokens)} tokens, fewer than --seq-len + 1 = {args.seq_len + 1}")
+        raise TrainError(f"the training split has {len(train_tokens)} tokens, "
+                         f"fewer than --seq-len + 1 = {args.seq_len + 1}")
     batches = DistributedBatches(windows, args.batch_size, env.rank, env.world_size)
     global_batch = batches.global_batch_size
     eval_batches = _eval_batches(args, val_tokens, env, global_batch)
@@ -228,7 +229,8 @@ def _train(args: Namespace, env: dist_utils.DistEnv) -> dict:
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             samples_seen += global_batch
             sync = micro == args.grad_accum - 1
-            no_sync = train_module.no_sync if (not sync and hasattr(train_module, "no_sync")) else contextlib.nullcontext
+            # DDP: all-reduce gradients on the last micro-batch only
+            no_sync = train_module.no_sync if not sync and hasattr(train_module, "no_sync") else contextlib.nullcontext
             if args.fsdp:  # FSDP2: reduce-scatter gradients on the last micro-batch only
                 train_module.set_requires_gradient_sync(sync)
             with no_sync():
@@ -256,7 +258,8 @@ def _train(args: Namespace, env: dist_utils.DistEnv) -> dict:
             record["val_loss"] = evaluate(train_module, eval_batches, autocast, env)
         if env.is_main:
             metrics.write(record)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                            refresh=False)
             bar.update()
         last = record
         if args.save_every and (step % args.save_every == 0 or step == args.steps):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -141,7 +140,3 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(png)
     os.replace(tmp, path)
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
