@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import math
 import multiprocessing
@@ -34,6 +35,7 @@ import numpy as np
 
 MANIFEST_VERSION = 1
 SPLIT_SEED = 0  # fixed: the split is a property of the corpus, not of a training run
+DOCUMENTS_IN_FLIGHT = 4096  # documents handed to the tokenizer processes at a time
 
 
 class CorpusError(ValueError):
@@ -179,6 +181,12 @@ def _tokenize_into(files, text_field, is_val, tokenizer_dir, dtype, num_proc, tm
         for path in files:
             yield from read_documents(path, text_field, quiet)
 
+    def in_batches(pool) -> Iterator[np.ndarray]:
+        # Pool.imap would read the whole corpus ahead into its task queue; batches bound the memory.
+        docs = documents()
+        while batch := list(itertools.islice(docs, DOCUMENTS_IN_FLIGHT)):
+            yield from pool.imap(_encode_document, batch, chunksize=max(1, len(batch) // (4 * num_proc)))
+
     index = -1
     with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
         sinks = {"train": f_train, "val": f_val}
@@ -187,7 +195,7 @@ def _tokenize_into(files, text_field, is_val, tokenizer_dir, dtype, num_proc, tm
             encoded, pool = map(_encode_document, documents()), None
         else:
             pool = multiprocessing.get_context().Pool(num_proc, _init_worker, (tokenizer_dir, dtype))
-            encoded = pool.imap(_encode_document, documents(), chunksize=8)
+            encoded = in_batches(pool)
         try:
             with tqdm(total=len(is_val), unit="doc", desc="tokenizing", mininterval=1.0) as bar:
                 for index, ids in enumerate(encoded):
