@@ -9,7 +9,8 @@
   The characters are those of the decoded work, so the figure can be compared across vocabularies.
 - the same figure on the fixed validation slice that tests/test_bundled_model.py checks;
 - greedy and sampled continuations of a few prompts (seeded);
-- generation speed (new tokens per second, batch 1, float32, this machine's CPU).
+- generation speed (new tokens per second, batch 1, float32, this machine's CPU), and with
+  --reference transformers' speed on the same files in the same run.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=default_model_dir())
     p.add_argument("--corpus", type=Path, help="the shared corpus, for the test's validation slice")
     p.add_argument("--json", type=Path, help="write the results here too")
+    p.add_argument("--reference", action="store_true", help="also time transformers' generate on the same files")
     args = p.parse_args(argv)
     torch.manual_seed(0)
 
@@ -110,8 +112,21 @@ def main(argv: list[str] | None = None) -> int:
         out = model.generate(ids, max_new_tokens=200, min_new_tokens=200)
         runs.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - t))
     results["generate_tokens_per_s"] = max(runs)
-    print(f"generation: {max(runs):.0f} new tokens/s (batch 1, float32, best of 3 x 200 tokens, "
+    print(f"generation: {max(runs):.0f} new tokens/s (batch 1, float32, greedy, best of 3 x 200 tokens, "
           f"{torch.get_num_threads()} threads)")
+    if args.reference:  # the same files through transformers, same run, same settings
+        import transformers
+
+        ref = transformers.GPTNeoXJapaneseForCausalLM.from_pretrained(str(args.model), dtype=torch.float32).eval()
+        ref.generate(ids, max_new_tokens=8, do_sample=False)
+        ref_runs = []
+        for _ in range(3):
+            t = time.perf_counter()
+            out = ref.generate(ids, max_new_tokens=200, min_new_tokens=200, do_sample=False)
+            ref_runs.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - t))
+        results["transformers_generate_tokens_per_s"] = max(ref_runs)
+        print(f"transformers {transformers.__version__}: {max(ref_runs):.0f} new tokens/s; "
+              f"neoxja / transformers = {max(runs) / max(ref_runs):.2f}")
     print(f"size: {results['parameters'] / 1e6:.2f}M parameters, {results['bytes'] / 1e6:.2f} MB on disk")
     if args.json:
         args.json.write_text(json.dumps(results, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
