@@ -292,8 +292,10 @@ def test_bad_input_ids():
         ours.generate(torch.tensor([[5.0, 6.0]]), max_new_tokens=1)
     with pytest.raises(ValueError):
         ours.generate(torch.zeros(1, 2, 3, dtype=torch.long), max_new_tokens=1)
-    # lists are accepted
-    assert ours.generate([5, 6, 7], max_new_tokens=2).shape == (1, 5)
+    # lists are accepted, and the output is an ordinary tensor (usable with autograd and in place)
+    out = ours.generate([5, 6, 7], max_new_tokens=2)
+    assert out.shape == (1, 5) and out.dtype == torch.long
+    out[0, 0] = 4
 
 
 def test_temperature_is_not_checked_for_greedy_decoding():
