@@ -85,9 +85,32 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
 
 WHITE, GRID, AXIS = (255, 255, 255), (225, 225, 225), (0, 0, 0)
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # train, validation (matplotlib's first two colours)
+# 3x5 pixel glyphs for the axis numbers, row by row
+GLYPHS = {
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
+    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
+    "e": "000111111100111", "+": "000010111010000",
+}
 
 
-def _draw_curves(train, val, width: int = 800, height: int = 500, margin: int = 40) -> np.ndarray:
+def _draw_text(image: np.ndarray, text: str, row: int, col: int, scale: int = 2) -> None:
+    """Draw `text` with its top-left corner at (row, col)."""
+    for i, char in enumerate(text):
+        glyph = np.array([int(b) for b in GLYPHS.get(char, "0" * 15)], dtype=bool).reshape(5, 3)
+        glyph = glyph.repeat(scale, 0).repeat(scale, 1)
+        top, left = row, col + i * 4 * scale
+        region = image[top : top + glyph.shape[0], left : left + glyph.shape[1]]
+        region[glyph[: region.shape[0], : region.shape[1]]] = AXIS
+
+
+def _text_width(text: str, scale: int = 2) -> int:
+    return len(text) * 4 * scale - scale
+
+
+def _draw_curves(train, val, width: int = 800, height: int = 500, margin: int = 64) -> np.ndarray:
+    """Train loss in blue, validation loss in orange with markers; loss values at the grid lines,
+    first and last step under the x axis."""
     image = np.full((height, width, 3), WHITE, dtype=np.uint8)
     points = train + val
     if not points:
@@ -104,8 +127,15 @@ def _draw_curves(train, val, width: int = 800, height: int = 500, margin: int = 
         row = height - margin - (np.asarray(loss, float) - y0) / (y1 - y0) * (height - 2 * margin)
         return np.rint(row).astype(int), np.rint(col).astype(int)
 
-    for frac in np.linspace(0, 1, 6):  # horizontal grid lines
-        image[int(margin + frac * (height - 2 * margin)), margin : width - margin] = GRID
+    for frac in np.linspace(0, 1, 6):  # horizontal grid lines, labelled with their loss
+        row = int(margin + frac * (height - 2 * margin))
+        image[row, margin : width - margin] = GRID
+        label = f"{y1 - frac * (y1 - y0):.3g}"
+        _draw_text(image, label, row - 5, margin - 6 - _text_width(label))
+    for step in (x0, x1):
+        label = f"{step:.0f}"
+        col = to_pixels(step, y0)[1] - _text_width(label) // 2
+        _draw_text(image, label, height - margin + 8, max(0, min(col, width - _text_width(label))))
     image[margin : height - margin + 1, margin] = AXIS
     image[height - margin, margin : width - margin + 1] = AXIS
 
