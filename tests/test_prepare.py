@@ -46,7 +46,7 @@ def corpus(tmp_path):
 
 
 def run(abeja_dir, out, inputs, *extra):
-    return main(["--tokenizer", str(abeja_dir), "--out", str(out), *extra, *map(str, inputs)])
+    return main(["--tokenizer", str(abeja_dir), "--out", str(out), *map(str, extra), *map(str, inputs)])
 
 
 def documents(out, split):
@@ -156,3 +156,17 @@ def test_field_option_and_bad_arguments(abeja_dir, tmp_path, capsys):
     assert run(abeja_dir, tmp_path / "out", [path], "--field", "body", "--val-fraction", "1.5") == 2
     assert "--val-fraction" in capsys.readouterr().err
     assert run(abeja_dir, tmp_path / "out", [path], "--field", "body", "--num-proc", "0") == 2
+
+
+def test_validation_documents_can_be_given(abeja_dir, tokenizer, corpus, tmp_path, capsys):
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in DOCS[:2]), "utf-8")
+    out = tmp_path / "data"
+    assert run(abeja_dir, out, corpus, "--val-input", held_out, "--num-proc", "1") == 0
+    eos = tokenizer.eos_token_id
+    assert documents(out, "val") == [tokenizer.encode(d) + [eos] for d in DOCS[:2]]
+    assert documents(out, "train") == [tokenizer.encode(d) + [eos] for d in DOCS]  # every input document
+    manifest = load_manifest(out)
+    assert [s["split"] for s in manifest["sources"]] == ["train"] * 4 + ["val"]
+    assert run(abeja_dir, tmp_path / "x", [held_out], "--val-input", held_out) == 2
+    assert "both an INPUT and a --val-input" in capsys.readouterr().err

@@ -10,8 +10,9 @@ Output directory:
   tokenizer/                  the tokenizer's files (training exports them with the model)
   manifest.json               tokenizer, dtype, counts, sources, skipped input
 
-The validation split is made of whole documents chosen by a fixed-seed permutation, so the output
-is the same for the same input, whatever the number of processes (`imap` keeps input order).
+The validation split is made of whole documents: those of `--val-input` when given, otherwise a
+share (`--val-fraction`) chosen by a fixed-seed permutation. The output is the same for the same
+input, whatever the number of processes (results are written in input order).
 Every file is read twice: once to validate it and count documents (cheap next to tokenizing),
 then to tokenize; bad input is therefore reported before any tokenizing starts.
 """
@@ -218,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    p.add_argument("--val-input", action="append", default=[], metavar="INPUT",
+                   help="documents to hold out for validation instead of a random share (repeatable)")
     p.add_argument("--num-proc", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer processes")
     p.add_argument("--field", default="text", help="JSON field holding the text (default: text)")
     p.add_argument("--skip-bad", action="store_true", help="warn about and count bad input instead of failing")
@@ -229,20 +232,27 @@ def prepare(args: argparse.Namespace) -> dict:
         raise CorpusError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.num_proc < 1:
         raise CorpusError(f"--num-proc must be >= 1, got {args.num_proc}")
-    files = list_input_files(args.inputs)
+    val_files = list_input_files(args.val_input)
+    train_files = list_input_files(args.inputs)
+    for path in set(val_files) & set(train_files):
+        raise CorpusError(f"{path} is both an INPUT and a --val-input")
+    files = train_files + val_files
 
     # Pass 1: validate everything and count documents.
     skips = SkipLog(skip_bad=args.skip_bad)
     sources = []
     for path in files:
         count = sum(1 for _ in read_documents(path, args.field, skips))
-        sources.append({"path": str(path), "documents": count})
+        sources.append({"path": str(path), "documents": count, "split": "val" if path in val_files else "train"})
     num_documents = sum(s["documents"] for s in sources)
     if num_documents == 0:
-        raise CorpusError(f"empty corpus: no documents in {', '.join(args.inputs)}")
-    is_val = choose_validation_documents(num_documents, args.val_fraction)
-    if args.val_fraction > 0 and not is_val.any():
-        print("warning: a single document cannot be split; the validation split is empty", file=sys.stderr)
+        raise CorpusError(f"empty corpus: no documents in {', '.join(args.inputs + args.val_input)}")
+    if val_files:  # the validation documents are given: exactly those
+        is_val = np.concatenate([np.full(s["documents"], s["split"] == "val") for s in sources])
+    else:
+        is_val = choose_validation_documents(num_documents, args.val_fraction)
+        if args.val_fraction > 0 and not is_val.any():
+            print("warning: a single document cannot be split; the validation split is empty", file=sys.stderr)
 
     from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
 
@@ -288,7 +298,7 @@ def prepare(args: argparse.Namespace) -> dict:
             "eos_token_id": tokenizer.eos_token_id,
         },
         "separator": "<|endoftext|> after every document",
-        "val_fraction": args.val_fraction,
+        "val_fraction": None if val_files else args.val_fraction,
         "split_seed": SPLIT_SEED,
         "train": {"file": "train.bin", "documents": len(splits["train"]) - 1, "tokens": splits["train"][-1],
                   "document_offsets": "train_docs.npy"},
