@@ -315,24 +315,24 @@ def choose_entries(corpus: Corpus, budget: int, order: str = "refined", iteratio
         raise ValueError(f"unknown order {order!r} (frequency, savings or refined)")
 
     subwords, singles = _select(sub_scores, single_scores, budget, corpus.chars)
-    result = encode_corpus(corpus, {e: i for i, e in enumerate(subwords)}, covered_chars(singles))
-    best = Choice(subwords, singles, result.tokens, [result.tokens])
-    if order != "refined":
-        return best
-
-    for _ in tqdm(range(iterations), desc="refining", unit="pass", disable=not progress):
+    passes = iterations if order == "refined" else 0
+    best: Choice | None = None
+    history: list[int] = []
+    # Pass k measures selection k (and, but for the last, scores what every candidate saves there).
+    for k in tqdm(range(passes + 1), desc="refining", unit="pass", disable=not progress or passes == 0):
         result = encode_corpus(corpus, {e: i for i, e in enumerate(subwords)}, covered_chars(singles),
-                               candidates=ngrams)
+                               candidates=ngrams if k < passes else None)
+        history.append(result.tokens)
+        if best is None or result.tokens < best.tokens:
+            best = Choice(subwords, singles, result.tokens, history)
+        if k == passes:
+            break
         # Re-score by what each entry actually saves now (chosen) or would save (left out).
         chosen = set(subwords)
         sub_scores = {e: float(result.used[e] * (len(e) - 1)) for e in chosen}
         sub_scores |= {e: float(c * (len(e) - 1)) for e, c in result.missed.items() if e not in chosen}
         single_scores = {e: float(result.singles.get(e, 0) * single_saving(e)) for e in chars}
         subwords, singles = _select(sub_scores, single_scores, budget, corpus.chars)
-        tokens = encode_corpus(corpus, {e: i for i, e in enumerate(subwords)}, covered_chars(singles)).tokens
-        best.history.append(tokens)
-        if tokens < best.tokens:
-            best = Choice(subwords, singles, tokens, best.history)
     return best
 
 
