@@ -149,7 +149,7 @@ def run_table(args) -> int:
     for impl, dtype in [("transformers", "float32"), ("neoxja", "float32"), ("transformers", "bfloat16"),
                         ("neoxja", "bfloat16"), ("neoxja", "int8")]:
         cmd = [sys.executable, __file__, "--row", impl, dtype, "--layers", str(args.layers),
-               "--prompt", str(args.prompt), "--new", str(args.new)]
+               "--prompt", str(args.prompt), "--new", str(args.new)] + (["--threads", str(args.threads)] if args.threads else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
         if proc.returncode != 0 or not lines:
@@ -183,7 +183,12 @@ def main(argv=None) -> int:
     p.add_argument("--row", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     p.add_argument("--skip-checks", action="store_true", help="print numbers without checking the goals")
     p.add_argument("--no-batch", action="store_true", help="skip the batch-8 measurement")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for both sides (default: torch's choice). "
+                   "On a 2-core machine that other jobs share, waking a second thread costs a scheduler "
+                   "tick per parallel op, and one thread decodes faster")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.row:
         table_row(args.row[0], args.row[1], args)
         return 0
@@ -191,7 +196,8 @@ def main(argv=None) -> int:
         return run_table(args)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"quantized engine {torch.backends.quantized.engine}", flush=True)
+          f"quantized engine {torch.backends.quantized.engine}, CPU {torch.backends.cpu.get_cpu_capability()}, "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
     bandwidth = read_bandwidth()
     print(f"large-read bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
 
@@ -237,6 +243,7 @@ def main(argv=None) -> int:
         del ours
         gc.collect()
 
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}", flush=True)
     ref32 = results["transformers float32 batch 1"]
     checks = [
         ("float32 >= 1.15x transformers", results["neoxja float32 batch 1"] / ref32, 1.15),
