@@ -26,6 +26,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -263,6 +264,8 @@ def prepare(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = out / "tokenizer"
+    if tokenizer_dir.is_dir():  # left by an earlier run: no stale files may travel with the new model
+        shutil.rmtree(tokenizer_dir)
     tokenizer.save_pretrained(str(tokenizer_dir))
     # every id the tokenizer can emit, special tokens included, must fit the model and the dtype
     vocab_size = max(len(tokenizer), max(tokenizer.all_special_ids) + 1)
