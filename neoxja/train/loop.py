@@ -186,10 +186,18 @@ def _train(args: Namespace, env: dist_utils.DistEnv) -> dict:
         train_module = loss_module
     torch.manual_seed(args.seed + env.rank)  # dropout: a different stream per rank
 
-    optimizer = make_optimizer(loss_module, args.lr, args.weight_decay, device=env.device)
-    scheduler = make_scheduler(optimizer, args.lr, args.min_lr, args.warmup_steps, args.steps)
     dtype = DTYPES[args.dtype]
-    scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
+    if args.fsdp and dtype == torch.float16:
+        # Each rank sees only its gradient shards, so an overflow must be agreed on by all ranks:
+        # ShardedGradScaler does that, but its found-inf flag does not fit fused AdamW's kernel.
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        scaler = ShardedGradScaler(env.device.type)
+        optimizer = make_optimizer(loss_module, args.lr, args.weight_decay, device=env.device, fused=False)
+    else:
+        scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
+        optimizer = make_optimizer(loss_module, args.lr, args.weight_decay, device=env.device)
+    scheduler = make_scheduler(optimizer, args.lr, args.min_lr, args.warmup_steps, args.steps)
 
     windows = TokenWindows(train_tokens, args.seq_len, seed=args.seed, shuffle=True)
     if windows.num_windows == 0:

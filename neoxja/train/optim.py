@@ -35,14 +35,16 @@ def make_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     device: torch.device | None = None,
+    fused: bool = True,
 ) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step where the device has it (unless fused=False)."""
     device = device or next(model.parameters()).device
     return torch.optim.AdamW(
         parameter_groups(model, weight_decay),
         lr=lr,
         betas=betas,
         eps=eps,
-        fused=fused_adamw_available(device) or None,
+        fused=(fused and fused_adamw_available(device)) or None,
     )
 
 
