@@ -111,8 +111,10 @@ class GenerationMixin:
         tokens = torch.full((batch, total_length), pad_token_id, dtype=torch.long, device=device)  # (B, T_total)
         tokens[:, :prompt_length] = input_ids
         slots = torch.arange(total_length, device=device)  # slot t holds column t of `tokens`
-        key_padding_mask = torch.ones(batch, total_length, dtype=torch.bool, device=device)  # (B, T_total)
-        key_padding_mask[:, :prompt_length] = attention_mask.bool()
+        key_padding_mask = None  # without left padding, the causal mask alone is right
+        if bool(padding_lengths.any()):
+            key_padding_mask = torch.ones(batch, total_length, dtype=torch.bool, device=device)  # (B, T_total)
+            key_padding_mask[:, :prompt_length] = attention_mask.bool()
         # rotary position = index among the row's real tokens; padding gets 0 (it is masked anyway)
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T_prompt)
         next_position = position_ids[:, -1:] + 1  # (B, 1)

@@ -78,7 +78,8 @@ class LayerNorm(nn.LayerNorm):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for the rotary dims, computed from position ids on the fly (float32)."""
+    """cos/sin for the rotary dims of given position ids (float32); `forward(torch.arange(n))` is the table
+    of positions 0..n-1 that the cached path gathers from."""
 
     def __init__(self, config: GPTNeoXJapaneseConfig):
         super().__init__()
@@ -112,6 +113,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rd)
     x_rot, x_pass = x[..., :rd].float(), x[..., rd:]
     x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    if rd == x.shape[-1]:  # every dim rotates (rotary_pct 1.0): nothing to pass through
+        return x_rot.to(x.dtype)
     return torch.cat((x_rot.to(x.dtype), x_pass), dim=-1)
 
 
@@ -290,6 +293,10 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         self.layers = nn.ModuleList(GPTNeoXJapaneseLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        # fixed for one generation, built by setup_caches (see forward_cached)
+        self.causal_mask: torch.Tensor | None = None  # (T_max, T_max) bool: row t is slots 0..t
+        self.rotary_cos: torch.Tensor | None = None  # (P, rd) for positions 0..P-1
+        self.rotary_sin: torch.Tensor | None = None
         self.init_weights()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -352,6 +359,22 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         out = BaseModelOutputWithPast(x, presents, all_hidden_states, all_attentions)
         return out if return_dict else out.to_tuple()
 
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype, device):
+        """Per layer a KVCache; plus what every step of a generation shares: the causal mask rows and the
+        rotary cos/sin table (positions 0..max(max_position_embeddings, T_max)-1), so a step only slices."""
+        cfg = self.config
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, cfg.num_attention_heads,
+                                               cfg.head_size, dtype=dtype, device=device)
+        self.causal_mask = torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device).tril()
+        positions = torch.arange(max(cfg.max_position_embeddings, max_seq_length), device=device)
+        self.rotary_cos, self.rotary_sin = self.rotary_emb(positions)  # (P, rd) each, float32
+
+    def clear_caches(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.causal_mask = self.rotary_cos = self.rotary_sin = None
+
     def forward_cached(self, input_ids, input_pos, position_ids, key_padding_mask=None):
         """Final hidden states (B, T, C) through the static caches; see GPTNeoXJapaneseForCausalLM.forward_cached."""
         cache = self.layers[0].attention.kv_cache
@@ -365,15 +388,15 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         if B > cache.max_batch_size:
             raise ValueError(f"forward_cached: batch {B} exceeds the caches' max_batch_size {cache.max_batch_size}")
 
-        slots = torch.arange(T_max, device=input_ids.device)
-        mask = slots[None, :] <= input_pos[:, None]  # (T, T_max): written slots up to this token
+        mask = self.causal_mask[input_pos]  # (T, T_max): written slots up to this token
         if key_padding_mask is not None:
             if key_padding_mask.shape != (B, T_max):
                 raise ValueError(f"key_padding_mask must be ({B}, {T_max}), got {tuple(key_padding_mask.shape)}")
             mask = mask & key_padding_mask[:, None, None, :]  # (B, 1, T, T_max)
+            slots = torch.arange(T_max, device=input_ids.device)
             mask = _see_self_if_alone(mask, slots[None, :] == input_pos[:, None])
 
-        cos, sin = self.rotary_emb(position_ids)  # (B, T, rd)
+        cos, sin = self.rotary_cos[position_ids], self.rotary_sin[position_ids]  # (B, T, rd)
         x = self.embed_in(input_ids)  # (B, T, C)
         for layer in self.layers:
             x, _, _ = layer(x, cos, sin, mask, input_pos=input_pos)
@@ -435,17 +458,13 @@ class GPTNeoXJapaneseForCausalLM(GPTNeoXJapanesePreTrainedModel, GenerationMixin
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None):
-        """Allocate one zero-filled KVCache (B, nh, T_max, hs) per layer; calling again re-allocates."""
-        cfg = self.config
-        dtype = dtype or self.dtype
-        device = device or self.device
-        for layer in self.gpt_neox_japanese.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, cfg.num_attention_heads,
-                                               cfg.head_size, dtype=dtype, device=device)
+        """Allocate one zero-filled KVCache (B, nh, T_max, hs) per layer (and the mask and rotary tables that
+        every step shares); calling again re-allocates."""
+        self.gpt_neox_japanese.setup_caches(max_batch_size, max_seq_length, dtype=dtype or self.dtype,
+                                            device=device or self.device)
 
     def clear_caches(self):
-        for layer in self.gpt_neox_japanese.layers:
-            layer.attention.kv_cache = None
+        self.gpt_neox_japanese.clear_caches()
 
     @torch.no_grad()
     def forward_cached(self, input_ids: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
