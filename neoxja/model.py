@@ -82,7 +82,7 @@ class Linear(nn.Linear):
     """nn.Linear that sends skinny float32 inference products on the CPU to oneDNN instead of MKL.
 
     Decoding a batch multiplies a few rows (one per sequence) by every weight. MKL's sgemm is slow at that
-    shape: on this project's 2-core AVX2 machine, 8 rows times a 2560x10240 weight took 28 ms in MKL and
+    shape: on this project's 2-core AVX-512 machine, 8 rows times a 2560x10240 weight took 28 ms in MKL and
     16-19 ms in oneDNN, which reads the same plain weight tensor (no packed copy). One row (batch-1
     decoding, MKL's gemv) and hundreds of rows (prefill, training) stay with F.linear, as fast or faster there.
     """
