@@ -25,3 +25,14 @@ def aozora_path() -> Path:
     if not AOZORA_CORPUS.is_file():
         pytest.skip(f"Aozora corpus not found at {AOZORA_CORPUS} (../shared is absent)")
     return AOZORA_CORPUS
+
+
+@pytest.fixture(scope="session")
+def bundled_dir() -> Path:
+    """The bundled model's directory (its tokenizer needs no ../shared)."""
+    from neoxja.assets import default_model_dir
+
+    path = default_model_dir()
+    if not (path / "vocab.txt").is_file():
+        pytest.skip(f"the bundled model files are absent from {path}")
+    return path

@@ -102,8 +102,8 @@ def train_args(data: Path, out: Path, config: dict = TINY, **options) -> list[st
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, abeja_dir):
-    return prepare_data(tmp_path_factory.mktemp("train"), abeja_dir)
+def data(tmp_path_factory, bundled_dir):
+    return prepare_data(tmp_path_factory.mktemp("train"), bundled_dir)
 
 
 @pytest.fixture(autouse=True)
@@ -415,14 +415,14 @@ def test_bad_arguments_and_inputs_are_clear_errors(data, tmp_path, capsys):
     assert "truncated" in error(*train_args(broken, tmp_path / "d"))
 
 
-def test_hub_ids_resolve_through_huggingface_hub(data, tmp_path, abeja_dir, monkeypatch, capsys):
+def test_hub_ids_resolve_through_huggingface_hub(data, tmp_path, bundled_dir, monkeypatch, capsys):
     """`--tokenizer` and `--init-from` accept hub ids; the hub is unreachable here, so a fake
     hf_hub_download serves a local directory per repo id."""
     import huggingface_hub
     from huggingface_hub.utils import EntryNotFoundError
 
     assert train_here(*train_args(data, tmp_path / "base", steps=1)) == 0
-    repos = {"abeja/gpt-neox-japanese-2.7b": abeja_dir, "someone/tiny-neox-ja": tmp_path / "base" / "final"}
+    repos = {"neoxja/aozora-small": bundled_dir, "someone/tiny-neox-ja": tmp_path / "base" / "final"}
     requested = []
 
     def fake_download(repo_id, filename, **kwargs):
@@ -436,11 +436,11 @@ def test_hub_ids_resolve_through_huggingface_hub(data, tmp_path, abeja_dir, monk
     from neoxja.train.prepare import main as prepare
 
     corpus = write_corpus(tmp_path / "c.jsonl", documents=5)
-    assert prepare(["--tokenizer", "abeja/gpt-neox-japanese-2.7b", "--out", str(tmp_path / "d"), "--num-proc", "1",
+    assert prepare(["--tokenizer", "neoxja/aozora-small", "--out", str(tmp_path / "d"), "--num-proc", "1",
                     str(corpus)]) == 0
-    assert ("abeja/gpt-neox-japanese-2.7b", "vocab.txt") in requested
+    assert ("neoxja/aozora-small", "vocab.txt") in requested
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
-    assert manifest["tokenizer"]["source"] == "abeja/gpt-neox-japanese-2.7b"
+    assert manifest["tokenizer"]["source"] == "neoxja/aozora-small"
 
     args = train_args(tmp_path / "d", tmp_path / "tuned", steps=1, seq_len=8, batch_size=1)
     args[args.index("--model-config"):args.index("--model-config") + 2] = ["--init-from", "someone/tiny-neox-ja"]

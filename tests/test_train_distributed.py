@@ -15,11 +15,11 @@ OPTIONS = dict(steps=STEPS, batch_size=2, eval_every=3, eval_steps=2)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, abeja_dir):
+def runs(tmp_path_factory, bundled_dir):
     """One process with batch 4, then 2 processes with batch 2 each: DDP, and FSDP saving at step 3.
     The parallel runs also use activation checkpointing (exact recomputation: the losses must not move)."""
     tmp = tmp_path_factory.mktemp("distributed")
-    data = prepare_data(tmp, abeja_dir)
+    data = prepare_data(tmp, bundled_dir)
     ddp = start(torchrun_command(2, "train", *train_args(data, tmp / "ddp", **OPTIONS), "--grad-checkpointing"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
