@@ -5,8 +5,10 @@ Default shape: the full 2.7B width (hidden 2560, 32 heads, vocab 32000) with 4 l
 does not depend on them); EOS is disabled so that every run makes exactly the requested number of tokens.
 
 Decoding one token reads every weight once, so the ceiling is (weight bytes per token) / (memory read
-bandwidth). The bandwidth is measured in the same run with a large read (a sum over a 1 GiB tensor), and
-each result is printed as a fraction of that bound.
+bandwidth). The bandwidth is measured beside every round (the faster of a sum and a matrix-vector product
+over 1 GiB), and each result is printed as a fraction of that bound. The contenders are timed in rounds,
+in a rotated order, and each ratio is the median of the per-round ratios: on a shared machine, load from
+other jobs comes in bursts, and timing one side after the other can swing a ratio by 2x.
 
     python benchmarks/bench_generate.py                 # the issue's checks; exits 1 if one fails
     python benchmarks/bench_generate.py --table --layers 32 --new 16   # README table (slow: ~1 token/s)
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -31,15 +32,20 @@ from neoxja.model import GPTNeoXJapaneseForCausalLM  # noqa: E402
 from neoxja.quantize import Int8DynamicLinear, quantize  # noqa: E402
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes/s of a large sequential read (best of `repeats`)."""
+def large_read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
+    """Bytes/s of the fastest large sequential read we know here: the best of `repeats` passes of a sum and
+    of a matrix-vector product over the same 1 GiB of float32 (the product is what decoding does, and on
+    some machines it streams faster than a reduction). A larger bandwidth makes every fraction smaller."""
     x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    matrix = x.view(-1, 2048)  # (N, 2048)
+    vector = torch.ones(2048)
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    del x
+        for read in (x.sum, lambda: torch.mv(matrix, vector)):
+            t = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - t)
+    del x, matrix
     return gib * 2**30 / best
 
 
@@ -54,35 +60,20 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
-def timed_generate(generate, repeats: int) -> float:
-    """Best wall time of `repeats` calls after one warm-up call."""
-    generate()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        generate()
-        best = min(best, time.perf_counter() - t)
-    return best
+def build_side_by_side(args):
+    """Our float32 model, transformers' with the same weights, and an int8 copy of ours."""
+    import copy
 
+    import transformers
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def make_models(args, dtype):
     cfg = dict(vocab_size=32000, hidden_size=2560, num_hidden_layers=args.layers, num_attention_heads=32,
                eos_token_id=None, bos_token_id=31996, tie_word_embeddings=False)
     torch.manual_seed(0)
-    ours = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(**cfg)).eval().to(dtype)
-    return ours, cfg
-
-
-def make_reference(cfg: dict, state_dict, dtype):
-    import transformers
-
+    ours = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(**cfg)).eval()
     ref = transformers.GPTNeoXJapaneseForCausalLM(transformers.GPTNeoXJapaneseConfig(**cfg)).eval()
-    ref.load_state_dict(state_dict)
-    return ref.to(dtype)
+    ref.load_state_dict(ours.state_dict())
+    ours_int8 = quantize(copy.deepcopy(ours), "int8")
+    return ours, ref, ours_int8
 
 
 def rss_gib(field: str) -> float:
@@ -142,7 +133,7 @@ def run_table(args) -> int:
     import json
     import subprocess
 
-    bandwidth = read_bandwidth()
+    bandwidth = large_read_bandwidth()
     print(f"large-read bandwidth: {bandwidth / 1e9:.1f} GB/s; {args.layers} layers, prompt {args.prompt}, "
           f"{args.new} new tokens, greedy, batch 1", flush=True)
     rows = []
@@ -171,21 +162,96 @@ def run_table(args) -> int:
     return 0
 
 
+def run_side_by_side(args) -> int:
+    """The issue's checks. Every round times each contender once, in a rotated order, with the read
+    bandwidth measured beside them; ratios are taken within a round and the median over rounds is
+    reported, so that a burst of load from other jobs on a shared machine cannot favour one side."""
+    import statistics
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"quantized engine {torch.backends.quantized.engine}, CPU {torch.backends.cpu.get_cpu_capability()}, "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; {args.layers} layers, "
+          f"prompt {args.prompt}, {args.new} new tokens, greedy; {args.rounds} rounds", flush=True)
+    ours, ref, ours_int8 = build_side_by_side(args)
+    prompt = torch.randint(0, 31000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    batch_prompt = prompt.repeat(8, 1)
+    new = args.new
+
+    # the comparison means something only if both sides do the same work
+    a = ours.generate(prompt, max_new_tokens=8)
+    b = ref.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    if not torch.equal(a, b):
+        print("WARNING: greedy tokens differ from transformers'", flush=True)
+
+    contenders = {  # name: (generate call, rows, model whose weights each step reads)
+        "transformers float32 batch 1": (lambda: ref.generate(prompt, max_new_tokens=new, min_new_tokens=0,
+                                                               do_sample=False, pad_token_id=0), 1, ref),
+        "neoxja float32 batch 1": (lambda: ours.generate(prompt, max_new_tokens=new), 1, ours),
+        "neoxja int8 batch 1": (lambda: ours_int8.generate(prompt, max_new_tokens=new), 1, ours_int8),
+    }
+    if not args.no_batch:
+        contenders["neoxja float32 batch 8"] = (lambda: ours.generate(batch_prompt, max_new_tokens=new), 8, ours)
+        contenders["neoxja int8 batch 8"] = (lambda: ours_int8.generate(batch_prompt, max_new_tokens=new), 8,
+                                             ours_int8)
+    for call, _, _ in contenders.values():
+        call()  # warm-up
+    names = list(contenders)
+    tok_s = {name: [] for name in names}
+    fraction = {name: [] for name in names}
+    bandwidths = []
+    for r in range(args.rounds):
+        bandwidth = large_read_bandwidth()
+        bandwidths.append(bandwidth)
+        line = []
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            call, rows, model = contenders[name]
+            t = time.perf_counter()
+            call()
+            seconds = time.perf_counter() - t
+            tok_s[name].append(rows * new / seconds)
+            bound = bandwidth / weight_bytes_per_token(model)  # steps/s if a step only read the weights
+            fraction[name].append((new / seconds) / bound)
+            line.append(f"{name.replace('neoxja ', '').replace('transformers', 'tf')} {rows * new / seconds:.1f}")
+        print(f"round {r + 1}: {bandwidth / 1e9:.1f} GB/s; tok/s: " + ", ".join(line), flush=True)
+
+    print(f"\nlarge-read bandwidth: median {statistics.median(bandwidths) / 1e9:.1f} GB/s "
+          f"(min {min(bandwidths) / 1e9:.1f}, max {max(bandwidths) / 1e9:.1f})")
+    for name in names:
+        model = contenders[name][2]
+        print(f"{name:<30} {statistics.median(tok_s[name]):7.2f} tok/s (median; best {max(tok_s[name]):.2f})  "
+              f"weights/step {weight_bytes_per_token(model) / 1e9:.2f} GB  "
+              f"{statistics.median(fraction[name]):5.1%} of the bandwidth bound", flush=True)
+
+    def ratio(num: str, den: str) -> float:
+        return statistics.median(x / y for x, y in zip(tok_s[num], tok_s[den]))
+
+    checks = [("float32 >= 1.15x transformers", ratio("neoxja float32 batch 1", "transformers float32 batch 1"), 1.15),
+              ("int8 >= 3x transformers float32", ratio("neoxja int8 batch 1", "transformers float32 batch 1"), 3.0)]
+    if not args.no_batch:
+        checks.append(("batch 8 >= 4x our batch 1 (float32)", ratio("neoxja float32 batch 8", "neoxja float32 batch 1"), 4.0))
+        print(f"(for information) int8 batch 8 / int8 batch 1: {ratio('neoxja int8 batch 8', 'neoxja int8 batch 1'):.2f}x")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}", flush=True)
+    failed = False
+    for name, value, goal in checks:
+        ok = value >= goal
+        failed |= not ok
+        print(f"{'PASS' if ok else 'FAIL'}  {name}: {value:.2f}x (median of per-round ratios)", flush=True)
+    return 1 if failed and not args.skip_checks else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the side-by-side checks (median reported)")
     p.add_argument("--table", action="store_true",
                    help="README table: transformers and neoxja in float32 and bfloat16, neoxja int8, each in its "
                         "own process, tokens/s and peak memory")
     p.add_argument("--row", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     p.add_argument("--skip-checks", action="store_true", help="print numbers without checking the goals")
-    p.add_argument("--no-batch", action="store_true", help="skip the batch-8 measurement")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads for both sides (default: torch's choice). "
-                   "On a 2-core machine that other jobs share, waking a second thread costs a scheduler "
-                   "tick per parallel op, and one thread decodes faster")
+    p.add_argument("--no-batch", action="store_true", help="skip the batch-8 measurements")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for both sides (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,69 +260,7 @@ def main(argv=None) -> int:
         return 0
     if args.table:
         return run_table(args)
-
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"quantized engine {torch.backends.quantized.engine}, CPU {torch.backends.cpu.get_cpu_capability()}, "
-          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
-    bandwidth = read_bandwidth()
-    print(f"large-read bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
-
-    prompt = torch.randint(0, 31000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-    results = {}
-
-    def report(name, model, seconds, batch=1, params_model=None):
-        tps = batch * args.new / seconds
-        per_token = weight_bytes_per_token(params_model or model)
-        bound = bandwidth / per_token  # tokens/s for batch 1 if only the weights were read
-        results[name] = tps
-        frac = f"{(tps / batch) / bound:5.1%} of the bandwidth bound ({bound:.1f} tok/s)" if batch == 1 else ""
-        print(f"{name:<34} {tps:7.2f} tok/s  ({seconds:.2f} s)  weights/token {per_token / 1e9:.2f} GB  {frac}"
-              f"  peak RSS so far {peak_rss_gib():.1f} GiB", flush=True)
-
-    for dtype in [torch.float32]:
-        tag = str(dtype).replace("torch.", "")
-        ours, cfg = make_models(args, dtype)
-        ref = make_reference(cfg, ours.state_dict(), dtype)
-        # identical greedy tokens first: the comparison is only meaningful if both do the same work
-        a = ours.generate(prompt, max_new_tokens=8)
-        b = ref.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        if dtype == torch.float32 and not torch.equal(a, b):
-            print("WARNING: greedy tokens differ from transformers'", flush=True)
-
-        t_ref = timed_generate(lambda: ref.generate(prompt, max_new_tokens=args.new, min_new_tokens=0,
-                                                    do_sample=False, pad_token_id=0), args.repeats)
-        report(f"transformers {tag} batch 1", ref, t_ref)
-        del ref
-        gc.collect()
-        t_ours = timed_generate(lambda: ours.generate(prompt, max_new_tokens=args.new), args.repeats)
-        report(f"neoxja {tag} batch 1", ours, t_ours)
-        print(f"  ratio neoxja/transformers ({tag}): {results[f'neoxja {tag} batch 1'] / results[f'transformers {tag} batch 1']:.2f}x",
-              flush=True)
-        if dtype == torch.float32 and not args.no_batch:
-            batch_prompt = prompt.repeat(8, 1)
-            t8 = timed_generate(lambda: ours.generate(batch_prompt, max_new_tokens=args.new), args.repeats)
-            report("neoxja float32 batch 8", ours, t8, batch=8)
-        if dtype == torch.float32:
-            ours = quantize(ours.float(), "int8")
-            t_q = timed_generate(lambda: ours.generate(prompt, max_new_tokens=args.new), args.repeats)
-            report("neoxja int8 batch 1", ours, t_q)
-        del ours
-        gc.collect()
-
-    print(f"load average at the end: {os.getloadavg()[0]:.2f}", flush=True)
-    ref32 = results["transformers float32 batch 1"]
-    checks = [
-        ("float32 >= 1.15x transformers", results["neoxja float32 batch 1"] / ref32, 1.15),
-        ("int8 >= 3x transformers float32", results["neoxja int8 batch 1"] / ref32, 3.0),
-    ]
-    if "neoxja float32 batch 8" in results:
-        checks.append(("batch 8 >= 4x our batch 1", results["neoxja float32 batch 8"] / results["neoxja float32 batch 1"], 4.0))
-    failed = False
-    for name, value, goal in checks:
-        ok = value >= goal
-        failed |= not ok
-        print(f"{'PASS' if ok else 'FAIL'}  {name}: {value:.2f}x", flush=True)
-    return 1 if failed and not args.skip_checks else 0
+    return run_side_by_side(args)
 
 
 if __name__ == "__main__":

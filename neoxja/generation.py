@@ -125,7 +125,8 @@ class GenerationMixin:
         self.setup_caches(max_batch_size=batch, max_seq_length=total_length)
         try:
             # prefill: the whole prompt in one forward, logits for its last position only
-            logits = self.forward_cached(input_ids, slots[:prompt_length], position_ids, key_padding_mask)
+            logits = self.forward_cached(input_ids, slots[:prompt_length], position_ids, key_padding_mask,
+                                         kv_length=prompt_length)
             length = prompt_length
             while True:
                 scores = apply_logits_processors(processors, tokens[:, :length], logits[:, -1].float())  # (B, V)
@@ -143,7 +144,7 @@ class GenerationMixin:
                     break
                 # one step: the newest token only, written to slot `length - 1`
                 logits = self.forward_cached(tokens[:, length - 1 : length], slots[length - 1 : length],
-                                             next_position, key_padding_mask)
+                                             next_position, key_padding_mask, kv_length=length)
                 next_position += 1
         finally:
             self.clear_caches()

@@ -31,8 +31,11 @@ class KVCache(nn.Module):
     def max_batch_size(self) -> int:
         return self.k_cache.shape[0]
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nh, T, hs) into slots input_pos (T,); return the buffers (B, nh, T_max, hs)."""
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, T, hs) into slots input_pos (T,); return the buffers (B, nh, T_max, hs), or
+        their first `length` slots (B, nh, length, hs) when given: the slots written so far, all a step
+        needs to attend to (so early steps of a long generation do not read the empty rest)."""
         B, nh, T, hs = k.shape
         if v.shape != k.shape or input_pos.shape != (T,):
             raise ValueError(f"KVCache.update: k {tuple(k.shape)}, v {tuple(v.shape)} and input_pos "
@@ -40,7 +43,11 @@ class KVCache(nn.Module):
         if B > self.max_batch_size or (nh, hs) != (self.k_cache.shape[1], self.k_cache.shape[3]):
             raise ValueError(f"KVCache.update: k of shape {tuple(k.shape)} does not fit the cache of shape "
                              f"{tuple(self.k_cache.shape)}")
+        if length is not None and not 0 < length <= self.max_seq_length:
+            raise ValueError(f"KVCache.update: length must be in [1, {self.max_seq_length}], got {length}")
         k_all, v_all = self.k_cache[:B], self.v_cache[:B]  # views: a smaller batch uses the first rows
         k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
         v_all.index_copy_(2, input_pos, v.to(v_all.dtype))
+        if length is not None:
+            return k_all[:, :, :length], v_all[:, :, :length]  # (B, nh, length, hs) views
         return k_all, v_all

@@ -79,23 +79,39 @@ class LayerNorm(nn.LayerNorm):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that sends skinny float32 inference products on the CPU to oneDNN instead of MKL.
+    """nn.Linear that sends skinny float32 inference products on the CPU to faster kernels than MKL's sgemm.
 
-    Decoding a batch multiplies a few rows (one per sequence) by every weight. MKL's sgemm is slow at that
-    shape: on this project's 2-core AVX-512 machine, 8 rows times a 2560x10240 weight took 28 ms in MKL and
-    16-19 ms in oneDNN, which reads the same plain weight tensor (no packed copy). One row (batch-1
-    decoding, MKL's gemv) and hundreds of rows (prefill, training) stay with F.linear, as fast or faster there.
+    Decoding a batch multiplies a few rows (one per sequence) by every weight. F.linear (MKL sgemm) is slow
+    at that shape: above 3 rows it runs at a third of the memory bandwidth these products are bound by.
+    `benchmarks/bench_skinny_linear.py` times the candidates on the 2.7B weight shapes; on this project's
+    2-core AVX-512 machine, summed over those shapes and relative to F.linear:
+      4-12 rows: torch.bmm against 16-row slices of the weight is 1.5-2.0x faster (MKL's batched small
+                 products read the weight once, without packing a copy of it); oneDNN is second.
+      13-64 rows: oneDNN's linear (the op torch.compile uses on CPU) on the same plain weight, 1.7-2.7x.
+    1-3 rows (MKL's gemv path, batch-1 decoding) and more than 64 (prefill, training) stay with F.linear.
+    Every path reads the weight in place: no packed copy, no extra memory.
     """
 
-    ONEDNN_ROWS = (4, 64)  # row counts measured faster in oneDNN
+    BMM_ROWS = (4, 12)
+    ONEDNN_ROWS = (13, 64)
+    SLICE = 16  # weight rows per batched product
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if (self.ONEDNN_ROWS[0] <= rows <= self.ONEDNN_ROWS[1] and x.dtype == self.weight.dtype == torch.float32
-                and x.device.type == "cpu" and not torch.is_grad_enabled() and _has_onednn_linear()):
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1).contiguous(), self.weight, self.bias,
-                                                   "none", [None], "")  # (rows, out)
-            return y.view(*x.shape[:-1], self.out_features)
+        if (self.BMM_ROWS[0] <= rows <= self.ONEDNN_ROWS[1] and x.dtype == self.weight.dtype == torch.float32
+                and x.device.type == "cpu" and not torch.is_grad_enabled() and self.weight.is_contiguous()):
+            x2 = x.reshape(rows, self.in_features)  # (rows, in)
+            if rows <= self.BMM_ROWS[1] and self.out_features % self.SLICE == 0:
+                w = self.weight.view(-1, self.SLICE, self.in_features)  # (out/16, 16, in)
+                y = torch.bmm(x2.expand(w.shape[0], rows, self.in_features), w.transpose(1, 2))  # (out/16, rows, 16)
+                y = y.transpose(0, 1).reshape(rows, self.out_features)  # (rows, out)
+                if self.bias is not None:
+                    y = y + self.bias
+                return y.view(*x.shape[:-1], self.out_features)
+            if _has_onednn_linear():
+                y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.weight, self.bias,
+                                                       "none", [None], "")  # (rows, out)
+                return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -159,7 +175,7 @@ class GPTNeoXJapaneseAttention(nn.Module):
         self.kv_cache: KVCache | None = None  # set by setup_caches, used by forward_cached
 
     def forward(self, x, cos, sin, mask=None, is_causal=False, layer_past=None, input_pos=None,
-                head_mask=None, output_attentions=False):
+                kv_length=None, head_mask=None, output_attentions=False):
         B, T, C = x.size()
         nh, hs = self.num_heads, self.head_size
 
@@ -169,8 +185,8 @@ class GPTNeoXJapaneseAttention(nn.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
 
-        if input_pos is not None:  # static cache: write slots, attend over the whole buffer
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, T_max, hs)
+        if input_pos is not None:  # static cache: write slots, attend over the first kv_length of them
+            k, v = self.kv_cache.update(input_pos, k, v, kv_length)  # (B, nh, kv_length, hs)
         elif layer_past is not None:  # dynamic cache: append to the past keys/values
             k = torch.cat((layer_past[0], k), dim=2)  # (B, nh, T_past + T, hs)
             v = torch.cat((layer_past[1], v), dim=2)
@@ -403,7 +419,7 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
             layer.attention.kv_cache = None
         self.causal_mask = self.rotary_cos = self.rotary_sin = None
 
-    def forward_cached(self, input_ids, input_pos, position_ids, key_padding_mask=None):
+    def forward_cached(self, input_ids, input_pos, position_ids, key_padding_mask=None, kv_length=None):
         """Final hidden states (B, T, C) through the static caches; see GPTNeoXJapaneseForCausalLM.forward_cached."""
         cache = self.layers[0].attention.kv_cache
         if cache is None:
@@ -415,19 +431,30 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
                              f"position_ids ({B}, {T}), got {tuple(input_pos.shape)} and {tuple(position_ids.shape)}")
         if B > cache.max_batch_size:
             raise ValueError(f"forward_cached: batch {B} exceeds the caches' max_batch_size {cache.max_batch_size}")
+        if kv_length is None:
+            kv_length = int(input_pos.max()) + 1  # generate() passes it, which saves this device sync
+        if not isinstance(kv_length, int) or not 0 < kv_length <= T_max:
+            raise ValueError(f"forward_cached: kv_length must be an int in [1, {T_max}], got {kv_length!r}")
+        if key_padding_mask is not None and key_padding_mask.shape != (B, T_max):
+            raise ValueError(f"key_padding_mask must be ({B}, {T_max}), got {tuple(key_padding_mask.shape)}")
 
-        mask = self.causal_mask[input_pos]  # (T, T_max): written slots up to this token
-        if key_padding_mask is not None:
-            if key_padding_mask.shape != (B, T_max):
-                raise ValueError(f"key_padding_mask must be ({B}, {T_max}), got {tuple(key_padding_mask.shape)}")
-            mask = mask & key_padding_mask[:, None, None, :]  # (B, 1, T, T_max)
-            slots = torch.arange(T_max, device=input_ids.device)
-            mask = _see_self_if_alone(mask, slots[None, :] == input_pos[:, None])
+        # attention covers slots [0, kv_length): a token sees the written slots up to its own
+        is_causal = False
+        if key_padding_mask is None and T == 1:
+            mask = None  # one new token, in the last written slot, sees every slot
+        elif key_padding_mask is None and T == kv_length:
+            mask, is_causal = None, True  # a prompt from slot 0: plain causal attention
+        else:
+            mask = self.causal_mask[input_pos, :kv_length]  # (T, kv_length)
+            if key_padding_mask is not None:
+                mask = mask & key_padding_mask[:, None, None, :kv_length]  # (B, 1, T, kv_length)
+                slots = torch.arange(kv_length, device=input_ids.device)
+                mask = _see_self_if_alone(mask, slots[None, :] == input_pos[:, None])
 
         cos, sin = self.rotary_cos[position_ids], self.rotary_sin[position_ids]  # (B, T, rd)
         x = self.embed_in(input_ids)  # (B, T, C)
         for layer in self.layers:
-            x, _, _ = layer(x, cos, sin, mask, input_pos=input_pos)
+            x, _, _ = layer(x, cos, sin, mask, is_causal, input_pos=input_pos, kv_length=kv_length)
         return self.final_layer_norm(x)  # (B, T, C)
 
 
@@ -496,15 +523,19 @@ class GPTNeoXJapaneseForCausalLM(GPTNeoXJapanesePreTrainedModel, GenerationMixin
 
     @torch.no_grad()
     def forward_cached(self, input_ids: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
-                       key_padding_mask: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
+                       key_padding_mask: torch.Tensor | None = None, last_only: bool = True,
+                       kv_length: int | None = None) -> torch.Tensor:
         """Logits through the static KV caches.
 
         input_ids (B, T); input_pos (T,): cache slots these tokens write (the same for every row);
         position_ids (B, T): rotary positions (they differ per row under left padding);
-        key_padding_mask (B, T_max) bool or None: True where a slot holds a real token.
+        key_padding_mask (B, T_max) bool or None: True where a slot holds a real token;
+        kv_length: max(input_pos) + 1, the number of slots written once this call's are (slots are
+        written in order, as generate() does); attention reads only those. Computed when not given;
+        generate() passes it, which saves a device sync per step.
         Returns (B, 1, V) logits for the last position when last_only, else (B, T, V).
         """
-        x = self.gpt_neox_japanese.forward_cached(input_ids, input_pos, position_ids, key_padding_mask)
+        x = self.gpt_neox_japanese.forward_cached(input_ids, input_pos, position_ids, key_padding_mask, kv_length)
         if last_only:
             x = x[:, -1:]  # the LM head only where it is needed
         return self.embed_out(x)

@@ -150,17 +150,18 @@ def test_kv_cache_is_allocated_once_and_each_step_feeds_only_the_new_token(monke
     real_setup, real_forward = ours.setup_caches, ours.forward_cached
     monkeypatch.setattr(ours, "setup_caches", lambda **kw: (setups.append(kw), real_setup(**kw))[1])
 
-    def forward_cached(input_ids, input_pos, position_ids, key_padding_mask=None, last_only=True):
-        calls.append((tuple(input_ids.shape), input_pos.tolist(), position_ids.tolist()))
-        return real_forward(input_ids, input_pos, position_ids, key_padding_mask, last_only)
+    def forward_cached(input_ids, input_pos, position_ids, key_padding_mask=None, last_only=True, kv_length=None):
+        calls.append((tuple(input_ids.shape), input_pos.tolist(), position_ids.tolist(), kv_length))
+        return real_forward(input_ids, input_pos, position_ids, key_padding_mask, last_only, kv_length)
 
     monkeypatch.setattr(ours, "forward_cached", forward_cached)
     ours.generate(ids, attention_mask=mask, max_new_tokens=5)
     assert setups == [dict(max_batch_size=2, max_seq_length=6 + 5)]
-    assert calls[0] == ((2, 6), list(range(6)), [[0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 2, 3]])  # prefill
+    assert calls[0][:3] == ((2, 6), list(range(6)), [[0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 2, 3]])  # prefill
     assert [c[0] for c in calls[1:]] == [(2, 1)] * 4  # one token per step, no forward after the last
     assert [c[1] for c in calls[1:]] == [[6], [7], [8], [9]]
     assert [c[2] for c in calls[1:]] == [[[6], [4]], [[7], [5]], [[8], [6]], [[9], [7]]]
+    assert [c[3] for c in calls] == [6, 7, 8, 9, 10]  # attention reads only the slots written so far
     assert ours.gpt_neox_japanese.layers[0].attention.kv_cache is None  # released afterwards
 
 

@@ -40,3 +40,19 @@ def test_sizes_must_be_positive_integers():
     with pytest.raises(ValueError, match="max_batch_size"):
         KVCache(1.5, 4, 2, 4)
 
+
+
+def test_update_with_length_returns_the_written_prefix():
+    cache = KVCache(max_batch_size=2, max_seq_length=8, num_heads=2, head_size=4)
+    k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    k_pre, v_pre = cache.update(torch.arange(3), k, v, length=3)
+    assert k_pre.shape == v_pre.shape == (2, 2, 3, 4)
+    torch.testing.assert_close(k_pre, k, atol=0, rtol=0)
+    torch.testing.assert_close(v_pre, v, atol=0, rtol=0)
+    assert k_pre.data_ptr() == cache.k_cache.data_ptr()  # still a view of the buffer
+    k1 = torch.randn(2, 2, 1, 4)
+    k_pre, _ = cache.update(torch.tensor([3]), k1, k1, length=4)
+    torch.testing.assert_close(k_pre[:, :, 3:], k1, atol=0, rtol=0)
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="length"):
+            cache.update(torch.tensor([0]), k1, k1, length=bad)

@@ -218,6 +218,51 @@ def test_cached_path_arguments_are_checked():
         ours.forward_cached(torch.zeros(3, 3, dtype=torch.long), torch.arange(3), torch.zeros(3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="max_seq_length"):
         ours.setup_caches(2, 0)
+    for bad in (0, 9, 2.0):
+        with pytest.raises(ValueError, match="kv_length"):
+            ours.forward_cached(ids, torch.arange(3), torch.zeros(2, 3, dtype=torch.long), kv_length=bad)
+
+
+def test_forward_cached_kv_length_given_or_derived_gives_the_same_logits():
+    _, ours = make_pair("rot025-untied-3heads")
+    ids = torch.randint(0, ours.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    results = []
+    for pass_length in (False, True):
+        ours.setup_caches(2, 12)
+        out = [ours.forward_cached(ids[:, :4], torch.arange(4), torch.arange(4).expand(2, 4),
+                                   kv_length=4 if pass_length else None)]
+        for t in range(4, 7):
+            out.append(ours.forward_cached(ids[:, t:t + 1], torch.tensor([t]), torch.full((2, 1), t),
+                                           kv_length=t + 1 if pass_length else None))
+        results.append(torch.cat(out, dim=1))
+    torch.testing.assert_close(results[0], results[1], atol=0, rtol=0)
+    ours.clear_caches()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 12, 13, 64, 65])
+@pytest.mark.parametrize("out_features,bias", [(48, False), (48, True), (50, True)])
+def test_linear_kernels_for_few_rows_equal_f_linear(rows, out_features, bias, monkeypatch):
+    """Linear sends 4-12 rows to batched products over 16-row weight slices and 13-64 to oneDNN (see
+    benchmarks/bench_skinny_linear.py); every path must give F.linear's numbers, with or without autograd."""
+    from neoxja.model import Linear
+
+    torch.manual_seed(rows)
+    layer = Linear(40, out_features, bias=bias)
+    if bias:
+        torch.nn.init.normal_(layer.bias)
+    x = torch.randn(rows, 3, 40).transpose(0, 1)[:1]  # (1, rows, 40), not contiguous
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    bmm_calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: (bmm_calls.append(1), real_bmm(*a))[1])
+    with torch.no_grad():
+        got = layer(x)
+    assert got.shape == (1, rows, out_features)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert bool(bmm_calls) == (4 <= rows <= 12 and out_features % 16 == 0)
+    with_grad = layer(x)  # autograd: plain F.linear, so gradients flow as usual
+    assert with_grad.requires_grad
+    torch.testing.assert_close(with_grad, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bfloat16_relative_error_and_float16_stays_finite():
