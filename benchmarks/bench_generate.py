@@ -217,10 +217,10 @@ def run_side_by_side(args) -> int:
     print(f"\nlarge-read bandwidth: median {statistics.median(bandwidths) / 1e9:.1f} GB/s "
           f"(min {min(bandwidths) / 1e9:.1f}, max {max(bandwidths) / 1e9:.1f})")
     for name in names:
-        model = contenders[name][2]
+        _, rows, model = contenders[name]
+        bound = f"  {statistics.median(fraction[name]):5.1%} of the bandwidth bound" if rows == 1 else ""
         print(f"{name:<30} {statistics.median(tok_s[name]):7.2f} tok/s (median; best {max(tok_s[name]):.2f})  "
-              f"weights/step {weight_bytes_per_token(model) / 1e9:.2f} GB  "
-              f"{statistics.median(fraction[name]):5.1%} of the bandwidth bound", flush=True)
+              f"weights/step {weight_bytes_per_token(model) / 1e9:.2f} GB{bound}", flush=True)
 
     def ratio(num: str, den: str) -> float:
         return statistics.median(x / y for x, y in zip(tok_s[num], tok_s[den]))
