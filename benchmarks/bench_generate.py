@@ -10,8 +10,13 @@ over 1 GiB), and each result is printed as a fraction of that bound. The contend
 in a rotated order, and each ratio is the median of the per-round ratios: on a shared machine, load from
 other jobs comes in bursts, and timing one side after the other can swing a ratio by 2x.
 
+One more contender does only the float32 weight products a generation needs (the same F.linear calls as
+transformers, nothing else): transformers' time over its time is the largest float32 speed-up any
+implementation on these kernels can reach on this machine, and the script prints it.
+
     python benchmarks/bench_generate.py                 # the issue's checks; exits 1 if one fails
     python benchmarks/bench_generate.py --table --layers 32 --new 16   # README table (slow: ~1 token/s)
+    python benchmarks/bench_generate.py --pair bfloat16 --layers 32 --new 16 --rounds 4   # one dtype, alternately
 """
 
 from __future__ import annotations
@@ -271,6 +276,40 @@ def run_side_by_side(args) -> int:
     return 1 if failed and not args.skip_checks else 0
 
 
+def run_pair(args) -> int:
+    """neoxja and transformers in one dtype, in one process, alternately for `rounds` rounds (the table's
+    rows run one after another in separate processes, where a change of load between them shows up as a
+    difference between implementations)."""
+    import statistics
+
+    import transformers
+
+    dtype = getattr(torch, args.pair)
+    cfg = dict(vocab_size=32000, hidden_size=2560, num_hidden_layers=args.layers, num_attention_heads=32,
+               eos_token_id=None, bos_token_id=31996)
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)  # build straight in the target dtype: no float32 copy on the way
+    ours = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(**cfg)).eval()
+    ref = transformers.GPTNeoXJapaneseForCausalLM(transformers.GPTNeoXJapaneseConfig(**cfg)).eval()
+    ref.load_state_dict(ours.state_dict())
+    torch.set_default_dtype(torch.float32)
+    prompt = torch.randint(0, 31000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    calls = {"neoxja": lambda: ours.generate(prompt, max_new_tokens=args.new),
+             "transformers": lambda: ref.generate(prompt, max_new_tokens=args.new, do_sample=False, pad_token_id=0)}
+    for call in calls.values():
+        call()  # warm-up
+    tok_s = {name: [] for name in calls}
+    for r in range(args.rounds):
+        for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+            t = time.perf_counter()
+            calls[name]()
+            tok_s[name].append(args.new / (time.perf_counter() - t))
+        print(f"round {r + 1}: " + ", ".join(f"{name} {v[-1]:.3f} tok/s" for name, v in tok_s.items()), flush=True)
+    ratio = statistics.median(a / b for a, b in zip(tok_s["neoxja"], tok_s["transformers"]))
+    print(f"{args.pair}, {args.layers} layers: neoxja/transformers {ratio:.3f}x (median of per-round ratios)")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
@@ -281,6 +320,8 @@ def main(argv=None) -> int:
                    help="README table: transformers and neoxja in float32 and bfloat16, neoxja int8, each in its "
                         "own process, tokens/s and peak memory")
     p.add_argument("--row", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
+    p.add_argument("--pair", choices=["float32", "bfloat16", "float16"],
+                   help="only neoxja vs transformers in this dtype, alternately in one process")
     p.add_argument("--skip-checks", action="store_true", help="print numbers without checking the goals")
     p.add_argument("--no-batch", action="store_true", help="skip the batch-8 measurements")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for both sides (default: torch's choice)")
@@ -292,6 +333,8 @@ def main(argv=None) -> int:
         return 0
     if args.table:
         return run_table(args)
+    if args.pair:
+        return run_pair(args)
     return run_side_by_side(args)
 
 
