@@ -152,9 +152,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rd dims of each head of x (B, nh, T, hs); cos/sin are (B, T, rd)."""
+    """Rotate the first rd dims of each head of x (B, nh, T, ..., hs); cos/sin are (B, T, ..., rd)."""
     rd = cos.shape[-1]
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rd)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, ..., rd)
     x_rot, x_pass = x[..., :rd].float(), x[..., rd:]
     x_rot = x_rot * cos + rotate_half(x_rot) * sin
     if rd == x.shape[-1]:  # every dim rotates (rotary_pct 1.0): nothing to pass through
@@ -180,10 +180,10 @@ class GPTNeoXJapaneseAttention(nn.Module):
         nh, hs = self.num_heads, self.head_size
 
         qkv = self.query_key_value(x)  # (B, T, 3C)
-        qkv = qkv.view(B, T, nh, 3 * hs).transpose(1, 2)  # (B, nh, T, 3hs): per head [q | k | v]
-        q, k, v = qkv.split(hs, dim=-1)  # each (B, nh, T, hs)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        qkv = qkv.view(B, T, nh, 3, hs).transpose(1, 2)  # (B, nh, T, 3, hs): per head [q | k | v]
+        qk = apply_rotary(qkv[..., :2, :], cos.unsqueeze(-2), sin.unsqueeze(-2))  # (B, nh, T, 2, hs): q, k at once
+        q, k = qk.unbind(-2)  # each (B, nh, T, hs)
+        v = qkv[..., 2, :]  # (B, nh, T, hs)
 
         if input_pos is not None:  # static cache: write slots, attend over the first kv_length of them
             k, v = self.kv_cache.update(input_pos, k, v, kv_length)  # (B, nh, kv_length, hs)
