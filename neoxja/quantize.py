@@ -7,9 +7,9 @@ accumulation (`torch.ops.quantized.linear_dynamic`, the kernel behind
 `torch.ao.quantization.quantize_dynamic`).
 
 Why this kernel: decoding reads every weight once per token, so a kernel that reads int8 weights (4x fewer
-bytes) is what makes it faster. The issue's figures for a 2560x10240 matrix times a vector on an AVX2
-machine: float32 9.7 ms, `torch._weight_int8pack_mm` 78 ms, FBGEMM dynamic int8 1.4 ms. On this project's
-2-core AVX-512 (VNNI) machine: float32 4.6 ms, FBGEMM 1.3-1.5 ms; `torch._int_mm` (1.7 ms) and oneDNN's
+bytes) is what makes it faster. A 2560x10240 matrix times a vector on a 2-core AVX2 machine: float32
+9.7 ms, `torch._weight_int8pack_mm` 78 ms, FBGEMM dynamic int8 1.4 ms. On this project's 2-core AVX-512
+(VNNI) machine: float32 4.6 ms, FBGEMM 1.3-1.5 ms; `torch._int_mm` (1.7 ms) and oneDNN's
 `qlinear_pointwise` (1.3 ms for the kernel alone, 1.8 ms with the activation quantization around it) are
 no faster.
 

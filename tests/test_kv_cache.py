@@ -41,7 +41,6 @@ def test_sizes_must_be_positive_integers():
         KVCache(1.5, 4, 2, 4)
 
 
-
 def test_update_with_length_returns_the_written_prefix():
     cache = KVCache(max_batch_size=2, max_seq_length=8, num_heads=2, head_size=4)
     k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)

@@ -223,7 +223,7 @@ def test_cached_path_arguments_are_checked():
             ours.forward_cached(ids, torch.arange(3), torch.zeros(2, 3, dtype=torch.long), kv_length=bad)
 
 
-def test_forward_cached_kv_length_given_or_derived_gives_the_same_logits():
+def test_forward_cached_kv_length_and_only_written_slots_are_read():
     _, ours = make_pair("rot025-untied-3heads")
     ids = torch.randint(0, ours.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
     results = []
@@ -236,6 +236,18 @@ def test_forward_cached_kv_length_given_or_derived_gives_the_same_logits():
                                            kv_length=t + 1 if pass_length else None))
         results.append(torch.cat(out, dim=1))
     torch.testing.assert_close(results[0], results[1], atol=0, rtol=0)
+
+    # attention reads only the written slots: NaN in the rest of the buffers changes nothing
+    ours.setup_caches(2, 12)
+    for layer in ours.gpt_neox_japanese.layers:
+        layer.attention.kv_cache.k_cache.fill_(float("nan"))
+        layer.attention.kv_cache.v_cache.fill_(float("nan"))
+    out = [ours.forward_cached(ids[:, :4], torch.arange(4), torch.arange(4).expand(2, 4), last_only=False)]
+    for t in range(4, 7):
+        out.append(ours.forward_cached(ids[:, t:t + 1], torch.tensor([t]), torch.full((2, 1), t)))
+    with torch.no_grad():
+        full = ours(ids).logits  # (2, 7, V)
+    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=ATOL, rtol=0)
     ours.clear_caches()
 
 
