@@ -54,6 +54,13 @@ def large_read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
     return gib * 2**30 / best
 
 
+def full_width_config(layers: int, **extra) -> dict:
+    """Config keywords (for neoxja and transformers alike) of the 2.7B width with `layers` layers; EOS is
+    off so that every run makes exactly the tokens asked for."""
+    return dict(vocab_size=32000, hidden_size=2560, num_hidden_layers=layers, num_attention_heads=32,
+                eos_token_id=None, bos_token_id=31996, **extra)
+
+
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of matrix weights a decoding step reads: every linear layer (the LM head included) once."""
     total = 0
@@ -97,8 +104,7 @@ def build_side_by_side(args):
 
     import transformers
 
-    cfg = dict(vocab_size=32000, hidden_size=2560, num_hidden_layers=args.layers, num_attention_heads=32,
-               eos_token_id=None, bos_token_id=31996, tie_word_embeddings=False)
+    cfg = full_width_config(args.layers, tie_word_embeddings=False)
     torch.manual_seed(0)
     ours = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(**cfg)).eval()
     ref = transformers.GPTNeoXJapaneseForCausalLM(transformers.GPTNeoXJapaneseConfig(**cfg)).eval()
@@ -127,8 +133,7 @@ def table_row(impl: str, dtype_name: str, args) -> dict:
     import json
 
     dtype = getattr(torch, "float32" if dtype_name == "int8" else dtype_name)
-    cfg = dict(vocab_size=32000, hidden_size=2560, num_hidden_layers=args.layers, num_attention_heads=32,
-               eos_token_id=None, bos_token_id=31996)
+    cfg = full_width_config(args.layers)
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)  # build straight in the target dtype: no float32 copy on the way
     if impl == "transformers":
@@ -285,8 +290,7 @@ def run_pair(args) -> int:
     import transformers
 
     dtype = getattr(torch, args.pair)
-    cfg = dict(vocab_size=32000, hidden_size=2560, num_hidden_layers=args.layers, num_attention_heads=32,
-               eos_token_id=None, bos_token_id=31996)
+    cfg = full_width_config(args.layers)
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)  # build straight in the target dtype: no float32 copy on the way
     ours = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(**cfg)).eval()
