@@ -1,8 +1,8 @@
 """A static key/value cache for one attention layer (gpt-fast style).
 
 The cache is allocated once for (max_batch_size, max_seq_length); each decoding step writes its keys and
-values into explicit slots `input_pos` and attends over the whole buffer, with a mask that hides the slots
-not written yet. Buffers are non-persistent, so they never appear in a state dict or a checkpoint.
+values into explicit slots `input_pos` and attends over the slots written so far. Buffers are
+non-persistent, so they never appear in a state dict or a checkpoint.
 """
 
 from __future__ import annotations
@@ -36,18 +36,21 @@ class KVCache(nn.Module):
         """Write k, v (B, nh, T, hs) into slots input_pos (T,); return the buffers (B, nh, T_max, hs), or
         their first `length` slots (B, nh, length, hs) when given: the slots written so far, all a step
         needs to attend to (so early steps of a long generation do not read the empty rest)."""
+        k_all, v_all = self.k_cache, self.v_cache  # one attribute lookup each: this runs per layer per step
         B, nh, T, hs = k.shape
         if v.shape != k.shape or input_pos.shape != (T,):
             raise ValueError(f"KVCache.update: k {tuple(k.shape)}, v {tuple(v.shape)} and input_pos "
                              f"{tuple(input_pos.shape)} must be (B, nh, T, hs), (B, nh, T, hs) and (T,)")
-        if B > self.max_batch_size or (nh, hs) != (self.k_cache.shape[1], self.k_cache.shape[3]):
+        max_batch, cache_nh, max_length, cache_hs = k_all.shape
+        if B > max_batch or nh != cache_nh or hs != cache_hs:
             raise ValueError(f"KVCache.update: k of shape {tuple(k.shape)} does not fit the cache of shape "
-                             f"{tuple(self.k_cache.shape)}")
-        if length is not None and not 0 < length <= self.max_seq_length:
-            raise ValueError(f"KVCache.update: length must be in [1, {self.max_seq_length}], got {length}")
-        k_all, v_all = self.k_cache[:B], self.v_cache[:B]  # views: a smaller batch uses the first rows
+                             f"{tuple(k_all.shape)}")
+        if length is not None and not 0 < length <= max_length:
+            raise ValueError(f"KVCache.update: length must be in [1, {max_length}], got {length}")
+        if B < max_batch:  # a smaller batch uses the first rows
+            k_all, v_all = k_all[:B], v_all[:B]
         k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
         v_all.index_copy_(2, input_pos, v.to(v_all.dtype))
-        if length is not None:
-            return k_all[:, :, :length], v_all[:, :, :length]  # (B, nh, length, hs) views
+        if length is not None and length < max_length:
+            return k_all.narrow(2, 0, length), v_all.narrow(2, 0, length)  # (B, nh, length, hs) views
         return k_all, v_all
