@@ -122,23 +122,13 @@ def _has_onednn_linear() -> bool:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables of given position ids (float32), over the full head width, laid out so that rotating a head
-    is one expression: x * cos + x[..., swap] * sin (see apply_rotary).
-
-    The first rd = rotary_ndims dims rotate as in GPT-NeoX (rotate-half): x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin
-    for the halves x1, x2 of those dims. So `swap` exchanges the two halves, sin carries rotate-half's sign (-sin
-    on the first half), and the dims past rd pass through (cos 1, sin 0). `forward(torch.arange(n))` is the table
-    of positions 0..n-1 that the cached path gathers from.
-    """
+    """cos/sin for the rotary dims of given position ids (float32); `forward(torch.arange(n))` is the table
+    of positions 0..n-1 that the cached path gathers from."""
 
     def __init__(self, config: GPTNeoXJapaneseConfig):
         super().__init__()
         self.config = config
         self.register_buffer("inv_freq", self.compute_inv_freq(config), persistent=False)
-        rd, hs = config.rotary_ndims, config.head_size
-        # on the CPU for real even when the model is built on the meta device (loading moves it)
-        swap = torch.cat([torch.arange(a, b, device="cpu") for a, b in ((rd // 2, rd), (0, rd // 2), (rd, hs))])  # (hs,)
-        self.register_buffer("swap", swap, persistent=False)
 
     @staticmethod
     def compute_inv_freq(config: GPTNeoXJapaneseConfig) -> torch.Tensor:
@@ -151,18 +141,25 @@ class RotaryEmbedding(nn.Module):
         return inv_freq
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (..., rd/2)
-        cos, sin = freqs.cos(), freqs.sin()
-        pass_through = self.config.head_size - self.config.rotary_ndims
-        ones, zeros = cos.new_ones(*cos.shape[:-1], pass_through), cos.new_zeros(*cos.shape[:-1], pass_through)
-        return torch.cat((cos, cos, ones), dim=-1), torch.cat((-sin, sin, zeros), dim=-1)  # (..., hs) each
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, rd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rd)
+        return emb.cos(), emb.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, swap: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x (..., hs), computed in float32; cos/sin (broadcastable to x) and swap come from
-    RotaryEmbedding. Equal, bit for bit, to rotate-half on the first rd dims with the rest passed through."""
-    xf = x.float()
-    return (xf * cos + xf[..., swap] * sin).to(x.dtype)
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rd dims of each head of x (B, nh, T, ..., hs); cos/sin are (B, T, ..., rd)."""
+    rd = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, ..., rd)
+    x_rot, x_pass = x[..., :rd].float(), x[..., rd:]
+    x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    if rd == x.shape[-1]:  # every dim rotates (rotary_pct 1.0): nothing to pass through
+        return x_rot.to(x.dtype)
+    return torch.cat((x_rot.to(x.dtype), x_pass), dim=-1)
 
 
 class GPTNeoXJapaneseAttention(nn.Module):
@@ -177,15 +174,14 @@ class GPTNeoXJapaneseAttention(nn.Module):
         self.dense_bias = nn.Parameter(torch.zeros(config.hidden_size)) if use_bias else None
         self.kv_cache: KVCache | None = None  # set by setup_caches, used by forward_cached
 
-    def forward(self, x, rotary, mask=None, is_causal=False, layer_past=None, input_pos=None,
+    def forward(self, x, cos, sin, mask=None, is_causal=False, layer_past=None, input_pos=None,
                 kv_length=None, head_mask=None, output_attentions=False):
-        """rotary: (cos, sin, swap) with cos/sin (B|1, 1, T, 1, hs), see RotaryEmbedding."""
         B, T, C = x.size()
         nh, hs = self.num_heads, self.head_size
 
         qkv = self.query_key_value(x)  # (B, T, 3C)
         qkv = qkv.view(B, T, nh, 3, hs).transpose(1, 2)  # (B, nh, T, 3, hs): per head [q | k | v]
-        qk = apply_rotary(qkv[..., :2, :], *rotary)  # (B, nh, T, 2, hs): q and k at once
+        qk = apply_rotary(qkv[..., :2, :], cos.unsqueeze(-2), sin.unsqueeze(-2))  # (B, nh, T, 2, hs): q, k at once
         q, k = qk.unbind(-2)  # each (B, nh, T, hs)
         v = qkv[..., 2, :]  # (B, nh, T, hs)
 
@@ -247,8 +243,8 @@ class GPTNeoXJapaneseLayer(nn.Module):
         self.mlp = GPTNeoXJapaneseMLP(config)
         self.hidden_dropout = config.hidden_dropout
 
-    def forward(self, x, rotary, mask=None, is_causal=False, **attention_kwargs):
-        attn_out, present, weights = self.attention(self.input_layernorm(x), rotary, mask, is_causal,
+    def forward(self, x, cos, sin, mask=None, is_causal=False, **attention_kwargs):
+        attn_out, present, weights = self.attention(self.input_layernorm(x), cos, sin, mask, is_causal,
                                                     **attention_kwargs)
         if self.attention.dense_bias is not None:
             attn_out = attn_out + self.attention.dense_bias
@@ -343,7 +339,7 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         self.rotary_emb = RotaryEmbedding(config)
         # fixed for one generation, built by setup_caches (see forward_cached)
         self.causal_mask: torch.Tensor | None = None  # (T_max, T_max) bool: row t is slots 0..t
-        self.rotary_cos: torch.Tensor | None = None  # (P, hs) for positions 0..P-1
+        self.rotary_cos: torch.Tensor | None = None  # (P, rd) for positions 0..P-1
         self.rotary_sin: torch.Tensor | None = None
         self.init_weights()
 
@@ -383,8 +379,7 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
             position_ids = position_ids.unsqueeze(0)  # (1, T): the same positions for every row
         if position_ids.dim() != 2 or position_ids.shape[-1] != T:
             raise ValueError(f"position_ids must be (batch, {T}) or ({T},), got shape {tuple(position_ids.shape)}")
-        cos, sin = self.rotary_emb(position_ids)  # (B|1, T, hs) each
-        rotary = (cos[:, None, :, None], sin[:, None, :, None], self.rotary_emb.swap)  # (B|1, 1, T, 1, hs): q, k
+        cos, sin = self.rotary_emb(position_ids)  # (B|1, T, rd) each
         mask, is_causal = _attention_mask(attention_mask, B, past_length, T, x.device)
         head_masks = _head_mask(head_mask, cfg.num_hidden_layers, cfg.num_attention_heads, x.device)
 
@@ -394,7 +389,7 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (x,)
-            x, present, weights = layer(x, rotary, mask, is_causal,
+            x, present, weights = layer(x, cos, sin, mask, is_causal,
                                         layer_past=past_key_values[i] if past_key_values is not None else None,
                                         head_mask=head_masks[i], output_attentions=output_attentions)
             if use_cache:
@@ -417,7 +412,7 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
                                                cfg.head_size, dtype=dtype, device=device)
         self.causal_mask = torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device).tril()
         positions = torch.arange(max(cfg.max_position_embeddings, max_seq_length), device=device)
-        self.rotary_cos, self.rotary_sin = self.rotary_emb(positions)  # (P, hs) each, float32
+        self.rotary_cos, self.rotary_sin = self.rotary_emb(positions)  # (P, rd) each, float32
 
     def clear_caches(self):
         for layer in self.layers:
@@ -456,11 +451,10 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
                 slots = torch.arange(kv_length, device=input_ids.device)
                 mask = _see_self_if_alone(mask, slots[None, :] == input_pos[:, None])
 
-        cos, sin = self.rotary_cos[position_ids], self.rotary_sin[position_ids]  # (B, T, hs)
-        rotary = (cos[:, None, :, None], sin[:, None, :, None], self.rotary_emb.swap)  # (B, 1, T, 1, hs): q, k
+        cos, sin = self.rotary_cos[position_ids], self.rotary_sin[position_ids]  # (B, T, rd)
         x = self.embed_in(input_ids)  # (B, T, C)
         for layer in self.layers:
-            x, _, _ = layer(x, rotary, mask, is_causal, input_pos=input_pos, kv_length=kv_length)
+            x, _, _ = layer(x, cos, sin, mask, is_causal, input_pos=input_pos, kv_length=kv_length)
         return self.final_layer_norm(x)  # (B, T, C)
 
 

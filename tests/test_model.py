@@ -251,33 +251,6 @@ def test_forward_cached_kv_length_and_only_written_slots_are_read():
     ours.clear_caches()
 
 
-@pytest.mark.parametrize("rotary_pct", [1.0, 0.5, 0.25])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_rotary_equals_rotate_half_bit_for_bit(rotary_pct, dtype):
-    """The one-expression rotary (full-width tables, halves swapped by an index) is GPT-NeoX's rotate-half on the
-    first rd dims, in float32, with the other dims passed through -- exactly, not just within a tolerance."""
-    from neoxja.model import RotaryEmbedding, apply_rotary
-
-    config = GPTNeoXJapaneseConfig(hidden_size=320, num_attention_heads=4, rotary_pct=rotary_pct,
-                                   rotary_emb_base=500)
-    hs, rd = config.head_size, config.rotary_ndims
-    rotary = RotaryEmbedding(config)
-    positions = torch.randint(0, 2048, (3, 7))
-    cos, sin = rotary(positions)  # (3, 7, hs) each
-    assert cos.shape == sin.shape == (3, 7, hs)
-    x = (torch.randn(3, 4, 7, 2, hs) * 4).to(dtype)  # (B, nh, T, q|k, hs)
-    got = apply_rotary(x, cos[:, None, :, None], sin[:, None, :, None], rotary.swap)
-
-    freqs = positions[..., None].float() * rotary.inv_freq  # (3, 7, rd/2)
-    c = torch.cat((freqs, freqs), -1).cos()[:, None, :, None]  # (3, 1, 7, 1, rd)
-    s = torch.cat((freqs, freqs), -1).sin()[:, None, :, None]
-    x_rot = x[..., :rd].float()
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    expected = torch.cat(((x_rot * c + torch.cat((-x2, x1), -1) * s).to(dtype), x[..., rd:]), dim=-1)
-    assert got.dtype == dtype
-    assert torch.equal(got, expected)
-
-
 @pytest.mark.parametrize("rows", [1, 3, 4, 8, 12, 13, 64, 65])
 @pytest.mark.parametrize("out_features,bias", [(48, False), (48, True), (50, True)])
 def test_linear_kernels_for_few_rows_equal_f_linear(rows, out_features, bias, monkeypatch):
