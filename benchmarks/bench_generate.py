@@ -98,6 +98,30 @@ def weight_products(model: torch.nn.Module, prompt_length: int, new_tokens: int)
     return run
 
 
+def time_in_products(model: torch.nn.Module, generate, new_tokens: int) -> tuple[float, float]:
+    """(ms per token in the weight products, ms per token in everything else) of one call of `generate`:
+    every linear layer's forward is timed where it runs, inside the generation."""
+    linear_types = (torch.nn.Linear, Int8DynamicLinear)
+    inside = [0.0]
+
+    def start(module, inputs):
+        module._bench_t0 = time.perf_counter()
+
+    def stop(module, inputs, output):
+        inside[0] += time.perf_counter() - module._bench_t0
+
+    hooks = [h for m in model.modules() if isinstance(m, linear_types)
+             for h in (m.register_forward_pre_hook(start), m.register_forward_hook(stop))]
+    try:
+        t = time.perf_counter()
+        generate()
+        total = time.perf_counter() - t
+    finally:
+        for h in hooks:
+            h.remove()
+    return inside[0] / new_tokens * 1e3, (total - inside[0]) / new_tokens * 1e3
+
+
 def build_side_by_side(args):
     """Our float32 model, transformers' with the same weights, and an int8 copy of ours."""
     import copy
@@ -272,6 +296,12 @@ def run_side_by_side(args) -> int:
     if not args.no_batch:
         checks.append(("batch 8 >= 4x our batch 1 (float32)", ratio("neoxja float32 batch 8", "neoxja float32 batch 1"), 4.0))
         print(f"(for information) int8 batch 8 / int8 batch 1: {ratio('neoxja int8 batch 8', 'neoxja int8 batch 1'):.2f}x")
+    # where a batch-1 token's time goes (one more generation each, linear layers timed in place)
+    for name in ("neoxja float32 batch 1", "neoxja int8 batch 1"):
+        call, _, model = contenders[name]
+        products, rest = time_in_products(model, call, new)
+        print(f"(for information) {name}, per new token (prefill included): {products:.1f} ms in the weight "
+              f"products, {rest:.1f} ms in everything else (attention, norms, rotary, cache writes, sampling, Python)")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}", flush=True)
     failed = False
     for name, value, goal in checks:
