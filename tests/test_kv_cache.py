@@ -52,6 +52,9 @@ def test_update_with_length_returns_the_written_prefix():
     k1 = torch.randn(2, 2, 1, 4)
     k_pre, _ = cache.update(torch.tensor([3]), k1, k1, length=4)
     torch.testing.assert_close(k_pre[:, :, 3:], k1, atol=0, rtol=0)
+    k_all, _ = cache.update(torch.tensor([7]), k1, k1, length=8)  # every slot: the whole buffers
+    assert k_all.shape == (2, 2, 8, 4) and k_all.data_ptr() == cache.k_cache.data_ptr()
+    torch.testing.assert_close(k_all[:, :, 7:], k1, atol=0, rtol=0)
     for bad in (0, 9):
         with pytest.raises(ValueError, match="length"):
             cache.update(torch.tensor([0]), k1, k1, length=bad)
