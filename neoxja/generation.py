@@ -85,13 +85,14 @@ class GenerationMixin:
         batch, prompt_length = input_ids.shape
         if streamer is not None and batch * num_return_sequences != 1:
             raise ValueError("a streamer shows one sequence: use batch size 1 and num_return_sequences=1")
-        total_length = self._total_length(prompt_length, max_length, max_new_tokens)
-
         if num_return_sequences > 1:
             input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
             attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
             batch = input_ids.shape[0]
         padding_lengths = (attention_mask == 0).sum(dim=1)  # (B,) left padding per row
+        # a row's positions end at max_position_embeddings: its last column is its padding + that limit
+        row_ends = padding_lengths + cfg.max_position_embeddings  # (B,)
+        total_length = self._total_length(prompt_length, max_length, max_new_tokens, row_ends)
         processors = make_logits_processors(
             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
@@ -120,7 +121,8 @@ class GenerationMixin:
         next_position = position_ids[:, -1:] + 1  # (B, 1)
         eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-        stop_checker = _StopStringChecker(tokenizer, stop_strings, prompt_length) if stop_strings else None
+        stop_checker = (_StopStringChecker(tokenizer, stop_strings, prompt_length, padding_lengths)
+                        if stop_strings else None)
 
         self.setup_caches(max_batch_size=batch, max_seq_length=total_length)
         try:
@@ -136,6 +138,7 @@ class GenerationMixin:
                 length += 1
                 if streamer is not None:
                     streamer.put(next_tokens.cpu())
+                unfinished &= row_ends > length  # a row that reached max_position_embeddings stops
                 if eos_tensor.numel():
                     unfinished &= ~torch.isin(next_tokens, eos_tensor)
                 if stop_checker is not None:
@@ -182,6 +185,9 @@ class GenerationMixin:
             # as transformers: padding can only be told apart from text when pad differs from EOS
             if pad_token_id not in eos_ids:
                 attention_mask = (input_ids != pad_token_id).long()
+                if input_ids.shape[1] and bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+                    raise ValueError(f"input_ids has pad_token_id={pad_token_id} after a text token: right padding, "
+                                     "or that id inside the text; pad on the left and pass attention_mask")
             else:
                 attention_mask = torch.ones_like(input_ids)
         else:
@@ -211,12 +217,16 @@ class GenerationMixin:
                 input_ids[empty_rows, -1] = bos
                 attention_mask[empty_rows, -1] = 1
 
-        if input_ids.shape[1] > cfg.max_position_embeddings:
-            raise ValueError(f"the prompt has {input_ids.shape[1]} tokens, more than the model's "
+        longest = int(attention_mask.sum(dim=1).max())  # left padding takes no position
+        if longest > cfg.max_position_embeddings:
+            raise ValueError(f"the prompt has {longest} tokens, more than the model's "
                              f"max_position_embeddings={cfg.max_position_embeddings}; shorten it")
         return input_ids, attention_mask
 
-    def _total_length(self, prompt_length: int, max_length: int | None, max_new_tokens: int | None) -> int:
+    def _total_length(self, prompt_length: int, max_length: int | None, max_new_tokens: int | None,
+                      row_ends: torch.Tensor) -> int:
+        """Columns of the output (prompt width included): what was asked for, but no more than the longest
+        row may take; `row_ends` (B,) is the column at which each row reaches max_position_embeddings."""
         limit = self.config.max_position_embeddings
         if max_new_tokens is not None:
             if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -230,37 +240,46 @@ class GenerationMixin:
             if max_length <= prompt_length:
                 warnings.warn(f"max_length={max_length} leaves no room after the {prompt_length}-token prompt; "
                               "nothing is generated (use max_new_tokens to set the number of new tokens)",
-                              stacklevel=3)
+                              stacklevel=4)
             total = max(max_length, prompt_length)
-        if total > limit:
-            warnings.warn(f"the requested length ({total} tokens) exceeds max_position_embeddings={limit}: "
-                          f"generation stops at {limit} tokens", stacklevel=3)
-            total = limit
+        shortest_end = int(row_ends.min())
+        if total > shortest_end:
+            padding = shortest_end - limit  # of the row that runs out first
+            warnings.warn(f"the requested length ({total - padding} tokens) exceeds max_position_embeddings={limit}: "
+                          f"generation stops at {limit} tokens", stacklevel=4)
+            total = min(total, int(row_ends.max()))
         return total
 
 
 class _StopStringChecker:
-    """Finds rows whose generated text now contains one of the stop strings.
+    """Finds rows whose text now holds one of the stop strings, ending in what was generated.
 
-    Only new tokens count (a stop string inside the prompt does not). A row stops at its first match,
-    so any match in the text of its newest tokens is a new one: decoding a tail long enough to hold
-    the longest stop string (every token is at least one character, a byte token a quarter of one)
-    keeps each step's cost independent of the length generated so far.
+    A match may begin in the prompt, as in transformers (a prompt ending in "\n" and a generated "User:"
+    complete "\nUser:"); a stop string wholly inside the prompt does not count. A row stops at its first
+    match, so any match in the text of its newest tokens is a new one: decoding a tail long enough to hold
+    the longest stop string (every token is at least one character, a byte token a quarter of one) keeps
+    each step's cost independent of the length generated so far.
     """
 
-    def __init__(self, tokenizer, stop_strings: list[str], prompt_length: int):
+    def __init__(self, tokenizer, stop_strings: list[str], prompt_length: int, padding_lengths: torch.Tensor):
         self.tokenizer = tokenizer
         self.stop_strings = stop_strings
         self.prompt_length = prompt_length
+        self.padding_lengths = padding_lengths.tolist()  # the padding is no text
         self.tail_tokens = 4 * max(len(s) for s in stop_strings) + 4
 
     def found(self, tokens: torch.Tensor, unfinished: torch.Tensor) -> torch.Tensor:
         hits = torch.zeros_like(unfinished)
-        start = max(self.prompt_length, tokens.shape[1] - self.tail_tokens)
+        start = max(0, tokens.shape[1] - self.tail_tokens)
         tails = tokens[:, start:].tolist()
         for row in unfinished.nonzero().flatten().tolist():
-            text = self.tokenizer.decode(tails[row])
-            hits[row] = any(s in text for s in self.stop_strings)
+            row_start = max(start, self.padding_lengths[row])
+            tail = tails[row][row_start - start:]
+            text = self.tokenizer.decode(tail)
+            in_prompt = self.prompt_length - row_start  # tokens of the tail that are prompt
+            boundary = len(self.tokenizer.decode(tail[:in_prompt])) if in_prompt > 0 else 0
+            # a match must end past the boundary: it starts at boundary - len(s) + 1 or later
+            hits[row] = any(text.find(s, max(0, boundary - len(s) + 1)) >= 0 for s in self.stop_strings)
         return hits
 
 

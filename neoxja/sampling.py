@@ -66,8 +66,10 @@ def repetition_penalty_processor(penalty: float, ignore_prefix: torch.Tensor | N
     return process
 
 
-def no_repeat_ngram_processor(ngram_size: int) -> LogitsProcessor:
-    """Forbid any token that would complete an n-gram already present in the history."""
+def no_repeat_ngram_processor(ngram_size: int, ignore_prefix: torch.Tensor | None = None) -> LogitsProcessor:
+    """Forbid any token that would complete an n-gram already present in the history. `ignore_prefix` (B,)
+    is the number of left-padding positions per row: n-grams that reach into them are not text and ban
+    nothing (transformers counts them, so a padded row could differ from the same prompt alone)."""
 
     def process(input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[1]
@@ -77,6 +79,9 @@ def no_repeat_ngram_processor(ngram_size: int) -> LogitsProcessor:
         prefix = input_ids[:, length + 1 - ngram_size :]  # (B, n-1)
         windows = input_ids.unfold(1, ngram_size, 1)  # (B, W, n)
         matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)  # (B, W)
+        if ignore_prefix is not None:
+            starts = torch.arange(windows.shape[1], device=input_ids.device)  # (W,)
+            matches &= starts[None, :] >= ignore_prefix[:, None]
         vocab_size = logits.shape[-1]
         banned = torch.zeros(logits.shape[0], vocab_size + 1, dtype=torch.bool, device=logits.device)
         banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab_size), vocab_size), True)
@@ -86,14 +91,14 @@ def no_repeat_ngram_processor(ngram_size: int) -> LogitsProcessor:
 
 
 def min_new_tokens_processor(prompt_length: int, min_new_tokens: int, eos_token_ids: Sequence[int]) -> LogitsProcessor:
-    """Forbid the end-of-sequence token(s) until `min_new_tokens` tokens have been generated."""
-    eos = list(eos_token_ids)
+    """Forbid the end-of-sequence token(s) until `min_new_tokens` tokens have been generated (an EOS id
+    outside the vocabulary can never be generated, so it needs no forbidding)."""
 
     def process(input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[1] - prompt_length >= min_new_tokens:
             return logits
         logits = logits.clone()
-        logits[:, eos] = float("-inf")
+        logits[:, [e for e in eos_token_ids if e < logits.shape[-1]]] = float("-inf")
         return logits
 
     return process
@@ -151,7 +156,7 @@ def make_logits_processors(
     if repetition_penalty is not None and repetition_penalty != 1.0:
         processors.append(repetition_penalty_processor(float(repetition_penalty), padding_lengths))
     if no_repeat_ngram_size:
-        processors.append(no_repeat_ngram_processor(no_repeat_ngram_size))
+        processors.append(no_repeat_ngram_processor(no_repeat_ngram_size, padding_lengths))
     if min_new_tokens > 0 and len(eos_token_ids) > 0:
         processors.append(min_new_tokens_processor(prompt_length, min_new_tokens, eos_token_ids))
     if do_sample:

@@ -86,6 +86,46 @@ def test_each_row_of_a_greedy_batch_equals_generating_it_alone(name):
         assert torch.equal(batch[row, -(n + 10):], alone[0])
 
 
+def test_a_padded_row_with_no_repeat_ngram_equals_that_prompt_alone():
+    """transformers lets n-grams of the left padding ban tokens; here a row sees only its own text."""
+    ours, _ = make_pair("base")
+    prompt = torch.tensor([[10, 11, 12]])
+    kw = dict(max_new_tokens=6, no_repeat_ngram_size=1)
+    first = int(ours.generate(prompt, **kw)[0, 3])  # padding made of this token would ban it
+    alone = ours.generate(prompt, pad_token_id=first, **kw)
+    ids = torch.tensor([[first, first, 10, 11, 12], [20, 21, 22, 23, 24]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    batch = ours.generate(ids, attention_mask=mask, pad_token_id=first, **kw)
+    assert torch.equal(batch[0, 2:], alone[0])
+
+
+def test_each_row_stops_at_max_position_embeddings_as_it_would_alone():
+    """The limit is on a row's positions, not on the padded width: a short prompt batched with a long one
+    still gets all its new tokens."""
+    ours, _ = make_pair("base")  # max_position_embeddings=64
+    lengths = [60, 3]
+    ids, mask = left_padded_batch(97, lengths, seed=10)
+    with pytest.warns(UserWarning, match="max_position_embeddings") as caught:
+        batch = ours.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=EOS)
+    assert caught[0].filename == __file__  # the warning points at the caller
+    assert batch.shape == (2, 70)
+    assert bool((batch[0, 64:] == EOS).all())  # row 0 reached 64 tokens and is padded from there
+    for row, n in enumerate(lengths):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            alone = ours.generate(ids[row:row + 1, -n:], max_new_tokens=10, eos_token_id=[])
+        assert alone.shape[1] == min(n + 10, 64)
+        assert torch.equal(batch[row, 60 - n: 60 - n + alone.shape[1]], alone[0])
+
+
+def test_min_new_tokens_with_an_eos_id_outside_the_vocabulary():
+    """An EOS id that is no token (500 > vocab 97) can never be generated: ignored, as transformers does."""
+    ours, ref = make_pair("base")
+    ids, mask = left_padded_batch(97, [4, 2], seed=11)
+    kw = dict(max_new_tokens=6, min_new_tokens=3, eos_token_id=[EOS, 500])
+    assert torch.equal(ours.generate(ids, attention_mask=mask, **kw), hf_generate(ref, ids, mask, **kw))
+
+
 def test_greedy_with_repetition_processors_equals_transformers():
     ours, ref = make_pair("base", std=0.3)
     ids, mask = left_padded_batch(97, [6, 3], seed=3)
@@ -199,6 +239,22 @@ def test_stop_strings_end_rows_and_include_the_stop_string():
     prompt_text = tok.decode(ids[0, -2:])
     got = ours.generate(ids[:1, -4:], max_new_tokens=6, stop_strings=prompt_text, tokenizer=tok)
     assert got.shape[1] == 4 + 6 or prompt_text in tok.decode(got[0, 4:])
+    # one that begins in the prompt and ends in the new text does, as in transformers; in a padded
+    # batch too (the padding is no text)
+    across = tok.decode(ids[0, -1:]) + text0[0]
+    assert across not in tok.decode(ids[0])
+    padded = torch.cat([torch.cat([torch.full((1, 2), EOS), ids[:1]], dim=1), torch.randint(3, 97, (1, 6))])
+    padded_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    for batch_ids, batch_mask in ((ids, mask), (padded, padded_mask)):
+        width = batch_ids.shape[1]
+        got = ours.generate(batch_ids, attention_mask=batch_mask, max_new_tokens=15, stop_strings=[across],
+                            tokenizer=tok)
+        assert got[0, width] == free[0, start]
+        assert bool((got[0, width + 1:] == EOS).all())  # row 0 stopped after its first new token
+    through_padding = tok.decode([EOS]) + tok.decode(ids[0]) + text0[0]  # would need the padding as text
+    got = ours.generate(padded, attention_mask=padded_mask, max_new_tokens=15, stop_strings=[through_padding],
+                        tokenizer=tok)
+    assert torch.equal(got[0, 6:], free[0, start:])  # row 0 did not stop
 
 
 def test_generate_streams_to_a_streamer():
@@ -276,6 +332,7 @@ def test_length_limits():
         dict(stop_strings=["x"]),  # no tokenizer
         dict(eos_token_id="2"),
         dict(attention_mask=torch.tensor([[1, 1, 0]])),  # right padding
+        dict(pad_token_id=7),  # right padding found without a mask: input_ids end in the pad id
         dict(attention_mask=torch.tensor([[1, 1]])),  # wrong shape
     ],
 )

@@ -66,10 +66,27 @@ def test_processed_logits_equal_transformers(setting, vocab):
         eos = ours_kw.pop("eos", ())
         ours = make_logits_processors(eos_token_ids=eos, padding_lengths=padding_lengths, **ours_kw)
         ref = hf_processors(padding_lengths=padding_lengths, eos=eos, **ours_kw)
-        expected = ref(input_ids, logits.clone())
+        # intended deviation: n-grams that reach into the left padding ban nothing here, while transformers
+        # counts them; ids that occur nowhere else in the padding make transformers' view equal ours
+        ref_ids = input_ids.clone()
+        for row, pad in enumerate(padding_lengths.tolist()):
+            ref_ids[row, :pad] = 6 + torch.arange(pad)
+        expected = ref(ref_ids, logits.clone())
         got = apply_logits_processors(ours, input_ids, logits.clone())
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         input_ids = torch.cat([input_ids, torch.randint(0, min(vocab, 6), (batch, 1), generator=g)], dim=1)
+
+
+def test_no_repeat_ngram_ignores_left_padding_where_transformers_does_not():
+    """A left-padded row must see the n-grams of its own text only, so that it equals that prompt alone."""
+    padded = torch.tensor([[4, 4, 5, 4]])  # two padding positions (4, 4), then the text 5 4
+    logits = torch.zeros(1, 8)
+    ours = make_logits_processors(no_repeat_ngram_size=2, padding_lengths=torch.tensor([2]))
+    got = apply_logits_processors(ours, padded, logits.clone())
+    alone = apply_logits_processors(make_logits_processors(no_repeat_ngram_size=2), padded[:, 2:], logits.clone())
+    assert torch.equal(got, alone) and bool(torch.isfinite(got).all())  # the text 5 4 repeats no bigram
+    expected_by_transformers = hf.NoRepeatNGramLogitsProcessor(2)(padded, logits.clone())
+    assert expected_by_transformers[0, 4] == float("-inf")  # transformers bans 4: the padding bigram (4, 4)
 
 
 def test_individual_processors_match():
