@@ -124,9 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     from neoxja.streaming import TextStreamer
     from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
 
-    t_load = time.perf_counter()
     try:
         device = torch.device(args.device)
+        torch.empty(0, device=device)  # a device this machine and build lack fails here, not mid-load
+    except Exception as e:  # noqa: BLE001 -- torch raises RuntimeError or AssertionError, by backend
+        return _fail(f"--device {args.device}: {e}")
+
+    t_load = time.perf_counter()
+    try:
         tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(model_path)
         model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype), device=device)
     except (OSError, ValueError, RuntimeError, TypeError) as e:
@@ -136,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         quantize(model, args.quantize)
     tokenizer.padding_side = "left"
     load_seconds = time.perf_counter() - t_load
+    # every prompt is checked before any is generated, so a bad line costs no output of the others
+    limit = model.config.max_position_embeddings
+    too_long = [f"{'line ' + str(i + 1) if args.prompt is None else 'PROMPT'} ({len(ids)} tokens)"
+                for i, ids in enumerate(tokenizer(prompts)["input_ids"]) if len(ids) > limit]
+    if too_long:
+        return _fail(f"longer than the model's max_position_embeddings={limit}: {', '.join(too_long[:10])}"
+                     f"{' ...' if len(too_long) > 10 else ''}; shorten these prompts")
 
     stream = args.stream if args.stream is not None else args.num_return_sequences == 1
     batch_size = 1 if stream else args.batch_size
@@ -160,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 num_return_sequences=args.num_return_sequences, generator=generator, streamer=streamer,
             )
             prompt_tokens += int(mask.sum())
-            new_tokens += count_new_tokens(out[:, ids.shape[1]:], eos_ids)
+            prompt_width = max(ids.shape[1], 1)  # empty prompts start from BOS, which generate() adds
+            new_tokens += count_new_tokens(out[:, prompt_width:], eos_ids)
             if not stream:
                 for text in tokenizer.batch_decode(out, skip_special_tokens=True):
                     print(text, flush=True)

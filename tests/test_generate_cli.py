@@ -113,6 +113,9 @@ def test_dispatch_from_the_neoxja_command(model_dir, capsys):
         (["--stream", "--num-return-sequences", "2"], "--no-stream"),
         (["--quantize", "int8", "--device", "cuda"], "CPU"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--device", "foo"], "--device foo"),
+        pytest.param(["--device", "cuda"], "--device cuda",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
     ],
 )
 def test_bad_options_are_clear_errors(argv, message, capsys, monkeypatch, model_dir):
@@ -150,3 +153,18 @@ def test_unloadable_model_and_empty_stdin(tmp_path, capsys, monkeypatch, model_d
     assert code == 1 and "cannot load" in err
     code, _, err = run(["--model", str(model_dir)], capsys, monkeypatch, stdin="\n  \n")
     assert code == 2 and "no prompt" in err
+
+
+def test_a_too_long_stdin_line_is_reported_before_anything_is_generated(model_dir, capsys, monkeypatch):
+    long_line = "吾輩は猫である。名前はまだ無い。" * 40  # far more than max_position_embeddings=128 tokens
+    code, out, err = run(["--model", str(model_dir), "--greedy", "--max-new-tokens", "2", "--no-stream"],
+                         capsys, monkeypatch, stdin=f"春はあけぼの\n{long_line}\n夏は夜\n")
+    assert code == 2 and out == ""
+    assert "line 2 (" in err and "max_position_embeddings=128" in err and "line 1" not in err
+
+
+def test_an_empty_prompt_counts_only_new_tokens(model_dir, capsys, monkeypatch):
+    code, out, err = run(["", "--model", str(model_dir), "--greedy", "--max-new-tokens", "3"], capsys, monkeypatch)
+    assert code == 0, err
+    m = SUMMARY.search(err)
+    assert m and int(m.group(1)) == 0 and 1 <= int(m.group(2)) <= 3
