@@ -35,6 +35,9 @@ WEIGHT_FILE_NAMES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, W
 PREFIX = "gpt_neox_japanese."
 EMBED_IN = PREFIX + "embed_in.weight"
 EMBED_OUT = "embed_out.weight"
+# what save_pretrained writes (and may replace): one file, or numbered shards and their index, or a
+# temporary file of an interrupted save; nothing else in the directory is ours to delete
+WEIGHTS_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?(\.tmp)?")
 # buffers older checkpoints carry; the model recomputes them
 IGNORED_KEYS = re.compile(r"(^|\.)(attention\.bias|attention\.masked_bias|rotary_emb\.inv_freq)$")
 
@@ -85,8 +88,10 @@ def _expand_index(path: Path, shard_path) -> list[Path]:
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
         shards = list(dict.fromkeys(index["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path} is not a valid checkpoint index (needs a 'weight_map'): {e}") from e
+    if not shards:
+        raise CheckpointError(f"{path} is not a valid checkpoint index: its 'weight_map' names no shard file")
     for shard in shards:
         if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
             raise CheckpointError(f"{path} names an invalid shard file {shard!r}")
@@ -128,7 +133,9 @@ class _SafetensorsFile:
         return tuple(self.handle.get_slice(key).get_shape())
 
     def dtype(self, key) -> torch.dtype | None:
-        name = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}.get(
+        """The tensor's torch dtype; None for a safetensors type torch has no name for here (F8 and the like)."""
+        name = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}.get(
             self.handle.get_slice(key).get_dtype())
         return getattr(torch, name) if name else None
 
@@ -170,8 +177,9 @@ def _load_bin(file: Path) -> _BinFile:
         raise CheckpointError(
             f"refused to load {file}: it is not a plain tensor checkpoint (torch.load(weights_only=True) found "
             f"objects or code it will not execute): {e}") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint file {file} (truncated or corrupt?): {e}") from e
+    except Exception as e:  # noqa: BLE001 -- a corrupt file surfaces as KeyError, IndexError, ... from the unpickler
+        raise CheckpointError(f"cannot read checkpoint file {file} (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from e
     if not isinstance(state_dict, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
         raise CheckpointError(f"{file} does not hold a state dict (a mapping of names to tensors)")
@@ -238,6 +246,11 @@ def load_pretrained(cls, name_or_path, dtype=None, device=None, revision=None, l
             if shape != want:
                 mismatched.append(f"{key}: checkpoint {list(shape)} vs model {list(want)}")
                 continue
+            stored = reader.dtype(key)
+            if stored not in (torch.float64, *SUPPORTED_DTYPES.values()):
+                mismatched.append(f"{key}: checkpoint dtype {str(stored).replace('torch.', '')} "
+                                  "where the model has float weights")
+                continue
             plan[name] = (reader, key)
 
     tied = config.tie_word_embeddings and model_has_head
@@ -252,7 +265,7 @@ def load_pretrained(cls, name_or_path, dtype=None, device=None, revision=None, l
         if unexpected:
             lines.append("unexpected keys: " + ", ".join(unexpected))
         if mismatched:
-            lines.append("shape mismatches: " + "; ".join(mismatched))
+            lines.append("shape or dtype mismatches: " + "; ".join(mismatched))
         raise CheckpointError("\n  ".join(lines))
 
     # each tensor once: read (mmap), convert to the target dtype/device, install as the parameter
@@ -322,6 +335,9 @@ def parse_size(size: int | str) -> int:
 def save_pretrained(model, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
     from safetensors.torch import save_file
 
+    if getattr(model, "quantization", "none") != "none":
+        raise ValueError(f"this model is quantized ({model.quantization}): its int8 layers hold no float weights, so "
+                         "the checkpoint would lack them; save the float model and quantize after loading")
     limit = parse_size(max_shard_size)
     out = Path(save_directory)
     if out.is_file():
@@ -353,7 +369,7 @@ def save_pretrained(model, save_directory: str | os.PathLike, max_shard_size: in
     names = [SAFE_WEIGHTS_NAME] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     # remove weights of an earlier save that this one does not overwrite, so the directory holds one checkpoint
-    stale = [p for p in out.glob("model*.safetensors*") if p.name not in names]
+    stale = [p for p in out.iterdir() if WEIGHTS_FILE.fullmatch(p.name) and p.name not in names]
     for shard, name in zip(shards, names):
         tmp = out / (name + ".tmp")
         save_file(shard, str(tmp), metadata={"format": "pt"})
@@ -366,7 +382,7 @@ def save_pretrained(model, save_directory: str | os.PathLike, max_shard_size: in
         os.replace(tmp, out / SAFE_WEIGHTS_INDEX_NAME)
     for path in stale:
         if path.name != SAFE_WEIGHTS_INDEX_NAME or len(shards) == 1:
-            path.unlink()
+            path.unlink(missing_ok=True)  # a stale .tmp may have been this save's own, renamed already
 
     dtype_name = str(model.dtype).replace("torch.", "")
     config = dataclasses.replace(model.config, extra={**model.config.extra, "dtype": dtype_name})

@@ -138,17 +138,19 @@ class GPTNeoXJapaneseConfig:
             raise ValueError(f"GPTNeoXJapaneseConfig.model_type must be {MODEL_TYPE!r}, got {model_type!r}")
 
         # v5 spelling: rope_parameters carries theta, partial factor and the scaling type. transformers v5 lets
-        # `rope_scaling` win over `rope_parameters` and fills theta/factor from the v4 keys; we do the same.
+        # `rope_scaling` win over `rope_parameters`, and theta/factor written there win over the v4 keys
+        # (which only fill them in when absent); we do the same. Keyword overrides win over both.
         rope = d.pop("rope_parameters", None)
         scaling = d.pop("rope_scaling", None) or rope
         if scaling is not None:
             if not isinstance(scaling, dict):
                 raise ValueError(f"GPTNeoXJapaneseConfig.rope_parameters must be a dict, got {scaling!r}")
             scaling = dict(scaling)
-            if "rope_theta" in scaling:
-                d.setdefault("rotary_emb_base", scaling.pop("rope_theta"))
-            if "partial_rotary_factor" in scaling:
-                d.setdefault("rotary_pct", scaling.pop("partial_rotary_factor"))
+            for nested, v4_key in (("rope_theta", "rotary_emb_base"), ("partial_rotary_factor", "rotary_pct")):
+                if nested in scaling:
+                    value = scaling.pop(nested)
+                    if v4_key not in overrides:
+                        d[v4_key] = value
             d["rope_scaling"] = scaling
 
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
@@ -187,8 +189,8 @@ class GPTNeoXJapaneseConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON (UTF-8): {e}") from e
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)

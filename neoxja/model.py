@@ -362,7 +362,7 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
             _check_token_ids(input_ids, cfg.vocab_size, "input_ids")
-            x = self.embed_in(input_ids)  # (B, T, C)
+            x = self.embed_in(input_ids.long())  # (B, T, C); any integer dtype is accepted
         else:
             if inputs_embeds.dim() != 3 or inputs_embeds.size(-1) != cfg.hidden_size:
                 raise ValueError(f"inputs_embeds must be (batch, seq, {cfg.hidden_size}), "
@@ -502,7 +502,7 @@ class GPTNeoXJapaneseForCausalLM(GPTNeoXJapanesePreTrainedModel, GenerationMixin
             _check_token_ids(labels, self.config.vocab_size, "labels", allow=-100)
             # token t predicts label t+1; -100 is ignored
             shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-            shift_labels = labels[:, 1:].to(logits.device)  # (B, T-1)
+            shift_labels = labels[:, 1:].to(device=logits.device, dtype=torch.long)  # (B, T-1)
             loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
                                    ignore_index=-100)
 

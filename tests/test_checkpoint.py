@@ -175,6 +175,31 @@ def test_save_replaces_an_earlier_sharded_save(tmp_path):
         ours.save_pretrained(tmp_path / "afile")
 
 
+def test_save_deletes_only_its_own_weight_files(tmp_path):
+    """An earlier save's shards and index go; a user's files that merely start with "model" stay (as in
+    transformers, which removes only model-NNNNN-of-NNNNN shards)."""
+    ours = ours_model(tie=False)
+    ours.save_pretrained(tmp_path, max_shard_size=3000)
+    mine = ["model-best.safetensors", "model.safetensors.bak", "model_fp16.safetensors", "modelcard.txt"]
+    for name in mine:
+        (tmp_path / name).write_text("keep me")
+    (tmp_path / "model.safetensors.tmp").write_text("left by an interrupted save")
+    ours.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["config.json", "model.safetensors", *mine])
+    assert all((tmp_path / name).read_text() == "keep me" for name in mine)
+
+
+def test_a_quantized_model_is_not_saved_and_the_directory_is_untouched(tmp_path):
+    from neoxja.quantize import quantize
+
+    ours = ours_model(tie=False)
+    ours.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match="quantized"):
+        quantize(GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path), "int8").save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 # ---- tied embeddings, as transformers 5 does them ----------------------------------------------------------
 
 
@@ -271,6 +296,23 @@ def test_truncated_or_corrupt_file_is_named(tmp_path, kind):
     path.write_bytes(b"\x00garbage" * 10)
     with pytest.raises(CheckpointError, match=str(path.name)):
         GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
+    path.write_bytes(b"hello")  # the unpickler meets a memo it never stored (KeyError inside torch.load)
+    with pytest.raises(CheckpointError, match=str(path.name)):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_integer_tensors_for_float_weights_are_named(tmp_path, kind):
+    ours = ours_model(tie=False)
+    state = {k: v.clone() for k, v in ours.state_dict().items()}
+    state["embed_out.weight"] = state["embed_out.weight"].to(torch.int64)
+    if kind == "safetensors":
+        save_file(state, str(tmp_path / "model.safetensors"))
+        ours.config.save_pretrained(tmp_path)
+    else:
+        write_bin(tmp_path, state, ours.config.to_dict())
+    with pytest.raises(CheckpointError, match=r"embed_out\.weight: checkpoint dtype int64"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
 
 
 def test_broken_index_and_missing_shard(tmp_path):
@@ -286,6 +328,16 @@ def test_broken_index_and_missing_shard(tmp_path):
         GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
     index.write_text("{}")
     with pytest.raises(CheckpointError, match="weight_map"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
+    index.write_text('{"weight_map": {}}')
+    with pytest.raises(CheckpointError, match="names no shard"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
+    index.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(CheckpointError, match=index.name):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
+    ours.save_pretrained(tmp_path)  # one file again, and the index gone
+    (tmp_path / "config.json").write_bytes(b"\xff{}")
+    with pytest.raises(ValueError, match="config.json"):
         GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
 
 

@@ -76,6 +76,26 @@ def test_reads_v5_file_written_by_transformers(tmp_path):
     assert config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
 
 
+@pytest.mark.parametrize("file", [
+    {"rotary_emb_base": 10000, "rotary_pct": 1.0,
+     "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0, "partial_rotary_factor": 0.5}},
+    {"rotary_emb_base": 10000, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}},
+    {"rotary_emb_base": 700, "rotary_pct": 0.25, "rope_parameters": {"rope_type": "default"}},
+])
+def test_rope_values_in_both_spellings_resolve_as_in_transformers(tmp_path, file):
+    """Theta and the rotary fraction written inside rope_parameters / rope_scaling win over the v4 keys
+    (an edit of a file that has both, the v5 way, must take effect); the v4 keys fill in what is absent."""
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox_japanese", "hidden_size": 64,
+                                                      "num_attention_heads": 4, **file}))
+    ref = transformers.GPTNeoXJapaneseConfig.from_pretrained(tmp_path)
+    ours = GPTNeoXJapaneseConfig.from_pretrained(tmp_path)
+    assert ours.rotary_emb_base == ref.rope_parameters["rope_theta"]
+    assert ours.rotary_pct == ref.rope_parameters.get("partial_rotary_factor", 1.0)
+    # keyword overrides still win over the file
+    assert GPTNeoXJapaneseConfig.from_pretrained(tmp_path, rotary_emb_base=42).rotary_emb_base == 42
+
+
 @pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 3.0}])
 def test_written_file_reads_back_in_transformers_and_here(tmp_path, rope_scaling):
     transformers = pytest.importorskip("transformers")

@@ -397,3 +397,15 @@ def test_bad_inputs_raise_clear_errors():
         ours(ids, position_ids=torch.arange(4))
     with pytest.raises(TypeError, match="GPTNeoXJapaneseConfig"):
         GPTNeoXJapaneseModel({"hidden_size": 8})
+
+
+def test_every_integer_dtype_the_checks_accept_works():
+    """input_ids and labels pass the checks in any integer dtype, and then give the int64 results."""
+    _, ours = make_pair("rot1-tied")
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ours(ids, labels=ids)
+        for dtype in (torch.int32, torch.int16, torch.uint8, torch.int8):
+            got = ours(ids.to(dtype), labels=ids.to(dtype))
+            torch.testing.assert_close(got.logits, want.logits, atol=0, rtol=0)
+            torch.testing.assert_close(got.loss, want.loss, atol=0, rtol=0)
