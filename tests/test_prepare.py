@@ -148,6 +148,40 @@ def test_bad_jsonl_lines_name_file_line_and_offset(abeja_dir, tmp_path, capsys):
     assert (skipped["files"], skipped["lines"], skipped["empty_documents"]) == (0, 3, 1)
 
 
+def test_lone_surrogate_and_damaged_gzip_are_reported_in_the_checking_pass(abeja_dir, tmp_path, capsys):
+    path = tmp_path / "in.jsonl"
+    good = json.dumps({"text": DOCS[0]}, ensure_ascii=False)
+    path.write_text(good + "\n" + '{"text": "abc\\ud800def"}\n', encoding="utf-8")  # JSON escapes half a pair
+    assert run(abeja_dir, tmp_path / "out", [path]) == 2
+    assert f"{path}:2: field 'text' holds a lone surrogate at character 3" in capsys.readouterr().err
+    assert run(abeja_dir, tmp_path / "out", [path], "--skip-bad", "--val-fraction", "0") == 0
+    assert load_manifest(tmp_path / "out")["train"]["documents"] == 1
+
+    damaged = tmp_path / "damaged.jsonl.gz"
+    data = bytearray(gzip.compress((good + "\n").encode() * 50))
+    data[20] ^= 0xFF  # inside the deflate stream: zlib.error, which is no OSError
+    damaged.write_bytes(bytes(data))
+    assert run(abeja_dir, tmp_path / "out2", [damaged]) == 2
+    assert f"{damaged}: cannot read" in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_and_an_interrupted_rerun(abeja_dir, corpus, tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    assert run(abeja_dir, tmp_path / "afile", corpus) == 2
+    assert "is a file" in capsys.readouterr().err
+    out = tmp_path / "data"
+    assert run(abeja_dir, out, corpus) == 0
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GPTNeoXJapaneseTokenizer, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(abeja_dir, out, corpus)
+    assert not (out / "manifest.json").exists()  # no longer "prepared": training refuses it
+
+
 def test_field_option_and_bad_arguments(abeja_dir, tmp_path, capsys):
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps({"body": DOCS[0]}, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -158,7 +192,7 @@ def test_field_option_and_bad_arguments(abeja_dir, tmp_path, capsys):
     assert run(abeja_dir, tmp_path / "out", [path], "--field", "body", "--num-proc", "0") == 2
 
 
-def test_validation_documents_can_be_given(abeja_dir, tokenizer, corpus, tmp_path, capsys):
+def test_validation_documents_can_be_given(abeja_dir, tokenizer, corpus, tmp_path, capsys, monkeypatch):
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in DOCS[:2]), "utf-8")
     out = tmp_path / "data"
@@ -170,3 +204,6 @@ def test_validation_documents_can_be_given(abeja_dir, tokenizer, corpus, tmp_pat
     assert [s["split"] for s in manifest["sources"]] == ["train"] * 4 + ["val"]
     assert run(abeja_dir, tmp_path / "x", [held_out], "--val-input", held_out) == 2
     assert "both an INPUT and a --val-input" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # the same file, spelt two ways
+    assert run(abeja_dir, tmp_path / "x", ["held_out.jsonl"], "--val-input", held_out) == 2
+    assert "both an INPUT" in capsys.readouterr().err

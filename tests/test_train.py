@@ -346,6 +346,13 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(data):
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     torch.testing.assert_close(results[1][0], results[0][0])
+    ignored = y.clone()
+    ignored[:, ::2] = -100  # targets the loss must not count, in the mean's denominator either
+    chunked_and_plain = []
+    for model, checkpointed in ((recomputed, True), (plain, False)):
+        torch.manual_seed(1)
+        chunked_and_plain.append(CausalLMLoss(model, checkpoint_head=checkpointed)(x, ignored))
+    torch.testing.assert_close(*chunked_and_plain)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
     assert set(dict(recomputed.named_parameters())) == set(dict(plain.named_parameters()))  # names unchanged
@@ -363,6 +370,10 @@ def test_mixed_precision_trains_and_resumes(data, tmp_path, dtype):
     assert bool(state["scaler"]) == (dtype == "float16")  # a gradient scaler for fp16 only
     assert train_here(*train_args(data, out, steps=3, dtype=dtype, save_every=2), "--resume", "auto") == 0
     assert len(losses(out)) == 3 and losses(out)[:2] == recorded
+    # a run saved without a gradient scaler continues in float16 with a fresh one, and the other way round
+    other = "float16" if dtype == "bfloat16" else "float32"
+    assert train_here(*train_args(data, out, steps=4, dtype=other, save_every=2), "--resume", "auto") == 0
+    assert len(losses(out)) == 4 and all(np.isfinite(losses(out)))
     # the master weights stay float32 and so does the export
     from safetensors import safe_open
 
@@ -399,11 +410,23 @@ def test_bad_arguments_and_inputs_are_clear_errors(data, tmp_path, capsys):
 
     assert train_here(*train_args(data, tmp_path / "b", steps=2, save_every=2)) == 0
     assert "--seq-len 16" in error(*train_args(data, tmp_path / "b", steps=3, seq_len=8), "--resume", "auto")
+    meta = tmp_path / "b" / "checkpoints" / "step_00000002" / "meta.json"
+    good_meta = meta.read_text()
+    for wrong in ("[]", '{"step": 2, "samples_seen": 4}'):  # valid JSON, not our metadata
+        meta.write_text(wrong)
+        assert "not the metadata" in error(*train_args(data, tmp_path / "b", steps=3), "--resume", "auto")
+    meta.write_text(good_meta)
     assert "--resume auto" in error(*train_args(data, tmp_path / "b", steps=3))  # would mix two runs' checkpoints
-    with pytest.raises(SystemExit):  # argparse: out-of-range numbers
-        train_here(*train_args(data, tmp_path / "c", steps=0))
-    with pytest.raises(SystemExit):
-        train_here(*train_args(data, tmp_path / "c", lr=1e-3, min_lr=1e-2))
+    for bad in (dict(steps=0), dict(lr=1e-3, min_lr=1e-2), dict(lr="nan"), dict(lr="inf"), dict(min_lr="nan"),
+                dict(grad_clip="nan"), dict(seed=-1), dict(seed=2**64 + 1), dict(device="foo")):
+        with pytest.raises(SystemExit):  # argparse: out-of-range or non-finite numbers, unknown devices
+            train_here(*train_args(data, tmp_path / "c", **bad))
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            train_here(*train_args(data, tmp_path / "c", device="cuda"))
+        assert "CUDA is not available" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert "is a file" in error(*train_args(data, tmp_path / "afile"))
 
     # a data file that does not match its manifest (truncated) is refused before training
     broken = tmp_path / "broken"
@@ -480,3 +503,17 @@ def test_loss_curve_png_is_a_valid_image_with_both_curves(tmp_path, monkeypatch)
     raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8).reshape(height, 1 + 3 * width)
     pixels = raw[:, 1:].reshape(height, width, 3)
     assert (pixels == BLUE).all(-1).sum() > 100 and (pixels == ORANGE).all(-1).sum() > 20
+
+
+def test_plain_cuda_means_each_process_its_own_gpu(monkeypatch):
+    """--device cuda under torchrun: process LOCAL_RANK takes cuda:LOCAL_RANK (set_device needs an index)."""
+    from neoxja.train import distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    env = distributed.setup("cuda")
+    assert env.device == torch.device("cuda", 3) and chosen == [torch.device("cuda", 3)]
+    assert distributed.setup("cuda:1").device == torch.device("cuda", 1)

@@ -62,9 +62,12 @@ def read_meta(path: str | Path) -> dict:
     if not meta_file.is_file():
         raise CheckpointError(f"{path} is not a checkpoint (no meta.json; incomplete or not written by neoxja train)")
     try:
-        return json.loads(meta_file.read_text(encoding="utf-8"))
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{meta_file}: corrupt: {err}") from None
+    if not (isinstance(meta, dict) and all(isinstance(meta.get(key), int) for key in ("step", "samples_seen"))):
+        raise CheckpointError(f"{meta_file}: not the metadata neoxja train writes (needs step and samples_seen)")
+    return meta
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,29 +9,44 @@ Many nodes:        torchrun --nnodes 2 --node_rank R --rdzv_backend c10d --rdzv_
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
 
 
-def _positive(kind):
+def _at_least(kind, low, strict: bool, high=None):
+    """An argparse type: a finite `kind` above `low` (or equal to it unless strict), below `high` if given."""
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not math.isfinite(value) or value < low or (strict and value == low) or (high is not None and value >= high):
+            bound = f"> {low}" if strict else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}"
+                                             f"{f' and < {high}' if high is not None else ''}, got {text}")
         return value
 
     return parse
+
+
+def _positive(kind):
+    return _at_least(kind, 0, strict=True)
 
 
 def _non_negative(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
+    return _at_least(kind, 0, strict=False)
 
-    return parse
+
+def _device(text: str) -> str:
+    """A device this machine has: checked here, not after the data and the model are loaded."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available (no GPU, or a CPU build of PyTorch)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,11 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-steps", type=_positive(int), default=20, help="validation batches per evaluation")
     p.add_argument("--save-every", type=_non_negative(int), default=500, help="checkpoint every N steps (0: never)")
     p.add_argument("--keep", type=_positive(int), default=3, help="checkpoints kept (default 3)")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=_at_least(int, 0, strict=False, high=2**63), default=1337)
     p.add_argument("--resume", metavar="auto|PATH", default=None,
                    help="continue from the newest checkpoint in OUT (auto) or from PATH")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per layer)")
-    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--device", type=_device, default=None,
+                   help="cpu, cuda (each process its own GPU: cuda:LOCAL_RANK), cuda:N "
+                        "(default: cuda:LOCAL_RANK if available, else cpu)")
     return p
 
 
@@ -80,7 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.warmup_steps is None:
         args.warmup_steps = min(100, args.steps // 10)
     if args.dtype is None:
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and args.device in (None, "cuda")
+        on_cuda = args.device is None or torch.device(args.device).type == "cuda"
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and on_cuda
         args.dtype = "bfloat16" if cuda_bf16 else "float32"
     return args
 

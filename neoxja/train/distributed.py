@@ -44,6 +44,8 @@ def setup(device: str | None = None, need_group: bool = False) -> DistEnv:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank)  # plain "cuda": each process its own GPU
         torch.cuda.set_device(device)
     distributed = launched or need_group
     if distributed and not dist.is_initialized():

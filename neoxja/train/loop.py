@@ -64,7 +64,7 @@ class CausalLMLoss(torch.nn.Module):
         for start in range(0, hidden.size(0), HEAD_CHUNK_TOKENS):
             rows = slice(start, start + HEAD_CHUNK_TOKENS)
             total = total + checkpoint(self._summed_loss, hidden[rows], targets[rows], use_reentrant=False)
-        return total / targets.numel()
+        return total / (targets != -100).sum()  # the mean over counted targets, as F.cross_entropy takes it
 
     def _summed_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.lm.embed_out(hidden).float(), targets, reduction="sum")
@@ -144,6 +144,8 @@ def train(args: Namespace) -> dict:
 
 def _train(args: Namespace, env: dist_utils.DistEnv) -> dict:
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file; give a directory")
     data_dir = Path(args.data)
     try:
         manifest = load_manifest(data_dir)
@@ -165,6 +167,8 @@ def _train(args: Namespace, env: dist_utils.DistEnv) -> dict:
     if args.resume == "auto" and resume_path is None and env.is_main:
         print(f"--resume auto: no checkpoint in {ckpt_root}, starting from scratch")
     meta = ckpt.read_meta(resume_path) if resume_path else None
+    if meta and not isinstance(meta.get("args"), dict):
+        raise TrainError(f"{resume_path}/meta.json: not the metadata neoxja train writes (no training arguments)")
     if meta:
         for key in ("seq_len", "seed"):
             if meta["args"][key] != getattr(args, key):
@@ -211,7 +215,8 @@ def _train(args: Namespace, env: dist_utils.DistEnv) -> dict:
     if resume_path:
         meta, trainer_state = ckpt.load_checkpoint(resume_path, train_module, optimizer, env, args.fsdp)
         scheduler.load_state_dict(trainer_state["scheduler"])
-        scaler.load_state_dict(trainer_state["scaler"])
+        if scaler.is_enabled() and trainer_state["scaler"]:  # empty when the run was not float16: start afresh
+            scaler.load_state_dict(trainer_state["scaler"])
         step, samples_seen = meta["step"], meta["samples_seen"]
         if env.is_main:
             print(f"resumed from {resume_path} at step {step}")

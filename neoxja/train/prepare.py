@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -135,11 +136,17 @@ def read_documents(path: Path, text_field: str, skips: SkipLog) -> Iterator[str]
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     skips.bad(f"{path}{where}: no string field {text_field!r}", whole_file=False)
                     continue
+                try:  # JSON can escape half a surrogate pair ("\ud800"), which is no text
+                    record[text_field].encode("utf-8")
+                except UnicodeEncodeError as err:
+                    skips.bad(f"{path}{where}: field {text_field!r} holds a lone surrogate at character "
+                              f"{err.start}", whole_file=False)
+                    continue
                 if record[text_field]:
                     yield record[text_field]
                 else:
                     skips.empty_documents += 1
-    except (OSError, EOFError) as err:  # e.g. a truncated or non-gzip .gz file
+    except (OSError, EOFError, zlib.error) as err:  # e.g. a truncated, damaged or non-gzip .gz file
         skips.bad(f"{path}: cannot read: {err}", whole_file=True)
 
 
@@ -235,8 +242,10 @@ def prepare(args: argparse.Namespace) -> dict:
         raise CorpusError(f"--num-proc must be >= 1, got {args.num_proc}")
     val_files = list_input_files(args.val_input)
     train_files = list_input_files(args.inputs)
-    for path in set(val_files) & set(train_files):
-        raise CorpusError(f"{path} is both an INPUT and a --val-input")
+    train_resolved = {path.resolve(): path for path in train_files}
+    for path in val_files:
+        if path.resolve() in train_resolved:  # however it is spelt, the same file in both splits
+            raise CorpusError(f"{path} is both an INPUT and a --val-input (as {train_resolved[path.resolve()]})")
     files = train_files + val_files
 
     # Pass 1: validate everything and count documents.
@@ -262,7 +271,10 @@ def prepare(args: argparse.Namespace) -> dict:
     except (OSError, ValueError) as err:  # missing files, unknown hub id, offline without a cache
         raise CorpusError(f"--tokenizer {args.tokenizer}: cannot load it: {err}") from None
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CorpusError(f"--out {out} is a file; give a directory")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # the directory is "prepared" again only when complete
     tokenizer_dir = out / "tokenizer"
     if tokenizer_dir.is_dir():  # left by an earlier run: no stale files may travel with the new model
         shutil.rmtree(tokenizer_dir)
@@ -274,7 +286,6 @@ def prepare(args: argparse.Namespace) -> dict:
     # Pass 2: tokenize in input order, writing aside; rename into place only when complete.
     splits = {"train": [0], "val": [0]}  # document start offsets, per split
     tmp = {name: out / f"{name}.bin.tmp" for name in splits}
-    (out / "manifest.json").unlink(missing_ok=True)  # the directory is "prepared" again only when complete
     start = time.perf_counter()
     try:
         index = _tokenize_into(files, args.field, is_val, str(tokenizer_dir), dtype, args.num_proc, tmp, splits)
