@@ -103,9 +103,21 @@ def load_emoji(emoji_file: str | os.PathLike) -> dict:
         raise ValueError(f"{path}, line 1: expected an object with 'emoji' and 'emoji_inv' objects")
     for part in ("emoji", "emoji_inv"):
         for key, value in emoji[part].items():
-            if not key or not isinstance(value, str):
-                raise ValueError(f"{path}: bad entry {key!r}: {value!r} in {part!r}")
+            # empty values would let one replacement create another key (the encoder assumes none does);
+            # JSON can escape half a surrogate pair, which is no text
+            if not key or not isinstance(value, str) or not value or not _is_text(key) or not _is_text(value):
+                raise ValueError(f"{path}: bad entry {key!r}: {value!r} in {part!r} "
+                                 "(keys and values must be non-empty text)")
     return emoji
+
+
+def _is_text(s: str) -> bool:
+    """Whether s has a UTF-8 form (a lone surrogate has none)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --- the scan ---------------------------------------------------------------------------------------
@@ -500,12 +512,15 @@ class GPTNeoXJapaneseTokenizer:
         except UnicodeEncodeError:  # only a lone surrogate has no UTF-8 form
             raise self._surrogate_error(text) from None
 
-    def encode(self, text: str, add_special_tokens=True, truncation=False, max_length=None) -> list[int]:
-        """Text -> token ids (the encoder adds no special tokens, as in transformers)."""
-        ids = self._encode(text)
-        if truncation or (truncation is None and max_length is not None):
-            ids = self._truncate(ids, max_length)
-        return ids
+    def encode(self, text: str, add_special_tokens=True, padding=False, truncation=None, max_length=None,
+               return_tensors=None, **kwargs) -> list[int]:
+        """Text -> token ids (the encoder adds no special tokens, as in transformers); padding, truncation
+        and return_tensors as in __call__."""
+        if (padding, truncation, max_length, return_tensors, kwargs) == (False, None, None, None, {}):
+            return self._encode(text)  # the common case, without building a BatchEncoding
+        kwargs["return_attention_mask"] = False  # only the ids are returned
+        return self(text, padding=padding, truncation=truncation, max_length=max_length,
+                    return_tensors=return_tensors, **kwargs)["input_ids"]
 
     def _encode(self, text: str) -> list[int]:
         normalized = self._preprocess(text)
@@ -522,31 +537,33 @@ class GPTNeoXJapaneseTokenizer:
         self,
         text,
         padding=False,
-        truncation=False,
+        truncation=None,
         max_length=None,
         return_tensors=None,
-        return_attention_mask=True,
+        return_attention_mask=None,
         add_special_tokens=True,
-        **kwargs,
+        padding_side=None,
+        pad_to_multiple_of=None,
+        return_token_type_ids=None,
     ) -> BatchEncoding:
-        """Encode a str or a list of str, with padding/truncation as in transformers."""
-        if kwargs:
-            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        """Encode a str or a list of str, with padding/truncation as in transformers: truncation=None
+        truncates to max_length when one is given without padding; return_attention_mask=None includes the
+        mask; padding_side overrides self.padding_side for this call."""
         single = isinstance(text, str)
         if not single and not (isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text)):
             raise TypeError(f"text must be a str or a list of str, not {type(text).__name__}")
         batch = [self._encode(t) for t in ([text] if single else text)]
-        if truncation not in (False, None, "do_not_truncate"):
-            if truncation not in (True, "longest_first", "only_first"):
-                raise ValueError(f"unsupported truncation {truncation!r}")
+        if _truncation_on(truncation, max_length, padding):
             batch = [self._truncate(ids, max_length) for ids in batch]
         masks = [[1] * len(ids) for ids in batch]
         if padding not in (False, None, "do_not_pad"):
-            batch, masks = self._pad(batch, masks, padding, max_length)
+            batch, masks = self._pad(batch, masks, padding, max_length, padding_side, pad_to_multiple_of)
         if return_tensors is not None and len({len(ids) for ids in batch}) > 1:
             raise ValueError("sequences have different lengths: use padding=True to return tensors")
         out = BatchEncoding(input_ids=batch if not single else batch[0])
-        if return_attention_mask:
+        if return_token_type_ids:  # one segment: all zeros, as transformers gives when asked
+            out["token_type_ids"] = [[0] * len(ids) for ids in batch] if not single else [0] * len(batch[0])
+        if return_attention_mask is None or return_attention_mask:
             out["attention_mask"] = masks if not single else masks[0]
         if return_tensors is not None:
             out = BatchEncoding({k: _to_tensor(v if not single else [v], return_tensors) for k, v in out.items()})
@@ -564,7 +581,7 @@ class GPTNeoXJapaneseTokenizer:
             raise ValueError(f"truncation_side must be 'left' or 'right', not {self.truncation_side!r}")
         return ids[:limit]
 
-    def _pad(self, batch, masks, padding, max_length):
+    def _pad(self, batch, masks, padding, max_length, padding_side=None, pad_to_multiple_of=None):
         if padding in (True, "longest"):
             target = max((len(ids) for ids in batch), default=0)
         elif padding == "max_length":
@@ -573,12 +590,17 @@ class GPTNeoXJapaneseTokenizer:
                 raise ValueError("padding='max_length' needs max_length (or a model_max_length)")
         else:
             raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', not {padding!r}")
+        if pad_to_multiple_of is not None:
+            if not _is_int(pad_to_multiple_of) or pad_to_multiple_of < 1:
+                raise ValueError(f"pad_to_multiple_of must be a positive int, not {pad_to_multiple_of!r}")
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
         pad_id = self.pad_token_id
         if pad_id is None:
             raise ValueError("padding needs a pad_token")
-        if self.padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', not {self.padding_side!r}")
-        left = self.padding_side == "left"
+        side = self.padding_side if padding_side is None else padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not {side!r}")
+        left = side == "left"
         padded, padded_masks = [], []
         for ids, mask in zip(batch, masks):
             fill = max(0, target - len(ids))
@@ -626,7 +648,20 @@ class GPTNeoXJapaneseTokenizer:
 
 
 def _is_int(x) -> bool:
-    return type(x) is int
+    """An int, or a scalar integer of another library (numpy's int64, ...), but not a bool."""
+    return not isinstance(x, bool) and hasattr(x, "__index__") and getattr(x, "ndim", 0) == 0
+
+
+def _truncation_on(truncation, max_length, padding) -> bool:
+    """transformers' rule: None truncates when max_length is given without padding; strategies by name."""
+    if truncation is None:
+        return max_length is not None and padding in (False, None, "do_not_pad")
+    if truncation in (False, "do_not_truncate"):
+        return False
+    if truncation in (True, "longest_first", "only_first"):
+        return True
+    raise ValueError(f"unsupported truncation {truncation!r}: use True, False, 'longest_first', 'only_first' "
+                     "or 'do_not_truncate'")
 
 
 def _as_id_list(ids) -> list[int]:

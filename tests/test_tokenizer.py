@@ -306,7 +306,9 @@ def test_malformed_vocab_names_file_and_line(tmp_path, files, content, line):
         GPTNeoXJapaneseTokenizer(bad, files[1])
 
 
-@pytest.mark.parametrize("content", ['{"emoji": {}, \n "emoji_inv": ', '[1, 2]', '{"emoji": {"a": 1}, "emoji_inv": {}}'])
+@pytest.mark.parametrize("content", ['{"emoji": {}, \n "emoji_inv": ', '[1, 2]', '{"emoji": {"a": 1}, "emoji_inv": {}}',
+                                     '{"emoji": {"X": ""}, "emoji_inv": {}}',  # an empty tag
+                                     '{"emoji": {}, "emoji_inv": {"<|emoji1|>": "\\ud83d"}}'])  # half a pair
 def test_malformed_emoji_names_file(tmp_path, files, content):
     bad = tmp_path / "bad_emoji.json"
     bad.write_text(content, encoding="utf-8")

@@ -231,3 +231,29 @@ def test_arbitrary_text_with_clean_text(ours_clean, port_clean_original_price, t
     assert isinstance(ours_clean.decode(ids), str)
     if not LONG_ASCII_NUMBER.search(text):
         assert as_port_ids(ours_clean, ids) == port_clean_original_price(text)["input_ids"]
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(max_length=5),  # truncation=None with max_length and no padding truncates, as in transformers
+    dict(truncation=None, max_length=5),
+    dict(truncation="do_not_truncate", max_length=5),
+    dict(return_attention_mask=None),
+    dict(padding="max_length", max_length=20, padding_side="left"),
+    dict(padding=True, pad_to_multiple_of=8),
+    dict(padding="max_length", max_length=4),  # padding asked for: max_length does not truncate
+    dict(padding="max_length", max_length=4, truncation=True),
+    dict(return_token_type_ids=True, padding=True),
+    dict(return_token_type_ids=False),
+])
+def test_call_arguments_behave_as_in_transformers(ours, port, kwargs):
+    import numpy as np
+
+    texts = ["吾輩は猫である。名前はまだ無い。", "どこで生れたか", "猫"]
+    for text in (texts[0], texts):
+        assert dict(ours(text, **kwargs)) == dict(port(text, **kwargs)), (text, kwargs)
+    if "padding" not in kwargs and "return_token_type_ids" not in kwargs:
+        assert ours.encode(texts[0], **kwargs) == port.encode(texts[0], **kwargs)
+    assert ours(texts[0], truncation=True, max_length=np.int64(3)) == port(texts[0], truncation=True, max_length=3)
+    assert ours.encode(texts[0], return_tensors="pt").tolist() == port.encode(texts[0], return_tensors="pt").tolist()
+    with pytest.raises(ValueError, match="truncation"):
+        ours.encode(texts[0], truncation="bogus", max_length=3)
