@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from neoxja.config import GPTNeoXJapaneseConfig  # noqa: E402
 from neoxja.model import GPTNeoXJapaneseForCausalLM  # noqa: E402
-from neoxja.quantize import Int8DynamicLinear, quantize  # noqa: E402
+from neoxja.quantization import Int8DynamicLinear, quantize  # noqa: E402
 
 
 def large_read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:

@@ -14,7 +14,7 @@ _EXPORTS = {
     "GPTNeoXJapaneseForCausalLM": "neoxja.model",
     "TextStreamer": "neoxja.streaming",
     "TextIteratorStreamer": "neoxja.streaming",
-    "quantize": "neoxja.quantize",
+    "quantize": "neoxja.quantization",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

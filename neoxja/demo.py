@@ -55,7 +55,7 @@ def generation_demo(model_dir: Path, prompt: str, max_new_tokens: int, seed: int
     print(f"model:  {model_dir} ({model.num_parameters() / 1e6:.1f}M parameters; a small demonstration model)")
     print(f"prompt: {prompt}")
     print(tok.decode(out[0].tolist(), skip_special_tokens=True))
-    new = out.shape[1] - input_ids.shape[1]
+    new = out.shape[1] - max(input_ids.shape[1], 1)  # an empty prompt starts from BOS, which generate() adds
     print(f"[{new} new tokens in {seconds:.2f}s, {new / seconds:.1f} tokens/s]", file=sys.stderr)
 
 
@@ -66,10 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer-only", action="store_true", help="only tokenize and decode a sample")
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 0:
+        parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be in [0, 2**63), got {args.seed}")
 
     model_dir = _bundled_model_dir()
     if model_dir is not None and not args.tokenizer_only:
-        generation_demo(model_dir, args.prompt, args.max_new_tokens, args.seed)
+        try:
+            generation_demo(model_dir, args.prompt, args.max_new_tokens, args.seed)
+        except ValueError as err:  # e.g. a prompt longer than the model's positions
+            print(f"neoxja demo: error: {err}", file=sys.stderr)
+            return 2
         return 0
     tokenizer_dir = model_dir or (SHARED_TOKENIZER if (SHARED_TOKENIZER / "vocab.txt").is_file() else None)
     if tokenizer_dir is None:

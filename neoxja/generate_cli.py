@@ -87,6 +87,8 @@ def check_args(args) -> None:
         raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
     if args.no_repeat_ngram_size < 0:
         raise ValueError(f"--no-repeat-ngram-size must be >= 0, got {args.no_repeat_ngram_size}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.stream and args.num_return_sequences > 1:
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from neoxja.model import GPTNeoXJapaneseForCausalLM
-    from neoxja.quantize import quantize
+    from neoxja.quantization import quantize
     from neoxja.streaming import TextStreamer
     from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
 

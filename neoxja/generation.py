@@ -49,6 +49,7 @@ class GenerationMixin:
         streamer=None,
         stop_strings: str | Sequence[str] | None = None,
         tokenizer=None,
+        inputs: torch.Tensor | None = None,
     ) -> torch.LongTensor:
         """Continue each row of `input_ids` (B, T); return prompt + new tokens, (B * num_return_sequences, T').
 
@@ -64,6 +65,10 @@ class GenerationMixin:
         device = self.device
 
         # ---- arguments ----
+        if inputs is not None:  # transformers' name for the prompt
+            if input_ids is not None:
+                raise ValueError("pass the prompt as input_ids or as inputs, not both")
+            input_ids = inputs
         if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be an integer >= 1, got {num_return_sequences!r}")
         if num_return_sequences > 1 and not do_sample:

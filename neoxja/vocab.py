@@ -40,6 +40,7 @@ import os
 import re
 import sys
 import unicodedata
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -114,9 +115,20 @@ def list_input_files(inputs: Iterable[str]) -> list[Path]:
 
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     """Documents of one file: a text file is one document; .jsonl(.gz) has one per line."""
+    for where, text in _read_documents(path, text_field):
+        try:  # JSON can escape half a surrogate pair ("\ud800"), which is no text
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise VocabInputError(f"{where}: field {text_field!r} holds a lone surrogate at character "
+                                  f"{err.start}") from None
+        yield text
+
+
+def _read_documents(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+    """(where, text) of each document: where is "file" or "file:line"."""
     if not path.name.endswith((".jsonl", ".jsonl.gz")):
         try:
-            yield path.read_bytes().decode("utf-8")
+            yield str(path), path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as err:
             raise VocabInputError(f"{path}: not valid UTF-8 at byte offset {err.start}: {err.reason}") from None
         return
@@ -134,8 +146,8 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
                     raise VocabInputError(f"{path}:{lineno}: invalid JSON: {err.msg}") from None
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     raise VocabInputError(f"{path}:{lineno}: no string field {text_field!r}")
-                yield record[text_field]
-    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+                yield f"{path}:{lineno}", record[text_field]
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; a damaged stream is not
         raise VocabInputError(f"{path}: cannot read: {err}") from None
 
 
@@ -422,12 +434,16 @@ def build(args: argparse.Namespace) -> dict:
         raise ValueError(f"--size must be at least {min_size()} (tags, emoji, bytes, specials, ASCII), got {args.size}")
     if args.iterations < 0:
         raise ValueError(f"--iterations must be >= 0, got {args.iterations}")
+    if args.out.exists() and not args.out.is_dir():
+        raise VocabInputError(f"--out {args.out} is a file; give a directory")
     files = list_input_files(args.inputs)
     if not files:
         raise VocabInputError("no input files")
     emoji_map = load_emoji_map()
     texts = (doc for path in files for doc in read_documents(path, args.field))
     corpus = Corpus.from_units(count_units(texts, emoji_map["emoji"], progress=not args.no_progress))
+    if corpus.num_chars == 0:
+        raise VocabInputError(f"empty corpus: no text in {', '.join(map(str, args.inputs))}")
     budget = args.size - min_size()
     choice = choose_entries(corpus, budget, args.order, args.iterations, progress=not args.no_progress)
     lines = vocab_lines(choice, emoji_map["emoji"])

@@ -190,7 +190,7 @@ def test_save_deletes_only_its_own_weight_files(tmp_path):
 
 
 def test_a_quantized_model_is_not_saved_and_the_directory_is_untouched(tmp_path):
-    from neoxja.quantize import quantize
+    from neoxja.quantization import quantize
 
     ours = ours_model(tie=False)
     ours.save_pretrained(tmp_path)

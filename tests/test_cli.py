@@ -20,3 +20,23 @@ def test_import_has_no_torch_side_effect():
     # `import neoxja` and the tokenizer must not import torch (the tokenizer needs no torch).
     code = "import sys, neoxja, neoxja.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_no_command_prints_the_usage_as_an_error(capsys):
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "usage: neoxja COMMAND" in captured.err
+
+
+def test_demo_counts_only_new_tokens_and_refuses_bad_numbers(capsys):
+    import pytest
+
+    from neoxja import demo
+
+    assert demo.main(["--prompt", "", "--max-new-tokens", "5"]) == 0
+    assert "[5 new tokens" in capsys.readouterr().err  # BOS, added for the empty prompt, is not new
+    for bad in (["--max-new-tokens", "-1"], ["--seed", str(2**70)]):
+        with pytest.raises(SystemExit):
+            demo.main(bad)
+    assert demo.main(["--prompt", "猫" * 600]) == 2  # longer than the bundled model's positions
+    assert "max_position_embeddings" in capsys.readouterr().err

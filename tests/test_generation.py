@@ -350,6 +350,11 @@ def test_bad_input_ids():
         ours.generate(torch.tensor([[5.0, 6.0]]), max_new_tokens=1)
     with pytest.raises(ValueError):
         ours.generate(torch.zeros(1, 2, 3, dtype=torch.long), max_new_tokens=1)
+    # transformers' name for the prompt, `inputs`, works too
+    assert torch.equal(ours.generate(inputs=torch.tensor([[5, 6]]), max_new_tokens=2),
+                       ours.generate(torch.tensor([[5, 6]]), max_new_tokens=2))
+    with pytest.raises(ValueError, match="not both"):
+        ours.generate(torch.tensor([[5, 6]]), inputs=torch.tensor([[5, 6]]), max_new_tokens=1)
     # lists are accepted, and the output is an ordinary tensor (usable with autograd and in place)
     out = ours.generate([5, 6, 7], max_new_tokens=2)
     assert out.shape == (1, 5) and out.dtype == torch.long

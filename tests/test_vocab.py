@@ -192,6 +192,8 @@ def test_bad_arguments(tmp_path, capsys, args, message):
         (b'{"text": "ok"}\n{"text": \n', "c.jsonl:2: invalid JSON"),
         (b'{"text": "ok"}\n{"title": "no text"}\n', "c.jsonl:2: no string field 'text'"),
         (b'{"text": "\xff"}\n', "c.jsonl:1: not valid UTF-8"),
+        (b'{"text": "ok"}\n{"text": "\\ud800abc"}\n', "c.jsonl:2: field 'text' holds a lone surrogate"),
+        (b"", "empty corpus"),
     ],
 )
 def test_malformed_input_names_file_and_line(tmp_path, capsys, content, message):
@@ -219,3 +221,11 @@ def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
     blocker.write_text("not a directory")
     assert V.main(["build", "--size", "450", "--out", str(blocker / "sub"), "--no-progress", str(corpus)]) == 1
     assert "neoxja vocab: error:" in capsys.readouterr().err
+    assert V.main(["build", "--size", "450", "--out", str(blocker), "--no-progress", str(corpus)]) == 2
+    assert "is a file" in capsys.readouterr().err  # said before any counting
+    damaged = tmp_path / "damaged.jsonl.gz"
+    data = bytearray(gzip.compress(corpus.read_bytes() * 20))
+    data[20] ^= 0xFF  # inside the deflate stream: zlib.error, which is no OSError
+    damaged.write_bytes(bytes(data))
+    assert V.main(["build", "--size", "450", "--out", str(tmp_path / "o"), "--no-progress", str(damaged)]) == 2
+    assert "cannot read" in capsys.readouterr().err

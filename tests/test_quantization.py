@@ -15,7 +15,7 @@ from torch import nn
 from neoxja import quantize as quantize_from_package
 from neoxja.config import GPTNeoXJapaneseConfig
 from neoxja.model import GPTNeoXJapaneseForCausalLM
-from neoxja.quantize import Int8DynamicLinear, quantize
+from neoxja.quantization import Int8DynamicLinear, quantize
 
 CONFIGS = [
     dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
@@ -185,3 +185,14 @@ def test_int8_raises_held_out_perplexity_of_the_bundled_model_by_less_than_1_per
     int8 = mean_nll(quantize(model, "int8"))
     rise = math.exp(int8 - fp32) - 1
     assert rise < 0.01, f"perplexity {math.exp(fp32):.2f} -> {math.exp(int8):.2f} (+{rise:.2%})"
+
+
+def test_neoxja_quantize_is_the_function_whatever_was_imported_first():
+    """A submodule named like the function would replace neoxja.quantize once imported (the CLI imports it)."""
+    import subprocess
+    import sys
+
+    code = ("import neoxja.quantization, neoxja, neoxja.generate_cli\n"
+            "from neoxja import quantize\n"
+            "assert callable(quantize) and callable(neoxja.quantize), type(neoxja.quantize)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
