@@ -49,7 +49,8 @@ def generation_demo(model_dir: Path, prompt: str, max_new_tokens: int, seed: int
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     out = model.generate(
-        input_ids, do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=max_new_tokens, generator=generator
+        input_ids, do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=max_new_tokens, generator=generator,
+        vocab_limit=len(tok),
     )
     seconds = time.perf_counter() - start
     print(f"model:  {model_dir} ({model.num_parameters() / 1e6:.1f}M parameters; a small demonstration model)")

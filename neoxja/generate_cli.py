@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                 num_return_sequences=args.num_return_sequences, generator=generator, streamer=streamer,
+                vocab_limit=len(tokenizer),  # a model padded past its tokenizer never yields an undecodable id
             )
             prompt_tokens += int(mask.sum())
             prompt_width = max(ids.shape[1], 1)  # empty prompts start from BOS, which generate() adds

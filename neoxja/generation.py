@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from neoxja.sampling import apply_logits_processors, make_logits_processors, make_sampler
+from neoxja.sampling import apply_logits_processors, make_logits_processors, make_sampler, vocab_limit_processor
 
 # transformers' generation defaults (GenerationConfig), so that ported calls sample the same distribution
 DEFAULT_MAX_LENGTH = 20  # when neither max_length nor max_new_tokens is given
@@ -50,6 +50,7 @@ class GenerationMixin:
         stop_strings: str | Sequence[str] | None = None,
         tokenizer=None,
         inputs: torch.Tensor | None = None,
+        vocab_limit: int | None = None,
     ) -> torch.LongTensor:
         """Continue each row of `input_ids` (B, T); return prompt + new tokens, (B * num_return_sequences, T').
 
@@ -60,6 +61,10 @@ class GenerationMixin:
         temperature, top_k, top_p in transformers' order, drawing with `generator` when given.
         As in transformers, top_k=None samples from the 50 most likely tokens; top_k=0 turns that off.
         `streamer` (TextStreamer-like, batch size 1) receives the prompt, then each new token.
+        `vocab_limit`: when set (e.g. `len(tokenizer)`), ids >= vocab_limit are never generated (their logits
+        are masked), for a model whose vocabulary is padded past its tokenizer's. generate() alone does not
+        know the tokenizer, so by default (None) it masks nothing and may return any id < config.vocab_size;
+        the `neoxja generate` command passes len(tokenizer).
         """
         cfg = self.config
         device = self.device
@@ -98,12 +103,17 @@ class GenerationMixin:
         # a row's positions end at max_position_embeddings: its last column is its padding + that limit
         row_ends = padding_lengths + cfg.max_position_embeddings  # (B,)
         total_length = self._total_length(prompt_length, max_length, max_new_tokens, row_ends)
+        if vocab_limit is not None and (not isinstance(vocab_limit, int) or isinstance(vocab_limit, bool)
+                                        or vocab_limit < 1):
+            raise ValueError(f"vocab_limit must be a positive integer (e.g. len(tokenizer)), got {vocab_limit!r}")
         processors = make_logits_processors(
             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
             min_new_tokens=min_new_tokens, prompt_length=prompt_length, eos_token_ids=eos_ids,
             padding_lengths=padding_lengths if bool(padding_lengths.any()) else None,
         )
+        if vocab_limit is not None and vocab_limit < cfg.vocab_size:
+            processors.insert(0, vocab_limit_processor(vocab_limit))  # before any other processor sees the ids
         sample = make_sampler(do_sample, generator)
 
         if streamer is not None:
