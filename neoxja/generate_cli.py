@@ -61,13 +61,39 @@ def resolve_model(model: str | None) -> str:
     raise FileNotFoundError("no --model given and no bundled model is installed: pass --model DIR_OR_HUB_ID")
 
 
-def read_prompts(args) -> list[str]:
+def _utf8(raw: bytes, where: str) -> str:
+    """`raw` decoded as UTF-8, or a ValueError naming `where` and the byte offset of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: invalid UTF-8 at byte offset {e.start} (byte 0x{raw[e.start]:02x}); "
+                         "prompts must be UTF-8 text") from None
+
+
+def read_prompts(args) -> list[tuple[int | None, str]]:
+    """(stdin line number, prompt) pairs; the line number is None for PROMPT. Blank lines are skipped but
+    counted, so numbers are those of the file; a UTF-8 BOM is dropped; invalid UTF-8 is a ValueError."""
     if args.prompt is not None:
-        return [args.prompt]
+        # bytes that are not UTF-8 reach sys.argv as lone surrogates (surrogateescape): get them back
+        try:
+            raw = args.prompt.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"PROMPT: not text: a lone surrogate at character {e.start}") from None
+        return [(None, _utf8(raw, "PROMPT"))]
     if sys.stdin.isatty():
         print("reading prompts from stdin, one per line (Ctrl-D to finish)", file=sys.stderr)
-    # blank lines are skipped; an intentionally empty prompt can be given as PROMPT ""
-    return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    # bytes, so that a bad line is found with its offset (text streams in tests have no .buffer)
+    source = getattr(sys.stdin, "buffer", None)
+    lines = source if source is not None else (line.encode("utf-8", "surrogateescape") for line in sys.stdin)
+    prompts = []
+    for number, raw in enumerate(lines, start=1):
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
+        text = _utf8(raw, f"stdin line {number}").rstrip("\r\n")
+        # blank lines are skipped; an intentionally empty prompt can be given as PROMPT ""
+        if text.strip():
+            prompts.append((number, text))
+    return prompts
 
 
 def check_args(args) -> None:
@@ -115,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         model_path = resolve_model(args.model)
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e))
-    prompts = read_prompts(args)
+    try:
+        numbered = read_prompts(args)
+    except ValueError as e:
+        return _fail(str(e))
+    prompts = [text for _, text in numbered]
     if not prompts:
         return _fail("no prompt: give PROMPT or lines on stdin")
 
@@ -145,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     load_seconds = time.perf_counter() - t_load
     # every prompt is checked before any is generated, so a bad line costs no output of the others
     limit = model.config.max_position_embeddings
-    too_long = [f"{'line ' + str(i + 1) if args.prompt is None else 'PROMPT'} ({len(ids)} tokens)"
-                for i, ids in enumerate(tokenizer(prompts)["input_ids"]) if len(ids) > limit]
+    too_long = [f"{'PROMPT' if number is None else f'stdin line {number}'} ({len(ids)} tokens)"
+                for (number, _), ids in zip(numbered, tokenizer(prompts)["input_ids"]) if len(ids) > limit]
     if too_long:
         return _fail(f"longer than the model's max_position_embeddings={limit}: {', '.join(too_long[:10])}"
                      f"{' ...' if len(too_long) > 10 else ''}; shorten these prompts")

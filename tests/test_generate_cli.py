@@ -168,3 +168,36 @@ def test_an_empty_prompt_counts_only_new_tokens(model_dir, capsys, monkeypatch):
     assert code == 0, err
     m = SUMMARY.search(err)
     assert m and int(m.group(1)) == 0 and 1 <= int(m.group(2)) <= 3
+
+
+def run_bytes(argv, capsys, monkeypatch, stdin: bytes):
+    """stdin as a real byte stream (sys.stdin.buffer), as from a pipe or a file."""
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+    code = generate_cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_invalid_utf8_is_a_clear_error_naming_line_and_byte_offset(model_dir, capsys, monkeypatch):
+    # printf '春は\xff\n' | neoxja generate: a traceback before the fix
+    code, out, err = run_bytes(["--model", str(model_dir), "--max-new-tokens", "2"], capsys, monkeypatch,
+                               stdin="夏は夜\n\n".encode() + "春は".encode() + b"\xff\n")
+    assert code == 2 and out == ""
+    assert "stdin line 3" in err and "byte offset 6" in err and "0xff" in err and "Traceback" not in err
+    # as an argument: the bytes reach sys.argv as lone surrogates (surrogateescape)
+    arg = ("春は".encode() + b"\xff").decode("utf-8", "surrogateescape")
+    code, out, err = run([arg, "--model", str(model_dir), "--max-new-tokens", "2"], capsys, monkeypatch)
+    assert code == 2 and out == ""
+    assert "PROMPT" in err and "byte offset 6" in err
+
+
+def test_stdin_line_numbers_are_file_lines_and_a_bom_is_dropped(model_dir, capsys, monkeypatch):
+    long_line = "吾輩は猫である。名前はまだ無い。" * 40
+    code, out, err = run_bytes(["--model", str(model_dir), "--greedy", "--max-new-tokens", "2", "--no-stream"],
+                               capsys, monkeypatch, stdin=f"春はあけぼの\n\n\n{long_line}\n".encode())
+    assert code == 2 and "stdin line 4 (" in err  # blank lines 2 and 3 count
+    (want,) = expected_texts(model_dir, ["春はあけぼの"], max_new_tokens=3)
+    code, out, err = run_bytes(["--model", str(model_dir), "--greedy", "--max-new-tokens", "3"],
+                               capsys, monkeypatch, stdin="\ufeff春はあけぼの\n".encode())
+    assert code == 0, err
+    assert out == want + "\n"  # no BOM in the prompt
