@@ -2,13 +2,17 @@
 
     neoxja generate "吾輩は猫である。" --model DIR_OR_HUB_ID --max-new-tokens 50
     printf '春はあけぼの\\n夏は夜\\n' | neoxja generate --greedy --no-stream
+    neoxja generate --output-format jsonl < prompts.txt > outputs.jsonl
 
 Text goes to stdout, a one-line timing summary to stderr. Without --model, the bundled model is used.
+Several outputs in text format are each headed by `==> stdin line N <==` (file line numbers; blank lines are
+skipped but counted); `--output-format jsonl` writes one JSON object per output instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -38,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print text as it is generated (default: on for a single sequence at a time)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts from stdin generated together (default 8)")
+    p.add_argument("--output-format", choices=("text", "jsonl"), default="text",
+                   help="text: each prompt and its continuation; several outputs are each headed by a line "
+                        "'==> stdin line N <==' and separated by a blank line. jsonl: one JSON object per "
+                        "output (prompt, text, prompt_tokens, new_tokens, finish_reason) (default text)")
     return p
 
 
@@ -117,21 +125,34 @@ def check_args(args) -> None:
         raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.stream and args.output_format == "jsonl":
+        raise ValueError("--stream prints text: use --no-stream (the default) with --output-format jsonl")
     if args.stream and args.num_return_sequences > 1:
         raise ValueError("--stream shows one sequence at a time: use --no-stream with --num-return-sequences > 1")
     if args.quantize == "int8" and not args.device.startswith("cpu"):
         raise ValueError("--quantize int8 runs on the CPU only (FBGEMM); use --device cpu")
 
 
-def count_new_tokens(new: "torch.Tensor", eos_ids: list[int]) -> int:  # noqa: F821
-    """New tokens actually produced: each row up to and including its first EOS (the rest is padding)."""
-    import torch
+def row_results(new: "torch.Tensor", eos_ids: list[int], room: list[int]) -> list[tuple[list[int], str]]:  # noqa: F821
+    """Per row of `new` (B, N), the new tokens it produced and why it ended: up to and including its
+    first EOS ("stop"), or its first `room[row]` tokens, the most it could take ("length")."""
+    results = []
+    for row, ids in enumerate(new.tolist()):
+        ids = ids[: room[row]]
+        ends = [i for i, t in enumerate(ids) if t in eos_ids]
+        results.append((ids[: ends[0] + 1], "stop") if ends else (ids, "length"))
+    return results
 
-    if not eos_ids or new.numel() == 0:
-        return new.numel()
-    is_eos = torch.isin(new, torch.tensor(eos_ids, device=new.device))
-    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # positions after the first EOS
-    return int((~after_eos).sum())
+
+def label(number: int | None) -> str:
+    return "PROMPT" if number is None else f"stdin line {number}"
+
+
+def print_header(number: int | None, first: bool, sequence: int = 0, n: int = 1) -> None:
+    """The line that heads each of several text outputs (as `head` heads files), after a blank line."""
+    if not first:
+        print()
+    print(f"==> {label(number)}{f', sequence {sequence + 1}/{n}' if n > 1 else ''} <==", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,13 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"longer than the model's max_position_embeddings={limit}: {', '.join(too_long[:10])}"
                      f"{' ...' if len(too_long) > 10 else ''}; shorten these prompts")
 
-    stream = args.stream if args.stream is not None else args.num_return_sequences == 1
+    stream = args.stream if args.stream is not None else (args.num_return_sequences == 1 and args.output_format == "text")
     batch_size = 1 if stream else args.batch_size
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
     eos = model.config.eos_token_id
     eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    n = args.num_return_sequences
+    headers = len(prompts) * n > 1  # one output needs no header
 
     prompt_tokens = new_tokens = 0
     t_gen = time.perf_counter()
@@ -196,20 +219,36 @@ def main(argv: list[str] | None = None) -> int:
             batch = prompts[start : start + batch_size]
             enc = tokenizer(batch, padding=True, return_tensors="pt")
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            if stream and headers:
+                print_header(numbered[start][0], first=start == 0)
             streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream else None
             out = model.generate(
                 ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                num_return_sequences=args.num_return_sequences, generator=generator, streamer=streamer,
+                num_return_sequences=n, generator=generator, streamer=streamer,
                 vocab_limit=len(tokenizer),  # a model padded past its tokenizer never yields an undecodable id
             )
-            prompt_tokens += int(mask.sum())
             prompt_width = max(ids.shape[1], 1)  # empty prompts start from BOS, which generate() adds
-            new_tokens += count_new_tokens(out[:, prompt_width:], eos_ids)
-            if not stream:
-                for text in tokenizer.batch_decode(out, skip_special_tokens=True):
-                    print(text, flush=True)
+            lengths = mask.sum(dim=1).repeat_interleave(n).tolist()  # each output's prompt tokens
+            room = [min(args.max_new_tokens, limit - max(length, 1)) for length in lengths]
+            results = row_results(out[:, prompt_width:], eos_ids, room)
+            prompt_tokens += int(mask.sum())
+            new_tokens += sum(len(new) for new, _ in results)
+            if stream:
+                continue
+            for row, (new, finish_reason) in enumerate(results):
+                index = start + row // n
+                number, prompt = numbered[index]
+                if args.output_format == "jsonl":
+                    record = {"line": number, "prompt": prompt, "sequence": row % n,
+                              "text": tokenizer.decode(new, skip_special_tokens=True),
+                              "prompt_tokens": lengths[row], "new_tokens": len(new), "finish_reason": finish_reason}
+                    print(json.dumps(record, ensure_ascii=False), flush=True)
+                    continue
+                if headers:
+                    print_header(number, first=index == 0 and row % n == 0, sequence=row % n, n=n)
+                print(tokenizer.decode(out[row].tolist(), skip_special_tokens=True), flush=True)
     except ValueError as e:
         return _fail(str(e))
     except KeyboardInterrupt:

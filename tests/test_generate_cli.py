@@ -73,8 +73,47 @@ def test_stdin_prompts_are_batched_and_equal_one_at_a_time(model_dir, capsys, mo
     code, out, err = run(["--model", str(model_dir), "--greedy", "--max-new-tokens", "8", "--batch-size", "3",
                           "--no-stream"], capsys, monkeypatch, stdin="\n".join(prompts[:2]) + "\n\n" + "\n".join(prompts[2:]) + "\n")
     assert code == 0, err
-    assert out == "".join(t + "\n" for t in want)
+    # each output is headed by its file line (the blank line 3 counts), outputs apart by a blank line
+    assert out == "\n".join(f"==> stdin line {n} <==\n{t}\n" for n, t in zip((1, 2, 4, 5), want))
     assert SUMMARY.search(err)
+    # streamed one at a time: the same text
+    code, streamed, err = run(["--model", str(model_dir), "--greedy", "--max-new-tokens", "8"], capsys, monkeypatch,
+                              stdin="\n".join(prompts[:2]) + "\n\n" + "\n".join(prompts[2:]) + "\n")
+    assert code == 0, err
+    assert streamed == out
+
+
+def test_row_results_finish_reasons():
+    new = torch.tensor([[5, 9, 2, 2], [5, 6, 7, 8], [5, 6, 9, 9]])  # 9 is EOS; 2 is padding
+    assert generate_cli.row_results(new, [9], [4, 4, 2]) == [([5, 9], "stop"), ([5, 6, 7, 8], "length"),
+                                                             ([5, 6], "length")]  # row 3 ran out of positions
+
+
+def test_jsonl_output_one_object_per_prompt(model_dir, capsys, monkeypatch):
+    import json
+
+    prompts = ["春はあけぼの。", "夏は夜"]
+    want = expected_texts(model_dir, prompts, max_new_tokens=5)
+    code, out, err = run(["--model", str(model_dir), "--greedy", "--max-new-tokens", "5", "--output-format", "jsonl"],
+                         capsys, monkeypatch, stdin=f"{prompts[0]}\n\n{prompts[1]}\n")
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    tok = GPTNeoXJapaneseTokenizer.from_pretrained(model_dir)
+    assert [r["line"] for r in records] == [1, 3]
+    for r, prompt, text in zip(records, prompts, want):
+        assert r["prompt"] == prompt and prompt + r["text"] == text
+        assert r["prompt_tokens"] == len(tok.encode(prompt))
+        assert r["finish_reason"] in ("stop", "length")
+        assert 1 <= r["new_tokens"] <= 5 and (r["finish_reason"] == "stop" or r["new_tokens"] == 5)
+    m = SUMMARY.search(err)
+    assert int(m.group(2)) == sum(r["new_tokens"] for r in records)
+    # num_return_sequences: one object per output, numbered
+    code, out, err = run(["猫", "--model", str(model_dir), "--max-new-tokens", "3", "--num-return-sequences", "2",
+                          "--seed", "0", "--output-format", "jsonl"], capsys, monkeypatch)
+    assert code == 0, err
+    assert [(r["line"], r["sequence"]) for r in map(json.loads, out.splitlines())] == [(None, 0), (None, 1)]
+    code, _, err = run(["猫", "--model", str(model_dir), "--stream", "--output-format", "jsonl"], capsys, monkeypatch)
+    assert code == 2 and "--no-stream" in err
 
 
 def test_sampling_options_seed_and_num_return_sequences(model_dir, capsys, monkeypatch):
