@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -196,11 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     load_seconds = time.perf_counter() - t_load
     # every prompt is checked before any is generated, so a bad line costs no output of the others
     limit = model.config.max_position_embeddings
-    too_long = [f"{'PROMPT' if number is None else f'stdin line {number}'} ({len(ids)} tokens)"
-                for (number, _), ids in zip(numbered, tokenizer(prompts)["input_ids"]) if len(ids) > limit]
+    prompt_lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    too_long = [f"{label(number)} ({length} tokens)" for (number, _), length in zip(numbered, prompt_lengths) if length > limit]
     if too_long:
         return _fail(f"longer than the model's max_position_embeddings={limit}: {', '.join(too_long[:10])}"
                      f"{' ...' if len(too_long) > 10 else ''}; shorten these prompts")
+    if max(prompt_lengths) + args.max_new_tokens > limit:  # said once here; generate()'s own warning is silenced below
+        print(f"neoxja generate: note: --max-new-tokens {args.max_new_tokens} reaches past the model's "
+              f"max_position_embeddings={limit}: each output stops at {limit} tokens, its prompt included",
+              file=sys.stderr)
 
     stream = args.stream if args.stream is not None else (args.num_return_sequences == 1 and args.output_format == "text")
     batch_size = 1 if stream else args.batch_size
@@ -222,13 +227,15 @@ def main(argv: list[str] | None = None) -> int:
             if stream and headers:
                 print_header(numbered[start][0], first=start == 0)
             streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream else None
-            out = model.generate(
-                ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                num_return_sequences=n, generator=generator, streamer=streamer,
-                vocab_limit=len(tokenizer),  # a model padded past its tokenizer never yields an undecodable id
-            )
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*max_position_embeddings", category=UserWarning)
+                out = model.generate(
+                    ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                    num_return_sequences=n, generator=generator, streamer=streamer,
+                    vocab_limit=len(tokenizer),  # a model padded past its tokenizer never yields an undecodable id
+                )
             prompt_width = max(ids.shape[1], 1)  # empty prompts start from BOS, which generate() adds
             lengths = mask.sum(dim=1).repeat_interleave(n).tolist()  # each output's prompt tokens
             room = [min(args.max_new_tokens, limit - max(length, 1)) for length in lengths]

@@ -240,3 +240,20 @@ def test_stdin_line_numbers_are_file_lines_and_a_bom_is_dropped(model_dir, capsy
                                capsys, monkeypatch, stdin="\ufeff春はあけぼの\n".encode())
     assert code == 0, err
     assert out == want + "\n"  # no BOM in the prompt
+
+
+def test_max_new_tokens_past_the_context_is_one_clear_line(model_dir, capsys, monkeypatch):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # before the fix: a raw UserWarning from generate() with its source line
+        code, out, err = run(["猫", "--model", str(model_dir), "--max-new-tokens", "1000000", "--greedy",
+                              "--output-format", "jsonl"], capsys, monkeypatch)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "max_position_embeddings" in line]
+    assert len(notes) == 1 and "--max-new-tokens 1000000" in notes[0] and "Warning" not in err
+    import json
+
+    record = json.loads(out)
+    assert record["prompt_tokens"] + record["new_tokens"] <= 128
+    assert record["finish_reason"] == "stop" or record["prompt_tokens"] + record["new_tokens"] == 128
