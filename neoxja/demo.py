@@ -17,15 +17,6 @@ PROMPT = "吾輩は猫である。"
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "abeja-gpt-neox-japanese-2.7b"
 
 
-def _bundled_model_dir() -> Path | None:
-    try:
-        from neoxja.assets import default_model_dir
-    except ImportError:
-        return None
-    path = default_model_dir()
-    return path if (path / "config.json").is_file() else None
-
-
 def tokenizer_demo(tokenizer_dir: Path, text: str) -> None:
     from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
 
@@ -72,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.seed < 2**63:
         parser.error(f"--seed must be in [0, 2**63), got {args.seed}")
 
-    model_dir = _bundled_model_dir()
+    from neoxja.assets import bundled_model_dir
+
+    model_dir = bundled_model_dir()
     if model_dir is not None and not args.tokenizer_only:
         try:
             generation_demo(model_dir, args.prompt, args.max_new_tokens, args.seed)

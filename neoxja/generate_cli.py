@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import warnings
@@ -57,17 +58,14 @@ def _fail(message: str, code: int = 2) -> int:
 
 def resolve_model(model: str | None) -> str:
     """--model, or else the bundled model; a clear error when neither is available."""
+    from neoxja.assets import bundled_model_dir
+
     if model:
         return model
-    try:
-        from neoxja.assets import default_model_dir
-    except ImportError:
-        default_model_dir = None
-    if default_model_dir is not None:
-        path = default_model_dir()
-        if (path / "config.json").is_file():
-            return str(path)
-    raise FileNotFoundError("no --model given and no bundled model is installed: pass --model DIR_OR_HUB_ID")
+    path = bundled_model_dir()
+    if path is None:
+        raise FileNotFoundError("no --model given and no bundled model is installed: pass --model DIR_OR_HUB_ID")
+    return str(path)
 
 
 def _utf8(raw: bytes, where: str) -> str:
@@ -105,23 +103,29 @@ def read_prompts(args) -> list[tuple[int | None, str]]:
     return prompts
 
 
+# generate()'s argument names in sampling's messages -> this command's options
+_OPTION_NAMES = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+                 "repetition_penalty": "--repetition-penalty", "no_repeat_ngram_size": "--no-repeat-ngram-size",
+                 "do_sample=False": "--greedy"}
+_OPTION_RE = re.compile(r"\b(" + "|".join(re.escape(name) for name in _OPTION_NAMES) + r")(?![\w=])")
+
+
 def check_args(args) -> None:
+    """ValueError for an impossible option. The sampling options are checked by the one rule that
+    generate() applies (sampling.validate_sampling_args), its messages spelled with this command's options."""
+    from neoxja.sampling import validate_sampling_args
+
+    try:
+        validate_sampling_args(not args.greedy, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                               args.no_repeat_ngram_size)
+    except ValueError as e:
+        raise ValueError(_OPTION_RE.sub(lambda m: _OPTION_NAMES[m.group(1)], str(e))) from None
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.num_return_sequences < 1:
         raise ValueError(f"--num-return-sequences must be >= 1, got {args.num_return_sequences}")
     if args.greedy and args.num_return_sequences > 1:
         raise ValueError("--num-return-sequences > 1 needs sampling (drop --greedy)")
-    if not args.greedy and not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0 (use --greedy for greedy decoding), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
-    if not args.repetition_penalty > 0:
-        raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
-    if args.no_repeat_ngram_size < 0:
-        raise ValueError(f"--no-repeat-ngram-size must be >= 0, got {args.no_repeat_ngram_size}")
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.batch_size < 1:

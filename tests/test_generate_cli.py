@@ -147,6 +147,8 @@ def test_dispatch_from_the_neoxja_command(model_dir, capsys):
         (["--top-p", "0"], "--top-p"),
         (["--top-p", "1.5"], "--top-p"),
         (["--top-k", "-2"], "--top-k"),
+        (["--repetition-penalty", "0"], "--repetition-penalty"),
+        (["--no-repeat-ngram-size", "-1"], "--no-repeat-ngram-size"),
         (["--num-return-sequences", "0"], "--num-return-sequences"),
         (["--greedy", "--num-return-sequences", "2"], "sampling"),
         (["--stream", "--num-return-sequences", "2"], "--no-stream"),
@@ -257,3 +259,30 @@ def test_max_new_tokens_past_the_context_is_one_clear_line(model_dir, capsys, mo
     record = json.loads(out)
     assert record["prompt_tokens"] + record["new_tokens"] <= 128
     assert record["finish_reason"] == "stop" or record["prompt_tokens"] + record["new_tokens"] == 128
+
+
+def test_sampling_options_are_checked_by_generates_own_rule(capsys, monkeypatch):
+    """One rule for the sampling options: the CLI applies sampling.validate_sampling_args (the check generate()
+    makes), with its messages spelled as options; before, check_args re-implemented it."""
+    import neoxja.sampling
+
+    def stricter(do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size):
+        if top_p is not None and top_p > 0.99:
+            raise ValueError(f"top_p must be at most 0.99 under the new rule, got {top_p}")
+
+    monkeypatch.setattr(neoxja.sampling, "validate_sampling_args", stricter)
+    code, _, err = run(["x", "--top-p", "1.0"], capsys, monkeypatch)
+    assert code == 2 and "--top-p must be at most 0.99 under the new rule" in err
+
+
+def test_generate_and_demo_share_one_bundled_model_lookup(model_dir, tmp_path, capsys, monkeypatch):
+    import neoxja.assets
+    from neoxja import demo
+
+    monkeypatch.setattr(neoxja.assets, "bundled_model_dir", lambda: model_dir)
+    assert generate_cli.resolve_model(None) == str(model_dir)
+    assert demo.main(["--prompt", "猫", "--max-new-tokens", "2"]) == 0
+    assert str(model_dir) in capsys.readouterr().out  # the demo names the model it ran
+    monkeypatch.setattr(neoxja.assets, "bundled_model_dir", lambda: None)
+    with pytest.raises(FileNotFoundError, match="--model"):
+        generate_cli.resolve_model(None)

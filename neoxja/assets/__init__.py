@@ -21,3 +21,12 @@ def default_model_dir() -> Path:
     trained has none); callers check for config.json.
     """
     return Path(__file__).resolve().parent / BUNDLED_MODEL_NAME
+
+
+def bundled_model_dir() -> Path | None:
+    """The bundled model's directory when its files are installed (it has config.json), else None.
+
+    The one lookup of the bundled model that `neoxja generate`, `neoxja eval` and `neoxja demo` share.
+    """
+    path = default_model_dir()
+    return path if (path / "config.json").is_file() else None
