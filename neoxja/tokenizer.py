@@ -55,6 +55,53 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _BYTE_TOKEN = re.compile(r"<\|byte(\d+)\|>")
 
 
+class EmojiReplacer:
+    """emoji.json's "emoji" map applied as the original does: `text.replace(key, tag)` for each key in
+    order, visiting only the keys that can occur.
+
+    A key can occur after the replacements only if it occurs in the text before them, or if it
+    shares a character with a replacement tag (only then can a replacement create it).
+    """
+
+    def __init__(self, emoji: dict[str, str]):
+        self.items = list(emoji.items())
+        tag_chars = set("".join(emoji.values()))
+        self.by_first: dict[str, list[int]] = {}
+        self.risky = []
+        for order, (key, _) in enumerate(self.items):
+            self.by_first.setdefault(key[0], []).append(order)
+            if tag_chars & set(key):
+                self.risky.append(order)
+        # Finds the keys' first characters; one range stands for all astral ones, which keeps
+        # the class a fast BMP lookup table (the astral hits are filtered below).
+        bmp = "".join(re.escape(c) for c in self.by_first if ord(c) < 0x10000)
+        self.first = re.compile(f"[{bmp}\U00010000-\U0010ffff]")
+
+    def __call__(self, text: str) -> str:
+        present = set(self.first.findall(text))
+        if not present:
+            return text
+        by_first, items = self.by_first, self.items
+        orders = [o for c in present for o in by_first.get(c, ()) if items[o][0] in text]
+        if not orders:
+            return text
+        for order in sorted(set(orders).union(self.risky)):
+            key, tag = items[order]
+            if key in text:
+                text = text.replace(key, tag)
+        return text
+
+
+def normalize_text(text: str, replace_emoji: EmojiReplacer) -> str:
+    """The text the encoder looks tokens up in, before the optional cleaning (do_clean_text): tags for
+    spaces, line breaks and tabs, dashes as ー, then the emoji map. The one definition that both the
+    tokenizer and the vocabulary builder (neoxja.vocab) use."""
+    for old, new in _PRE_REPLACEMENTS:
+        if old in text:
+            text = text.replace(old, new)
+    return replace_emoji(text)
+
+
 # --- files ------------------------------------------------------------------------------------------
 
 
@@ -268,23 +315,7 @@ class GPTNeoXJapaneseTokenizer:
         self._c_scanner = self._make_scanner() if compiled else None
 
     def _init_emoji_map(self):
-        """Index emoji.json so that its in-order str.replace chain only visits keys that can occur.
-
-        A key can occur after the replacements only if it occurs in the text before them, or if it
-        shares a character with a replacement tag (only then can a replacement create it).
-        """
-        self._emoji_items = list(self.emoji["emoji"].items())
-        tag_chars = set("".join(self.emoji["emoji"].values()))
-        self._emoji_by_first: dict[str, list[int]] = {}
-        self._emoji_risky = []
-        for order, (key, _) in enumerate(self._emoji_items):
-            self._emoji_by_first.setdefault(key[0], []).append(order)
-            if tag_chars & set(key):
-                self._emoji_risky.append(order)
-        # Finds the keys' first characters; one range stands for all astral ones, which keeps
-        # the class a fast BMP lookup table (the astral hits are filtered below).
-        bmp = "".join(re.escape(c) for c in self._emoji_by_first if ord(c) < 0x10000)
-        self._emoji_first = re.compile(f"[{bmp}\U00010000-\U0010ffff]")
+        self._emoji_replacer = EmojiReplacer(self.emoji["emoji"])
 
     def _init_decoder(self):
         """Per id: its UTF-8 bytes when decoded (a byte token is its one byte)."""
@@ -474,10 +505,7 @@ class GPTNeoXJapaneseTokenizer:
         """Step 1 of the encoder: the text the scan reads (tags for spaces, emoji, cleaned items)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
-        for old, new in _PRE_REPLACEMENTS:
-            if old in text:
-                text = text.replace(old, new)
-        text = self._replace_emoji(text)
+        text = normalize_text(text, self._emoji_replacer)
         if self.do_clean_text:
             from neoxja._tokenizer_clean import clean_text
 
@@ -492,18 +520,7 @@ class GPTNeoXJapaneseTokenizer:
 
     def _replace_emoji(self, text: str) -> str:
         """emoji.json applied as the original does: `text.replace(key, tag)` for each key in order."""
-        present = set(self._emoji_first.findall(text))
-        if not present:
-            return text
-        by_first, items = self._emoji_by_first, self._emoji_items
-        orders = [o for c in present for o in by_first.get(c, ()) if items[o][0] in text]
-        if not orders:
-            return text
-        for order in sorted(set(orders).union(self._emoji_risky)):
-            key, tag = self._emoji_items[order]
-            if key in text:
-                text = text.replace(key, tag)
-        return text
+        return self._emoji_replacer(text)
 
     def tokenize(self, text: str) -> list[str]:
         """The tokens as the encoder finds them (spellings from the text, tags, <|byteN|>)."""

@@ -47,6 +47,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from neoxja.tokenizer import EmojiReplacer, normalize_text
+
 TAGS = ["<BR>", "<SP>", "<TAB>", "<URL>", "<EMAIL>", "<TEL>", "<DATE>", "<PRICE>", "<BLOCK>", "<KIGOU>", "<U2000U2BFF>"]
 EMOJI_TAGS = [f"<|emoji{i}|>" for i in range(1, 13)]
 BYTE_TOKENS = [f"<|byte{i}|>" for i in range(256)]
@@ -155,27 +157,14 @@ def _read_documents(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
 
 
 class EncoderText:
-    """The text transformations the tokenizer applies before its vocabulary lookup (do_clean_text off)."""
+    """The text the tokenizer looks its vocabulary up in (do_clean_text off): the tokenizer's own
+    normalize_text, so the builder counts exactly what the encoder will see."""
 
     def __init__(self, emoji: dict[str, str]):
-        self.emoji_by_first: dict[str, list[tuple[str, str]]] = {}
-        self.emoji_order = {k: i for i, k in enumerate(emoji)}
-        for key, tag in emoji.items():
-            self.emoji_by_first.setdefault(key[0], []).append((key, tag))
-        # characters a replacement can introduce (tags), so later keys may start with them
-        self.tag_chars = set("".join(emoji.values()))
+        self.replace_emoji = EmojiReplacer(emoji)
 
     def __call__(self, text: str) -> str:
-        text = text.replace(" ", "<SP>").replace("\u3000", "<SP>")
-        text = text.replace("\r\n", "<BR>").replace("\n", "<BR>").replace("\r", "<BR>").replace("\t", "<TAB>")
-        text = text.replace("—", "ー").replace("−", "ー")
-        # The tokenizer tries every emoji key in order; only keys whose first character can occur matter.
-        present = set(text) | self.tag_chars
-        keys = [kv for ch in present for kv in self.emoji_by_first.get(ch, ())]
-        for key, tag in sorted(keys, key=lambda kv: self.emoji_order[kv[0]]):
-            if key in text:
-                text = text.replace(key, tag)
-        return text
+        return normalize_text(text, self.replace_emoji)
 
 
 def count_units(texts: Iterable[str], emoji: dict[str, str], progress: bool = True) -> Counter:

@@ -229,3 +229,18 @@ def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
     damaged.write_bytes(bytes(data))
     assert V.main(["build", "--size", "450", "--out", str(tmp_path / "o"), "--no-progress", str(damaged)]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_builder_counts_with_the_tokenizers_own_normalisation(small_vocab, monkeypatch):
+    """One definition of the text the encoder looks up (issue 14, item 16): a change to the tokenizer's
+    normalisation reaches the vocabulary builder, which before kept its own copy and would have scored
+    entries on text the encoder never sees."""
+    import neoxja.tokenizer as T
+
+    tok = T.GPTNeoXJapaneseTokenizer.from_pretrained(small_vocab)
+    emoji = V.load_emoji_map()["emoji"]
+    to_encoder = V.EncoderText(emoji)
+    for text in SENTENCES + ["a — b − c\u3000d\r\ne🐯(^_^)"]:
+        assert to_encoder(text) == tok._preprocess(text)
+    monkeypatch.setattr(T, "_PRE_REPLACEMENTS", T._PRE_REPLACEMENTS + (("〜", "ー"),))
+    assert to_encoder("あ〜い") == tok._preprocess("あ〜い") == "あーい"
