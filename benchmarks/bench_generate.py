@@ -36,6 +36,13 @@ from neoxja.config import GPTNeoXJapaneseConfig  # noqa: E402
 from neoxja.model import GPTNeoXJapaneseForCausalLM  # noqa: E402
 from neoxja.quantization import Int8DynamicLinear, quantize  # noqa: E402
 
+# the goals `make bench` enforces: name -> (numerator, denominator, minimum ratio of their tokens/s).
+# float32 >= 1.15x transformers is retired (issue 4): the float32 weight products alone stay under it.
+LIVE_GOALS = {
+    "int8 >= 3x transformers float32": ("neoxja int8 batch 1", "transformers float32 batch 1", 3.0),
+    "batch 8 >= 4x our batch 1 (float32)": ("neoxja float32 batch 8", "neoxja float32 batch 1", 4.0),
+}
+
 
 def large_read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
     """Bytes/s of the fastest large sequential read we know here: the best of `repeats` passes of a sum and
@@ -291,10 +298,11 @@ def run_side_by_side(args) -> int:
     print(f"ceiling: the float32 weight products alone (the MKL calls both sides make, nothing else) run "
           f"{ceiling:.2f}x as fast as transformers' whole generate; no float32 implementation that calls "
           f"these kernels can beat transformers by more")
-    checks = [("float32 >= 1.15x transformers", ratio("neoxja float32 batch 1", "transformers float32 batch 1"), 1.15),
-              ("int8 >= 3x transformers float32", ratio("neoxja int8 batch 1", "transformers float32 batch 1"), 3.0)]
+    print(f"(for information, a retired goal) float32 / transformers: "
+          f"{ratio('neoxja float32 batch 1', 'transformers float32 batch 1'):.2f}x")
+    checks = [(name, ratio(num, den), goal) for name, (num, den, goal) in LIVE_GOALS.items()
+              if not (args.no_batch and "batch 8" in num)]
     if not args.no_batch:
-        checks.append(("batch 8 >= 4x our batch 1 (float32)", ratio("neoxja float32 batch 8", "neoxja float32 batch 1"), 4.0))
         print(f"(for information) int8 batch 8 / int8 batch 1: {ratio('neoxja int8 batch 8', 'neoxja int8 batch 1'):.2f}x")
     # where a batch-1 token's time goes (one more generation each, linear layers timed in place)
     for name in ("neoxja float32 batch 1", "neoxja int8 batch 1"):
