@@ -25,6 +25,40 @@ SUPPORTED_ROPE_TYPES = ("default", "linear")
 
 # Keys transformers writes that describe the file rather than the model: read and dropped, rewritten on save.
 _FILE_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path")
+# Keys transformers' PretrainedConfig (v4 and v5) reads for every model: kept in `extra`, never taken for typos.
+TRANSFORMERS_KEYS = frozenset("""
+    dtype torch_dtype id2label label2id num_labels problem_type chunk_size_feed_forward is_decoder
+    is_encoder_decoder add_cross_attention cross_attention_hidden_size tie_encoder_decoder pruned_heads
+    torchscript use_bfloat16 tf_legacy_loss finetuning_task tokenizer_class prefix sep_token_id
+    decoder_start_token_id task_specific_params auto_map custom_pipelines quantization_config
+    max_length min_length do_sample early_stopping num_beams num_beam_groups diversity_penalty temperature
+    top_k top_p typical_p repetition_penalty length_penalty no_repeat_ngram_size encoder_no_repeat_ngram_size
+    bad_words_ids num_return_sequences output_scores return_dict_in_generate forced_bos_token_id
+    forced_eos_token_id remove_invalid_values exponential_decay_length_penalty suppress_tokens
+    begin_suppress_tokens rope_parameters rope_theta partial_rotary_factor classifier_dropout
+    attn_implementation _attn_implementation _commit_hash gradient_checkpointing
+""".split())
+
+
+def check_keys(keys, strict: bool = False, where: str = "GPTNeoXJapaneseConfig") -> None:
+    """ValueError for a key that is a typo of a known one (`hiden_size`: did you mean `hidden_size`?).
+    With `strict` (a config written by hand for a new model: `neoxja train --model-config`), every key
+    neither this class nor transformers knows is refused, with the nearest valid key when there is one."""
+    import difflib
+
+    fields = {f.name for f in dataclasses.fields(GPTNeoXJapaneseConfig)} - {"extra"}
+    known = fields | set(_FILE_KEYS) | TRANSFORMERS_KEYS
+    for key in keys:
+        if not isinstance(key, str) or key in known or key.startswith("_"):
+            continue
+        near = difflib.get_close_matches(key, sorted(fields | {"rope_parameters"}), n=1, cutoff=0.8)
+        if near:
+            raise ValueError(f"{where}: unknown key {key!r}; did you mean {near[0]!r}?")
+        if strict:  # a field that holds the key as a word ('layers': num_hidden_layers), else the closest
+            near = sorted((f for f in fields if len(key) > 3 and key.lower() in f), key=len)
+            near = near or difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(fields))}"
+            raise ValueError(f"{where}: unknown key {key!r}{hint}")
 
 
 @dataclass
@@ -133,6 +167,7 @@ class GPTNeoXJapaneseConfig:
         if not isinstance(config_dict, dict):
             raise TypeError(f"config must be a dict, got {type(config_dict).__name__}")
         d = {**config_dict, **overrides}
+        check_keys(d)  # a typo of a key would otherwise be kept in `extra` and silently ignored
         model_type = d.get("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ValueError(f"GPTNeoXJapaneseConfig.model_type must be {MODEL_TYPE!r}, got {model_type!r}")
@@ -186,14 +221,11 @@ class GPTNeoXJapaneseConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "GPTNeoXJapaneseConfig":
         path = Path(path)
+        data = read_config_json(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON (UTF-8): {e}") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
@@ -221,6 +253,37 @@ class GPTNeoXJapaneseConfig:
         tmp.write_text(self.to_json_string(), encoding="utf-8")
         os.replace(tmp, path)  # never leave a half-written config.json
         return path
+
+
+def read_config_json(spec: str | os.PathLike, strict: bool = False) -> dict:
+    """The JSON object of a config file or, for a str starting with "{", of inline JSON; ValueError saying
+    what is wrong (a directory, not JSON, a list rather than an object, with `strict` an unknown key)."""
+    inline = isinstance(spec, str) and spec.lstrip().startswith("{")
+    where = "inline JSON" if inline else str(spec)
+    if inline:
+        text = spec
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            hint = f" ({path / CONFIG_NAME} is one)" if (path / CONFIG_NAME).is_file() else ""
+            raise ValueError(f"{path} is a directory: give a config.json file{hint}")
+        if not path.is_file():
+            raise ValueError(f"{path}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON (UTF-8): {e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not valid JSON (UTF-8): {e}") from e
+    if not isinstance(data, dict):
+        kind = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+            type(data), "null")
+        raise ValueError(f"{where} must hold one JSON object {{\"key\": value, ...}}, got {kind}")
+    if strict:
+        check_keys(data, strict=True, where=where)
+    return data
 
 
 def _normalize_rope_scaling(scaling: dict) -> dict:

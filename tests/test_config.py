@@ -180,3 +180,40 @@ def test_config_copies_and_pickles():
     config = GPTNeoXJapaneseConfig(hidden_size=32, num_attention_heads=4, extra={"note": 1})
     for clone in (copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
         assert clone == config and clone.note == 1
+
+
+def test_a_typo_of_a_key_is_refused_with_the_nearest_key(tmp_path):
+    # before: kept in `extra` and ignored, so the model silently got the default hidden_size
+    (tmp_path / "config.json").write_text(json.dumps({"hiden_size": 64, "num_attention_heads": 4}))
+    with pytest.raises(ValueError, match=r"config.json: .*unknown key 'hiden_size'; did you mean 'hidden_size'\?"):
+        GPTNeoXJapaneseConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="did you mean 'num_hidden_layers'"):
+        GPTNeoXJapaneseConfig.from_dict({"num_hiden_layers": 2})
+    # transformers' own keys and keys unlike any of ours still load (hub files carry both)
+    config = GPTNeoXJapaneseConfig.from_dict({"hidden_size": 64, "num_attention_heads": 4, "torch_dtype": "float16",
+                                              "id2label": {"0": "a"}, "num_beams": 1, "my_custom_key": 1})
+    assert config.extra["torch_dtype"] == "float16" and config.my_custom_key == 1
+
+
+def test_model_config_json_says_what_is_wrong(tmp_path):
+    """`neoxja train --model-config`: a directory, a JSON list, or any unknown key is a clear error."""
+    from neoxja.config import read_config_json
+    from neoxja.train.loop import TrainError, _read_model_config
+
+    (tmp_path / "run").mkdir()
+    with pytest.raises(TrainError, match="is a directory: give a config.json file$"):
+        _read_model_config(str(tmp_path / "run"))
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(TrainError, match=r"is a directory: give a config.json file \(.*run/config.json is one\)"):
+        _read_model_config(str(tmp_path / "run"))
+    (tmp_path / "list.json").write_text('[{"hidden_size": 64}]')
+    with pytest.raises(TrainError, match="must hold one JSON object .*got a list"):
+        _read_model_config(str(tmp_path / "list.json"))
+    with pytest.raises(TrainError, match="inline JSON: unknown key 'layers'; did you mean 'num_hidden_layers'"):
+        _read_model_config('{"hidden_size": 64, "layers": 2}')
+    with pytest.raises(TrainError, match="unknown key 'xyzzy'; valid keys: .*hidden_size"):
+        _read_model_config('{"xyzzy": 2}')
+    assert _read_model_config('{"hidden_size": 64, "dtype": "float32"}') == {"hidden_size": 64, "dtype": "float32"}
+    with pytest.raises(ValueError, match="is a directory"):
+        GPTNeoXJapaneseConfig.from_json_file(tmp_path / "run")
+    assert read_config_json(tmp_path / "run" / "config.json") == {}

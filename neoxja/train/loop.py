@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from neoxja.config import GPTNeoXJapaneseConfig
+from neoxja.config import GPTNeoXJapaneseConfig, read_config_json
 from neoxja.model import GPTNeoXJapaneseForCausalLM
 from neoxja.train import checkpoint as ckpt
 from neoxja.train import distributed as dist_utils
@@ -82,20 +82,11 @@ def checkpoint_layers(layers: torch.nn.ModuleList) -> None:
 
 
 def _read_model_config(spec: str) -> dict:
-    """--model-config: a JSON file or an inline JSON object."""
-    text = spec
-    if not spec.lstrip().startswith("{"):
-        path = Path(spec)
-        if not path.is_file():
-            raise TrainError(f"--model-config {spec}: no such file (give a JSON file or an inline JSON object)")
-        text = path.read_text(encoding="utf-8")
+    """--model-config: a JSON file or an inline JSON object; every key must be one a config knows."""
     try:
-        config = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise TrainError(f"--model-config: not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise TrainError("--model-config must be a JSON object")
-    return config
+        return read_config_json(spec, strict=True)
+    except ValueError as err:
+        raise TrainError(f"--model-config: {err}") from None
 
 
 def build_model(args: Namespace, manifest: dict) -> GPTNeoXJapaneseForCausalLM:
