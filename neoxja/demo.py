@@ -51,12 +51,20 @@ def generation_demo(model_dir: Path, prompt: str, max_new_tokens: int, seed: int
     print(f"[{new} new tokens in {seconds:.2f}s, {new / seconds:.1f} tokens/s]", file=sys.stderr)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neoxja demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", default=PROMPT, help=f"text to continue (default {PROMPT})")
+    parser.add_argument("--max-new-tokens", type=int, default=80, metavar="N", help="new tokens (default 80)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="random seed of the sampling (temperature 0.8, top-p 0.95) (default 0)")
+    parser.add_argument("--tokenizer-only", action="store_true",
+                        help="only tokenize and decode a sample, even with the bundled model (default: off)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="neoxja demo", description=__doc__)
-    parser.add_argument("--prompt", default=PROMPT)
-    parser.add_argument("--max-new-tokens", type=int, default=80)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer-only", action="store_true", help="only tokenize and decode a sample")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0:
         parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")

@@ -51,6 +51,7 @@ class GenerationMixin:
         tokenizer=None,
         inputs: torch.Tensor | None = None,
         vocab_limit: int | None = None,
+        num_beams: int = 1,
     ) -> torch.LongTensor:
         """Continue each row of `input_ids` (B, T); return prompt + new tokens, (B * num_return_sequences, T').
 
@@ -70,6 +71,9 @@ class GenerationMixin:
         device = self.device
 
         # ---- arguments ----
+        if num_beams != 1:
+            raise NotImplementedError(f"num_beams={num_beams!r}: beam search is not implemented in neoxja; use greedy "
+                                      "decoding (num_beams=1) or sampling (do_sample=True)")
         if inputs is not None:  # transformers' name for the prompt
             if input_ids is not None:
                 raise ValueError("pass the prompt as input_ids or as inputs, not both")

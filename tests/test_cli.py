@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import pytest
 
 from neoxja.cli import COMMANDS, main
 
@@ -40,3 +41,15 @@ def test_demo_counts_only_new_tokens_and_refuses_bad_numbers(capsys):
             demo.main(bad)
     assert demo.main(["--prompt", "猫" * 600]) == 2  # longer than the bundled model's positions
     assert "max_position_embeddings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["neoxja.generate_cli", "neoxja.demo"])
+def test_every_option_shows_its_default_in_help(module):
+    """issue 14, item 13: `--help` gives each option's default (before: generate's --seed, --greedy,
+    --num-return-sequences and every demo option had none)."""
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and "default" in action.help, f"{module} {action.option_strings[0]} has no default"

@@ -59,3 +59,11 @@ def test_cli_never_emits_an_id_the_tokenizer_lacks(padded_dir, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.startswith("吾輩は猫")
+
+
+def test_num_beams_above_one_says_beam_search_is_not_implemented():
+    # before: TypeError: generate() got an unexpected keyword argument 'num_beams'
+    model = padded_model(8000)
+    with pytest.raises(NotImplementedError, match="beam search is not implemented"):
+        model.generate(torch.tensor([[10, 11]]), max_new_tokens=2, num_beams=4)
+    assert model.generate(torch.tensor([[10, 11]]), max_new_tokens=2, num_beams=1).shape == (1, 4)
