@@ -43,7 +43,7 @@ def test_demo_counts_only_new_tokens_and_refuses_bad_numbers(capsys):
     assert "max_position_embeddings" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", ["neoxja.generate_cli", "neoxja.demo"])
+@pytest.mark.parametrize("module", ["neoxja.generate_cli", "neoxja.demo", "neoxja.eval_cli"])
 def test_every_option_shows_its_default_in_help(module):
     """issue 14, item 13: `--help` gives each option's default (before: generate's --seed, --greedy,
     --num-return-sequences and every demo option had none)."""
