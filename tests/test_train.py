@@ -479,32 +479,6 @@ def test_hub_ids_resolve_through_huggingface_hub(data, tmp_path, bundled_dir, mo
     assert "--tokenizer someone/missing: cannot load it" in capsys.readouterr().err
 
 
-def test_loss_curve_png_is_a_valid_image_with_both_curves(tmp_path, monkeypatch):
-    import struct
-    import zlib
-
-    from neoxja.train.metrics import BLUE, ORANGE, plot_loss_curve
-
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the built-in writer, as without matplotlib
-    metrics = tmp_path / "metrics.jsonl"
-    records = [{"step": s, "loss": 10 / s} | ({"val_loss": 11 / s} if s % 5 == 0 else {}) for s in range(1, 21)]
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 21, "lo')  # torn last line
-    png = plot_loss_curve(metrics, tmp_path / "loss.png").read_bytes()
-
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    chunks, pos = {}, 8
-    while pos < len(png):
-        (length,) = struct.unpack(">I", png[pos : pos + 4])
-        kind, data = png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + length]
-        assert struct.unpack(">I", png[pos + 8 + length : pos + 12 + length])[0] == zlib.crc32(kind + data)
-        chunks[kind] = chunks.get(kind, b"") + data
-        pos += 12 + length
-    width, height = struct.unpack(">II", chunks[b"IHDR"][:8])
-    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8).reshape(height, 1 + 3 * width)
-    pixels = raw[:, 1:].reshape(height, width, 3)
-    assert (pixels == BLUE).all(-1).sum() > 100 and (pixels == ORANGE).all(-1).sum() > 20
-
-
 def test_plain_cuda_means_each_process_its_own_gpu(monkeypatch):
     """--device cuda under torchrun: process LOCAL_RANK takes cuda:LOCAL_RANK (set_device needs an index)."""
     from neoxja.train import distributed
