@@ -193,6 +193,10 @@ def test_a_typo_of_a_key_is_refused_with_the_nearest_key(tmp_path):
     config = GPTNeoXJapaneseConfig.from_dict({"hidden_size": 64, "num_attention_heads": 4, "torch_dtype": "float16",
                                               "id2label": {"0": "a"}, "num_beams": 1, "my_custom_key": 1})
     assert config.extra["torch_dtype"] == "float16" and config.my_custom_key == 1
+    # the deviation (README table): transformers keeps the typo as an attribute and uses the default size
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.GPTNeoXJapaneseConfig.from_dict({"hiden_size": 64, "num_attention_heads": 4})
+    assert ref.hiden_size == 64 and ref.hidden_size == transformers.GPTNeoXJapaneseConfig().hidden_size
 
 
 def test_model_config_json_says_what_is_wrong(tmp_path):

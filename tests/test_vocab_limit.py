@@ -67,3 +67,11 @@ def test_num_beams_above_one_says_beam_search_is_not_implemented():
     with pytest.raises(NotImplementedError, match="beam search is not implemented"):
         model.generate(torch.tensor([[10, 11]]), max_new_tokens=2, num_beams=4)
     assert model.generate(torch.tensor([[10, 11]]), max_new_tokens=2, num_beams=1).shape == (1, 4)
+
+
+def test_num_beams_deviation_transformers_runs_beam_search(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    padded_model(8000).save_pretrained(tmp_path)
+    ref = transformers.GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path).eval()
+    out = ref.generate(torch.tensor([[10, 11]]), max_new_tokens=2, num_beams=2, do_sample=False)
+    assert out.shape == (1, 4)  # transformers searches beams; neoxja refuses (README table)
