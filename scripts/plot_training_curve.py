@@ -2,8 +2,8 @@
 
     /path/to/python-with-matplotlib scripts/plot_training_curve.py OUT/metrics.jsonl docs/bundled-model-loss.png
 
-Dev-time tool: needs matplotlib (not a dependency of neoxja; `neoxja train` itself writes OUT/loss.png
-without it). Plots training loss (per step, and its 10-step mean) and validation loss, in nats per
+Dev-time tool for the docs' figure: needs matplotlib (`pip install 'neoxja[train]'`, which also gives
+`neoxja train` its OUT/loss.png). Plots training loss (per step, and its 10-step mean) and validation loss, in nats per
 token, against tokens seen.
 """
 
