@@ -249,7 +249,8 @@ def test_max_new_tokens_past_the_context_is_one_clear_line(model_dir, capsys, mo
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # before the fix: a raw UserWarning from generate() with its source line
-        code, out, err = run(["猫", "--model", str(model_dir), "--max-new-tokens", "1000000", "--greedy",
+        prompt = "吾輩は猫である。" * 17  # about 120 of the 128 positions: few tokens to generate
+        code, out, err = run([prompt, "--model", str(model_dir), "--max-new-tokens", "1000000", "--greedy",
                               "--output-format", "jsonl"], capsys, monkeypatch)
     assert code == 0, err
     notes = [line for line in err.splitlines() if "max_position_embeddings" in line]
