@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from neoxja.config import CONFIG_NAME, GPTNeoXJapaneseConfig, hub_file
+from neoxja.config import CONFIG_NAME, GPTNeoXJapaneseConfig
+from neoxja.hub import resolve_model_path
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -54,31 +55,16 @@ class CheckpointError(ValueError):
 
 def resolve_files(name_or_path: str | os.PathLike, revision: str | None = None,
                   cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> tuple[Path, list[Path]]:
-    """(config.json path, weight files) of a local directory or a hub repo id."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        config_path = path / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in directory {path}")
-        for name in WEIGHT_FILE_NAMES:
-            if (path / name).is_file():
-                return config_path, _expand_index(path / name, lambda shard: path / shard)
-        raise FileNotFoundError(f"no weights in directory {path}: expected one of {', '.join(WEIGHT_FILE_NAMES)}")
-    if path.exists():
-        raise FileNotFoundError(f"{path} is a file; from_pretrained needs a directory or a hub repo id")
-
-    repo_id = str(name_or_path)
-    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    config_path = hub_file(repo_id, CONFIG_NAME, **hub)
-    problems = []
+    """(config.json path, weight files) of a local directory or a hub id (found by neoxja.hub's resolver)."""
+    path = resolve_model_path(name_or_path, revision=revision, cache_dir=cache_dir,
+                              local_files_only=local_files_only, files=(CONFIG_NAME, WEIGHT_FILE_NAMES))
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in directory {path}")
     for name in WEIGHT_FILE_NAMES:
-        try:
-            weights = hub_file(repo_id, name, **hub)
-        except FileNotFoundError as e:
-            problems.append(str(e))
-            continue
-        return config_path, _expand_index(weights, lambda shard: hub_file(repo_id, shard, **hub))
-    raise FileNotFoundError(f"no weights found for {repo_id!r}:\n  " + "\n  ".join(problems))
+        if (path / name).is_file():
+            return config_path, _expand_index(path / name, lambda shard: path / shard)
+    raise FileNotFoundError(f"no weights in directory {path}: expected one of {', '.join(WEIGHT_FILE_NAMES)}")
 
 
 def _expand_index(path: Path, shard_path) -> list[Path]:

@@ -445,7 +445,7 @@ def test_hub_ids_resolve_through_huggingface_hub(data, tmp_path, bundled_dir, mo
     from huggingface_hub.utils import EntryNotFoundError
 
     assert train_here(*train_args(data, tmp_path / "base", steps=1)) == 0
-    repos = {"neoxja/aozora-small": bundled_dir, "someone/tiny-neox-ja": tmp_path / "base" / "final"}
+    repos = {"someone/aozora-small": bundled_dir, "someone/tiny-neox-ja": tmp_path / "base" / "final"}
     requested = []
 
     def fake_download(repo_id, filename, **kwargs):
@@ -456,14 +456,15 @@ def test_hub_ids_resolve_through_huggingface_hub(data, tmp_path, bundled_dir, mo
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr("neoxja.hub.hub_reachable", lambda timeout=None: True)  # the (fake) hub answers
     from neoxja.train.prepare import main as prepare
 
     corpus = write_corpus(tmp_path / "c.jsonl", documents=5)
-    assert prepare(["--tokenizer", "neoxja/aozora-small", "--out", str(tmp_path / "d"), "--num-proc", "1",
+    assert prepare(["--tokenizer", "someone/aozora-small", "--out", str(tmp_path / "d"), "--num-proc", "1",
                     str(corpus)]) == 0
-    assert ("neoxja/aozora-small", "vocab.txt") in requested
+    assert ("someone/aozora-small", "vocab.txt") in requested
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
-    assert manifest["tokenizer"]["source"] == "neoxja/aozora-small"
+    assert manifest["tokenizer"]["source"] == "someone/aozora-small"
 
     args = train_args(tmp_path / "d", tmp_path / "tuned", steps=1, seq_len=8, batch_size=1)
     args[args.index("--model-config"):args.index("--model-config") + 2] = ["--init-from", "someone/tiny-neox-ja"]
