@@ -394,6 +394,54 @@ def test_fine_tuning_from_a_pretrained_directory(data, tmp_path):
     assert losses(tmp_path / "tuned")[0] < losses(tmp_path / "base")[0] - 0.05
 
 
+def init_from(args: list[str], model) -> list[str]:
+    """train_args with --init-from MODEL in place of --model-config."""
+    i = args.index("--model-config")
+    return args[:i] + ["--init-from", str(model)] + args[i + 2:]
+
+
+def test_init_from_refuses_data_prepared_with_another_tokenizer(data, tmp_path, bundled_dir, capsys):
+    import shutil
+
+    from neoxja.train.prepare import main as prepare
+
+    # same size, same files, one pair of lines swapped: the ids of two entries mean each other's text
+    other = tmp_path / "other-vocab"
+    other.mkdir()
+    for name in ("vocab.txt", "emoji.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(bundled_dir / name, other / name)
+    lines = (other / "vocab.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[100], lines[101] = lines[101], lines[100]
+    (other / "vocab.txt").write_text("".join(lines), encoding="utf-8")
+    mismatched = tmp_path / "mv"
+    assert prepare(["--tokenizer", str(other), "--out", str(mismatched), "--num-proc", "1",
+                    str(write_corpus(tmp_path / "c.jsonl", documents=10))]) == 0
+    capsys.readouterr()
+
+    tiny = dict(steps=1, batch_size=1, seq_len=8, warmup_steps=0)
+    assert train_here(*init_from(train_args(mismatched, tmp_path / "a", **tiny), bundled_dir)) == 2
+    err = capsys.readouterr().err
+    assert "prepared with another tokenizer" in err and "--allow-tokenizer-mismatch" in err
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+    # data prepared before the manifest recorded the fingerprint: the tokenizer kept with the data is compared
+    manifest = json.loads((mismatched / "manifest.json").read_text())
+    del manifest["tokenizer"]["fingerprint"]
+    (mismatched / "manifest.json").write_text(json.dumps(manifest))
+    assert train_here(*init_from(train_args(mismatched, tmp_path / "a", **tiny), bundled_dir)) == 2
+    assert "prepared with another tokenizer" in capsys.readouterr().err
+    assert train_here(*init_from(train_args(mismatched, tmp_path / "b", **tiny), bundled_dir),
+                      "--allow-tokenizer-mismatch") == 0
+    # the same vocabulary from another directory (the data keeps its own copy) is the same tokenizer
+    assert train_here(*init_from(train_args(data, tmp_path / "c", **tiny), bundled_dir)) == 0
+
+
+def test_model_vocabulary_smaller_than_the_tokenizer_is_refused(data, tmp_path, capsys):
+    assert train_here(*train_args(data, tmp_path / "a", config={**TINY, "vocab_size": 100})) == 2
+    assert "smaller than the data's tokenizer" in capsys.readouterr().err
+    # larger (padded for speed) is fine: generation masks the ids the tokenizer lacks
+    assert train_here(*train_args(data, tmp_path / "b", config={**TINY, "vocab_size": 8192}, steps=1)) == 0
+
+
 def test_bad_arguments_and_inputs_are_clear_errors(data, tmp_path, capsys):
     def error(*args) -> str:
         assert train_here(*args) == 2

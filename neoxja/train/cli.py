@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--model-config", metavar="JSON", help="new model: config.json file or inline JSON object")
     model.add_argument("--init-from", metavar="DIR_OR_HUB_ID", help="fine-tune a pretrained model")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="with --init-from: train even though the data was prepared with another tokenizer than the "
+                        "model's (its token ids then mean other text to the model)")
     p.add_argument("--steps", type=_positive(int), required=True, help="optimizer steps in total")
     p.add_argument("--batch-size", type=_positive(int), required=True, help="sequences per micro-batch per process")
     p.add_argument("--seq-len", type=_positive(int), required=True, help="tokens per sequence")

@@ -98,6 +98,35 @@ def _read_model_config(spec: str) -> dict:
     return config
 
 
+def check_tokenizer(args: Namespace, data_dir: Path, manifest: dict) -> None:
+    """--init-from: the data must have been tokenized with the model's own tokenizer (same content)."""
+    from neoxja.hub import ModelNotFoundError
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+    from neoxja.train.prepare import tokenizer_fingerprint
+
+    try:
+        model_tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(args.init_from)
+    except ModelNotFoundError as err:
+        raise TrainError(f"--init-from {args.init_from}: cannot load it: {err}") from None
+    except (OSError, ValueError) as err:
+        raise TrainError(f"--init-from {args.init_from}: no tokenizer to compare with the data's ({err}); "
+                         "pass --allow-tokenizer-mismatch if the data was surely tokenized for this model") from None
+    recorded = manifest["tokenizer"]
+    data_print = recorded.get("fingerprint")
+    if data_print is None:  # prepared before the manifest recorded it: read the copy kept with the data
+        try:
+            data_print = tokenizer_fingerprint(GPTNeoXJapaneseTokenizer.from_pretrained(data_dir / recorded["dir"]))
+        except (OSError, ValueError) as err:
+            raise TrainError(f"{data_dir}: cannot read the tokenizer the data was prepared with: {err}") from None
+    if data_print != tokenizer_fingerprint(model_tokenizer):
+        raise TrainError(
+            f"the data in {data_dir} was prepared with another tokenizer ({recorded.get('source')}, "
+            f"{recorded['vocab_size']} ids) than the model --init-from {args.init_from} has ({len(model_tokenizer)} "
+            f"ids, a different vocabulary): its token ids would mean other text to the model. Prepare the data "
+            f"with `neoxja prepare --tokenizer {args.init_from} ...`, or pass --allow-tokenizer-mismatch if you "
+            f"mean it")
+
+
 def build_model(args: Namespace, manifest: dict) -> GPTNeoXJapaneseForCausalLM:
     """A fresh model from --model-config, or a pretrained one from --init-from, in float32."""
     if args.init_from:
@@ -153,6 +182,8 @@ def _train(args: Namespace, env: dist_utils.DistEnv) -> dict:
         val_tokens = open_tokens(data_dir, "val", manifest)
     except DataError as err:
         raise TrainError(str(err)) from None
+    if args.init_from and not getattr(args, "allow_tokenizer_mismatch", False):
+        check_tokenizer(args, data_dir, manifest)
     ckpt_root = out / "checkpoints"
 
     resume_path = None

@@ -152,6 +152,20 @@ def read_documents(path: Path, text_field: str, skips: SkipLog) -> Iterator[str]
 
 # ----------------------------------------------------------------------------- tokenizing
 
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what a tokenizer maps ids to (its vocabulary lines and emoji table), not of where it lives.
+
+    Two tokenizers with the same fingerprint give every text the same ids; `neoxja train --init-from`
+    compares the model's with the one the data was prepared with.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    digest.update("".join(",".join(spellings) + "\n" for spellings in tokenizer.ids_to_tokens).encode("utf-8"))
+    digest.update(json.dumps(tokenizer.emoji, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+    return digest.hexdigest()
+
 _worker_tokenizer = None
 _worker_dtype = None
 
@@ -308,6 +322,7 @@ def prepare(args: argparse.Namespace) -> dict:
             "source": str(args.tokenizer),
             "dir": "tokenizer",
             "vocab_size": vocab_size,
+            "fingerprint": tokenizer_fingerprint(tokenizer),
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
         },
