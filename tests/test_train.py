@@ -317,6 +317,23 @@ def test_sigkill_then_resume_logs_exactly_the_same_losses(data, tmp_path):
     assert expected[-1]["val_loss"] < expected[9]["val_loss"] < 10.0
 
 
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = subprocess.Popen(neoxja_command("train", *train_args(data, out, steps=100000)), cwd=REPO,
+                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_steps(out / "metrics.jsonl", 1, first)
+        assert train_here(*train_args(data, out, steps=2)) == 2
+        err = capsys.readouterr().err
+        assert f"{out} is in use by another training run (pid {first.pid} on " in err
+        assert first.poll() is None  # the first run is untouched
+        os.kill(first.pid, signal.SIGKILL)  # the kernel drops the lock however the holder ends
+    finally:
+        first.kill()
+        first.wait()
+    assert train_here(*train_args(data, out, steps=2)) == 0
+
+
 # ----------------------------------------------------------------------------- in-process runs
 
 

@@ -162,16 +162,74 @@ def build_model(args: Namespace, manifest: dict) -> GPTNeoXJapaneseForCausalLM:
 # ----------------------------------------------------------------------------- the run
 
 
+class RunLock:
+    """An exclusive OS lock (flock) on OUT/.lock, held by rank 0 for the whole run.
+
+    The kernel releases it however the process ends (exception, Ctrl-C, SIGKILL). The file records who
+    holds it, so that a second run into the same OUT is refused at once with a message naming the first.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, out: Path, env: dist_utils.DistEnv):
+        self.out, self.env, self._file = out, env, None
+
+    def acquire(self) -> None:
+        holder = None
+        if self.env.is_main:
+            holder = self._try_lock()
+        refused = torch.tensor(0.0 if holder is None else 1.0, device=self.env.device)
+        if dist_utils.mean_over_ranks(refused, self.env).item() > 0:  # every rank stops, not only rank 0
+            raise TrainError(f"{self.out} is in use by another training run ({holder or 'see rank 0'}); wait for it "
+                             "to finish, or choose another --out")
+
+    def _try_lock(self) -> str | None:
+        """None when locked; else a description of the run that holds the lock."""
+        import fcntl
+        import os
+        import socket
+        import sys
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        f = open(self.out / self.NAME, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                info = json.loads(f.read())
+                holder = (f"pid {info['pid']} on {info['host']}, started {info['started']}: "
+                          f"{' '.join(info['command'])}")
+            except (ValueError, KeyError, TypeError):
+                holder = f"it holds {self.out / self.NAME}"
+            f.close()
+            return holder
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": ["neoxja", *sys.argv[1:]]}))
+        f.flush()
+        self._file = f
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
+
+
 def train(args: Namespace) -> dict:
     """Run training as the arguments say; returns a summary. Collective under torchrun."""
     env = dist_utils.setup(args.device, need_group=args.fsdp)
+    lock = RunLock(Path(args.out), env)
     try:
-        return _train(args, env)
+        return _train(args, env, lock)
     finally:
+        lock.release()
         dist_utils.teardown(env)
 
 
-def _train(args: Namespace, env: dist_utils.DistEnv) -> dict:
+def _train(args: Namespace, env: dist_utils.DistEnv, lock: RunLock) -> dict:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file; give a directory")
@@ -184,6 +242,7 @@ def _train(args: Namespace, env: dist_utils.DistEnv) -> dict:
         raise TrainError(str(err)) from None
     if args.init_from and not getattr(args, "allow_tokenizer_mismatch", False):
         check_tokenizer(args, data_dir, manifest)
+    lock.acquire()  # before anything in OUT is read or written
     ckpt_root = out / "checkpoints"
 
     resume_path = None
