@@ -317,6 +317,44 @@ def test_sigkill_then_resume_logs_exactly_the_same_losses(data, tmp_path):
     assert expected[-1]["val_loss"] < expected[9]["val_loss"] < 10.0
 
 
+def test_resume_applies_a_new_schedule_and_batch_and_refuses_the_rest(data, tmp_path, capsys):
+    from neoxja.train.metrics import read_metrics
+    from neoxja.train.optim import lr_factor
+
+    out = tmp_path / "run"
+    assert train_here(*train_args(data, out, steps=4, save_every=2, batch_size=4)) == 0
+    capsys.readouterr()
+    # the common case: more steps; and a lower learning rate, a smaller batch
+    changed = dict(steps=8, save_every=2, lr=1e-3, min_lr=1e-4, batch_size=2)
+    assert train_here(*train_args(data, out, **changed), "--resume", "auto") == 0
+    said = capsys.readouterr().out
+    assert "--steps 4 -> 8" in said and "--lr 0.003 -> 0.001" in said and "--batch-size 4 -> 2" in said
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for r in records[4:]:  # the new schedule (peak 1e-3, floor 1e-4, 8 steps) from step 5 on
+        assert r["lr"] == pytest.approx(1e-3 * lr_factor(r["step"] - 1, 2, 8, 0.1), rel=1e-12)
+    # tokens actually consumed: 4 steps of 4 sequences, then steps of 2, each of 16 tokens
+    assert [r["tokens"] for r in records] == [4 * 16 * s for s in range(1, 5)] + [(16 + 2 * s) * 16 for s in range(1, 5)]
+    meta = json.loads((out / "checkpoints" / "step_00000008" / "meta.json").read_text())
+    assert meta["args"]["lr"] == 1e-3 and meta["args"]["batch_size"] == 2  # what was used
+    assert meta["resumed"] == [{"step": 4, "changed": {"steps": [4, 8], "lr": [3e-3, 1e-3], "min_lr": [3e-3 / 10, 1e-4],
+                                                       "batch_size": [4, 2]}}]
+
+    def error(**options) -> str:
+        assert train_here(*train_args(data, out, **{**changed, **options}), "--resume", "auto") == 2
+        return capsys.readouterr().err
+
+    assert "--steps 6 is below the step of" in error(steps=6)  # not `loss nan`
+    assert "--seed 1337; resume with the same value (got 7)" in error(seed=7)
+    other_model = train_args(data, out, config={**TINY, "hidden_size": 64}, **changed)
+    assert train_here(*other_model, "--resume", "auto") == 2
+    assert "--model-config" in capsys.readouterr().err
+    # --steps equal to the checkpoint's: nothing to train, a clean summary
+    assert train_here(*train_args(data, out, **changed), "--resume", "auto") == 0
+    said = capsys.readouterr().out
+    assert "nothing left to train" in said and f"done: step 8, loss {records[-1]['loss']:.4f}" in said
+
+
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(data, tmp_path, capsys):
     out = tmp_path / "run"
     first = subprocess.Popen(neoxja_command("train", *train_args(data, out, steps=100000)), cwd=REPO,

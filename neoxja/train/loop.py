@@ -27,7 +27,7 @@ from neoxja.model import GPTNeoXJapaneseForCausalLM
 from neoxja.train import checkpoint as ckpt
 from neoxja.train import distributed as dist_utils
 from neoxja.train.data import DataError, DistributedBatches, TokenWindows, load_manifest, open_tokens
-from neoxja.train.metrics import MetricsLog, plot_loss_curve
+from neoxja.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from neoxja.train.optim import make_optimizer, make_scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -259,11 +259,7 @@ def _train(args: Namespace, env: dist_utils.DistEnv, lock: RunLock) -> dict:
     meta = ckpt.read_meta(resume_path) if resume_path else None
     if meta and not isinstance(meta.get("args"), dict):
         raise TrainError(f"{resume_path}/meta.json: not the metadata neoxja train writes (no training arguments)")
-    if meta:
-        for key in ("seq_len", "seed"):
-            if meta["args"][key] != getattr(args, key):
-                raise TrainError(f"{resume_path} was trained with --{key.replace('_', '-')} {meta['args'][key]}; "
-                                 f"resume with the same value (got {getattr(args, key)})")
+    resume_changes = check_resume(args, meta, resume_path, manifest) if meta else {}
 
     # Identical initial weights on every rank (FSDP shards them, DDP broadcasts rank 0's anyway).
     torch.manual_seed(args.seed)
@@ -301,15 +297,25 @@ def _train(args: Namespace, env: dist_utils.DistEnv, lock: RunLock) -> dict:
     global_batch = batches.global_batch_size
     eval_batches = _eval_batches(args, val_tokens, env, global_batch)
 
-    step, samples_seen = 0, 0
+    step, samples_seen, resumed = 0, 0, []
     if resume_path:
         meta, trainer_state = ckpt.load_checkpoint(resume_path, train_module, optimizer, env, args.fsdp)
-        scheduler.load_state_dict(trainer_state["scheduler"])
+        step, samples_seen = meta["step"], meta["samples_seen"]
+        # The schedule is a pure function of the step and of --lr, --min-lr, --warmup-steps, --steps: it is
+        # rebuilt from this run's values (the checkpoint's scheduler state holds nothing else).
+        apply_schedule_at(scheduler, step)
+        for group in optimizer.param_groups:  # weight decay: this run's value (matrices only, as at the start)
+            if group["weight_decay"]:
+                group["weight_decay"] = args.weight_decay
         if scaler.is_enabled() and trainer_state["scaler"]:  # empty when the run was not float16: start afresh
             scaler.load_state_dict(trainer_state["scaler"])
-        step, samples_seen = meta["step"], meta["samples_seen"]
+        resumed = list(meta.get("resumed", []))
+        if resume_changes:
+            resumed.append({"step": step, "changed": {k: list(v) for k, v in resume_changes.items()}})
         if env.is_main:
             print(f"resumed from {resume_path} at step {step}")
+            for key, (old, new) in resume_changes.items():
+                print(f"  --{key.replace('_', '-')} {old} -> {new}: {RESUME_APPLIED[key]}")
     if env.is_main:
         ckpt.clean_partial(ckpt_root)
         out.mkdir(parents=True, exist_ok=True)
@@ -323,6 +329,10 @@ def _train(args: Namespace, env: dist_utils.DistEnv, lock: RunLock) -> dict:
     bar = tqdm(total=args.steps, initial=step, unit="step", disable=not env.is_main, dynamic_ncols=True)
     train_module.train()
     last = {}
+    if resume_path:  # the checkpoint's own line, for the summary when nothing is left to train
+        last = next((r for r in reversed(read_metrics(out / "metrics.jsonl")) if r.get("step") == step), {})
+        if step == args.steps and env.is_main:
+            print(f"nothing left to train: {resume_path} is at --steps {args.steps}")
     while step < args.steps:
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -352,7 +362,8 @@ def _train(args: Namespace, env: dist_utils.DistEnv, lock: RunLock) -> dict:
 
         if not math.isfinite(loss_value) and dtype != torch.float16:
             raise TrainError(f"the loss became {loss_value} at step {step}; lower --lr or check the data")
-        record = {"step": step, "loss": loss_value, "lr": lr, "tokens": step * tokens_per_step,
+        # tokens actually consumed: every sample so far (whatever the batch size of earlier runs) x seq_len
+        record = {"step": step, "loss": loss_value, "lr": lr, "tokens": samples_seen * args.seq_len,
                   "tokens_per_s": tokens_per_step / elapsed}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
@@ -368,7 +379,8 @@ def _train(args: Namespace, env: dist_utils.DistEnv, lock: RunLock) -> dict:
         if args.save_every and (step % args.save_every == 0 or step == args.steps):
             ckpt.save_checkpoint(
                 ckpt_root, step,
-                {"samples_seen": samples_seen, "args": _saved_args(args)},
+                {"samples_seen": samples_seen, "args": _saved_args(args), "data": _data_identity(manifest),
+                 "resumed": resumed},
                 train_module, optimizer,
                 {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
                 env, args.fsdp, args.keep,
@@ -381,6 +393,76 @@ def _train(args: Namespace, env: dist_utils.DistEnv, lock: RunLock) -> dict:
         plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
         print(f"done: step {step}, loss {last.get('loss', float('nan')):.4f}; model in {out / 'final'}")
     return {"step": step, **last}
+
+
+# The resume rule. A resumed run continues the checkpoint's model, optimizer state, RNG and data position.
+# These arguments may differ from the checkpoint's; the new value applies from the checkpoint's step on
+# (said at the start, and recorded in each later checkpoint's meta.json: "args" and "resumed"):
+RESUME_APPLIED = {
+    "steps": "the new total; the learning-rate schedule is that of the new total from here on",
+    "lr": "the schedule's peak, from here on",
+    "min_lr": "the schedule's floor, from here on",
+    "warmup_steps": "the schedule's warm-up, from here on",
+    "batch_size": "samples per step from here on; the data continues at the first sample not yet seen",
+    "grad_accum": "samples per step from here on; the data continues at the first sample not yet seen",
+    "weight_decay": "applied from here on",
+    "grad_clip": "applied from here on",
+    "dtype": "autocast from here on (a float16 gradient scaler starts afresh)",
+    "grad_checkpointing": "memory only: the same numbers",
+    "eval_every": "applied from here on", "eval_steps": "applied from here on",
+    "save_every": "applied from here on", "keep": "applied from here on", "device": "applied from here on",
+}
+# These may not: they define the data stream or the model, which the checkpoint continues.
+RESUME_FIXED = {
+    "seq_len": "the data position counts windows of this length",
+    "seed": "the data order and dropout streams come from it",
+    "model_config": "the checkpoint holds this model",
+    "init_from": "the checkpoint holds this model",
+}
+
+
+def check_resume(args: Namespace, meta: dict, resume_path: Path, manifest: dict) -> dict:
+    """Refuse what may not change on resume (RESUME_FIXED, other data, fewer steps than done); return the
+    arguments that changed as {name: (checkpoint's value, this run's)}."""
+    saved = meta["args"]
+    for key, why in RESUME_FIXED.items():
+        if key in saved and _normalized(saved[key]) != _normalized(getattr(args, key)):
+            old = "none" if saved[key] is None else saved[key]
+            raise TrainError(f"{resume_path} was trained with --{key.replace('_', '-')} {old}; resume with the same "
+                             f"value (got {getattr(args, key)}): {why}")
+    data, now = meta.get("data"), _data_identity(manifest)
+    if data is not None and (data["train_tokens"] != now["train_tokens"]
+                             or None not in (data["tokenizer"], now["tokenizer"]) and data["tokenizer"] != now["tokenizer"]):
+        raise TrainError(f"{resume_path} was trained on other data ({data['train_tokens']:,} training tokens) than "
+                         f"--data {args.data} ({manifest['train']['tokens']:,}): resume with the same prepared data")
+    if args.steps < meta["step"]:
+        raise TrainError(f"--steps {args.steps} is below the step of {resume_path} ({meta['step']}): give --steps "
+                         f"{meta['step']} or more to continue it")
+    return {key: (saved[key], getattr(args, key)) for key in RESUME_APPLIED
+            if key in saved and saved[key] != getattr(args, key)}
+
+
+def _normalized(value):
+    """An inline JSON --model-config compares by content, not by spelling."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    return value
+
+
+def apply_schedule_at(scheduler, step: int) -> None:
+    """Put a fresh LambdaLR at `step`: the learning rate it would have set there after `step` steps."""
+    scheduler.last_epoch = step
+    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * factor(step)  # what LambdaLR.step() computes
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def _data_identity(manifest: dict) -> dict:
+    return {"train_tokens": manifest["train"]["tokens"], "tokenizer": manifest["tokenizer"].get("fingerprint")}
 
 
 def _saved_args(args: Namespace) -> dict:
