@@ -355,6 +355,21 @@ def test_resume_applies_a_new_schedule_and_batch_and_refuses_the_rest(data, tmp_
     assert "nothing left to train" in said and f"done: step 8, loss {records[-1]['loss']:.4f}" in said
 
 
+def test_resuming_another_model_size_is_one_clear_line(data, tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    args = train_args(data, tmp_path / "run", steps=2, save_every=2)
+    args[args.index("--model-config") + 1] = str(config)
+    assert train_here(*args) == 0
+    config.write_text(json.dumps({**TINY, "hidden_size": 64}))  # the same file, another model
+    capsys.readouterr()
+    args[args.index("--steps") + 1] = "4"
+    assert train_here(*args, "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a different model" in err and "size mismatch" not in err
+    assert "embed_in.weight: checkpoint [" in err
+
+
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(data, tmp_path, capsys):
     out = tmp_path / "run"
     first = subprocess.Popen(neoxja_command("train", *train_args(data, out, steps=100000)), cwd=REPO,

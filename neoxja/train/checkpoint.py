@@ -177,6 +177,22 @@ def save_checkpoint(
     return final
 
 
+def _check_shapes(path: Path, model: torch.nn.Module, saved) -> None:
+    """One clear line when the checkpoint holds another model (torch would list every tensor)."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}/state.pt: holds no model state")
+    current = model.state_dict()
+    differ = [(key, tuple(saved[key].shape), tuple(current[key].shape)) for key in current
+              if key in saved and hasattr(saved[key], "shape") and tuple(saved[key].shape) != tuple(current[key].shape)]
+    missing = [key for key in current if key not in saved]
+    if differ or missing:
+        what = (f"{len(differ)} of its {len(current)} tensors differ in shape (e.g. {differ[0][0]}: checkpoint "
+                f"{list(differ[0][1])}, this model {list(differ[0][2])})" if differ
+                else f"it lacks {len(missing)} of this model's tensors (e.g. {missing[0]})")
+        raise CheckpointError(f"{path} holds a different model: {what}; resume with the model configuration it "
+                              "was trained with")
+
+
 def load_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
@@ -211,6 +227,7 @@ def load_checkpoint(
             trainer_state = _load_file(path / "trainer.pt")
         else:
             state = _load_file(path / "state.pt")
+            _check_shapes(path, _unwrap(model), state.get("model"))
             _unwrap(model).load_state_dict(state.pop("model"))
             optimizer.load_state_dict(state.pop("optimizer"))
             trainer_state = state
