@@ -2,7 +2,9 @@
 
 `resolve_model_path(name_or_path, ...)` returns a local directory holding the files asked for. Rules, in order:
 
-1. a name that is an existing directory is that directory (a local name is always local);
+1. a name that is an existing directory is that directory (a local name is always local), unless it is a
+   training checkpoint (meta.json and the optimizer state, no weights file): that is refused, naming the
+   command that exports it;
 2. an existing file is refused: a model is a directory;
 3. a name that looks like a path (it starts with `.`, `/` or `~`, has more than one `/` or a backslash,
    or its first component is an existing directory, as in `runs/fnal` next to `runs/`) and does not exist
@@ -99,6 +101,10 @@ def resolve_model_path(
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():
+        if (path / "meta.json").is_file() and ((path / "state.pt").is_file() or (path / ".metadata").is_file()):
+            raise ModelNotFoundError(
+                f"{name} is a training checkpoint (model and optimizer state for --resume), not a model directory: "
+                f"make one of it with `neoxja train export-checkpoint {name} OUT_DIR`, then use --model OUT_DIR")
         return path / subfolder if subfolder else path
     if path.exists():
         raise ModelNotFoundError(f"{name} is a file; a model is a directory (config.json, weights, tokenizer "

@@ -370,6 +370,28 @@ def test_resuming_another_model_size_is_one_clear_line(data, tmp_path, capsys):
     assert "embed_in.weight: checkpoint [" in err
 
 
+def test_a_checkpoint_is_exported_to_a_model_directory(data, tmp_path, capsys):
+    from neoxja.generate_cli import main as generate
+    from neoxja.model import GPTNeoXJapaneseForCausalLM
+
+    out = tmp_path / "run"
+    assert train_here(*train_args(data, out, steps=4, save_every=2)) == 0
+    checkpoint = out / "checkpoints" / "step_00000004"
+    capsys.readouterr()
+    assert generate(["--model", str(checkpoint), "--max-new-tokens", "2", "x"]) != 0
+    err = capsys.readouterr().err
+    assert f"is a training checkpoint" in err and f"neoxja train export-checkpoint {checkpoint} OUT_DIR" in err
+
+    assert train_here("export-checkpoint", str(checkpoint), str(tmp_path / "model")) == 0
+    assert generate(["--model", str(tmp_path / "model"), "--max-new-tokens", "2", "--seed", "0", "吾輩は"]) == 0
+    exported = GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    final = GPTNeoXJapaneseForCausalLM.from_pretrained(out / "final").state_dict()
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    capsys.readouterr()
+    assert train_here("export-checkpoint", str(checkpoint), str(tmp_path / "model")) == 2  # never over a model
+    assert "not an empty directory" in capsys.readouterr().err
+
+
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(data, tmp_path, capsys):
     out = tmp_path / "run"
     first = subprocess.Popen(neoxja_command("train", *train_args(data, out, steps=100000)), cwd=REPO,

@@ -1,6 +1,7 @@
 """`neoxja train`: pre-train or fine-tune on data written by `neoxja prepare`.
 
 One process:       neoxja train --data DATA --out OUT --model-config cfg.json --steps 1000 ...
+A checkpoint:      neoxja train export-checkpoint OUT/checkpoints/step_00000100 MODEL_DIR  (a model directory)
 Many (one node):   torchrun --nproc_per_node 8 -m neoxja train ... [--fsdp]
 Many nodes:        torchrun --nnodes 2 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
                             --nproc_per_node 8 -m neoxja train ...
@@ -106,10 +107,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def export_main(argv: list[str]) -> int:
+    """`neoxja train export-checkpoint CHECKPOINT OUT`."""
+    p = argparse.ArgumentParser(prog="neoxja train export-checkpoint",
+                                description="Make a model directory (Hugging Face layout, loadable by `neoxja "
+                                            "generate --model OUT` and transformers) of a training checkpoint.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory, e.g. runs/x/checkpoints/step_00000100")
+    p.add_argument("out", metavar="OUT", help="the model directory to write (new or empty)")
+    args = p.parse_args(argv)
+    from neoxja.train.checkpoint import CheckpointError, export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out)
+    except CheckpointError as err:
+        print(f"neoxja train export-checkpoint: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: use it with `neoxja generate --model {out}`")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from neoxja.train.checkpoint import CheckpointError
     from neoxja.train.loop import TrainError, train
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export-checkpoint"]:
+        return export_main(argv[1:])
     args = parse_args(argv)
     try:
         train(args)

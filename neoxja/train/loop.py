@@ -384,6 +384,7 @@ def _train(args: Namespace, env: dist_utils.DistEnv, lock: RunLock) -> dict:
                 train_module, optimizer,
                 {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
                 env, args.fsdp, args.keep,
+                write_model_files=partial(write_model_files, model.config, data_dir / manifest["tokenizer"]["dir"]),
             )
     bar.close()
 
@@ -507,6 +508,18 @@ def evaluate(train_module, eval_batches, autocast, env) -> float:
     return dist_utils.mean_over_ranks(total / len(eval_batches), env).item()
 
 
+def copy_tokenizer(tokenizer_dir: Path, directory: Path) -> None:
+    for path in sorted(Path(tokenizer_dir).iterdir()):
+        if path.is_file():
+            shutil.copy2(path, directory / path.name)
+
+
+def write_model_files(config: GPTNeoXJapaneseConfig, tokenizer_dir: Path, directory: Path) -> None:
+    """config.json and the tokenizer's files, which make a checkpoint exportable on its own."""
+    config.save_pretrained(directory)
+    copy_tokenizer(tokenizer_dir, directory)
+
+
 def export_final(train_module, model, final_dir: Path, tokenizer_dir: Path, env, fsdp: bool) -> None:
     """The trained model in the Hugging Face layout (config.json, safetensors, tokenizer files).
 
@@ -526,9 +539,7 @@ def export_final(train_module, model, final_dir: Path, tokenizer_dir: Path, env,
         if tmp.exists():
             shutil.rmtree(tmp)
         export_model.save_pretrained(tmp)
-        for path in sorted(Path(tokenizer_dir).iterdir()):
-            if path.is_file():
-                shutil.copy2(path, tmp / path.name)
+        copy_tokenizer(tokenizer_dir, tmp)
         if final_dir.exists():
             shutil.rmtree(final_dir)
         tmp.replace(final_dir)
