@@ -108,7 +108,7 @@ def count_new_tokens(new: "torch.Tensor", eos_ids: list[int]) -> int:  # noqa: F
     return int((~after_eos).sum())
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
@@ -188,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prompt tokens {prompt_tokens}, new tokens {new_tokens}, {seconds:.2f} s, "
           f"{new_tokens / max(seconds, 1e-9):.1f} tokens/s (model loaded in {load_seconds:.2f} s)", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader left (`neoxja generate ... | head -1`): stop quietly, as Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at the exit's flush
+        return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,3 +40,19 @@ def test_demo_counts_only_new_tokens_and_refuses_bad_numbers(capsys):
             demo.main(bad)
     assert demo.main(["--prompt", "猫" * 600]) == 2  # longer than the bundled model's positions
     assert "max_position_embeddings" in capsys.readouterr().err
+
+
+def test_generate_into_a_closed_pipe_stops_quietly():
+    """`neoxja generate ... | head -1`: the reader leaves; no traceback, a non-zero exit."""
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen(
+        [sys.executable, "-m", "neoxja", "generate", "--max-new-tokens", "20", "--seed", "0", "吾輩は"], cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # gone before the first token is written
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr

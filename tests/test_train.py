@@ -409,6 +409,66 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(data, tm
     assert train_here(*train_args(data, out, steps=2)) == 0
 
 
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(data, tmp_path):
+    out = tmp_path / "run"
+    process = start(neoxja_command("train", *train_args(data, out, steps=100000, save_every=2)))
+    try:
+        _wait_for_steps(out / "metrics.jsonl", 5, process)
+        process.send_signal(signal.SIGINT)
+        result = finish(process, check=False)
+    finally:
+        process.kill()
+        process.wait()
+    assert result.returncode == 130
+    assert "Traceback" not in result.stderr
+    last = sorted((out / "checkpoints").glob("step_*"))[-1]
+    assert f"interrupted; the last checkpoint is {last} (step {int(last.name[5:])})" in result.stderr
+    assert "--resume auto" in result.stderr
+
+
+def test_a_full_disk_or_read_only_out_is_one_clear_line(data, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import neoxja.train.checkpoint as ckpt
+    from neoxja.train.metrics import MetricsLog
+
+    # torch.save on a full disk: RuntimeError from inline_container.cc, naming neither the file nor the cause
+    def torch_save_on_a_full_disk(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4288 vs 4176")
+
+    monkeypatch.setattr(ckpt.torch, "save", torch_save_on_a_full_disk)
+    assert train_here(*train_args(data, tmp_path / "a", steps=2, save_every=1)) == 1
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "state.pt" in err and str(tmp_path / "a") in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1 and "Traceback" not in err
+    monkeypatch.undo()
+
+    def write_on_a_full_disk(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(MetricsLog, "write", write_on_a_full_disk)
+    assert train_here(*train_args(data, tmp_path / "b", steps=2)) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'b'}: the disk is full" in err
+    monkeypatch.undo()
+
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert train_here(*train_args(data, tmp_path / "ro" / "run", steps=1)) == 1
+    assert "read-only file system" in capsys.readouterr().err
+    from neoxja.train.prepare import main as prepare
+
+    corpus = write_corpus(tmp_path / "c.jsonl", documents=3)
+    assert prepare(["--tokenizer", str(data / "tokenizer"), "--out", str(tmp_path / "ro" / "d"), str(corpus)]) == 1
+    assert "read-only file system" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- in-process runs
 
 

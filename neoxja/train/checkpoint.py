@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from neoxja.train.distributed import DistEnv, barrier
+from neoxja.train.failures import as_write_error, is_torch_write_failure
 
 NAME = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
@@ -83,7 +84,12 @@ def _fsync_dir(path: Path) -> None:
 
 def _save_file(obj, path: Path) -> None:
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:  # torch's message names neither the file nor the cause
+            if is_torch_write_failure(err):
+                raise as_write_error(err, path) from None
+            raise
         f.flush()
         os.fsync(f.fileno())
 

@@ -139,7 +139,32 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, CheckpointError) as err:
         print(f"neoxja train: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nneoxja train: interrupted; {_where_to_resume(args)}", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError) as err:  # the environment: a full disk, a read-only --out
+        from neoxja.train.failures import describe
+
+        message = describe(err, args.out)
+        if message is None:
+            raise
+        print(f"neoxja train: error: {message}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _where_to_resume(args: argparse.Namespace) -> str:
+    """Where the last checkpoint is and how to continue from it (after Ctrl-C)."""
+    from pathlib import Path
+
+    from neoxja.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(Path(args.out) / "checkpoints")
+    if not found:
+        return (f"no checkpoint was saved in {Path(args.out) / 'checkpoints'} (--save-every {args.save_every}), "
+                "so there is nothing to resume: run the command again to start over")
+    step, path = found[-1]
+    return f"the last checkpoint is {path} (step {step}): continue with the same command and --resume auto"
 
 
 if __name__ == "__main__":  # pragma: no cover

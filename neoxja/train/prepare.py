@@ -364,6 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     except CorpusError as err:
         print(f"neoxja prepare: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the environment: a full disk, a read-only --out
+        from neoxja.train.failures import describe
+
+        print(f"neoxja prepare: error: {describe(err, args.out)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nneoxja prepare: interrupted (run the command again to prepare the data)", file=sys.stderr)
+        return 130
     return 0
 
 
