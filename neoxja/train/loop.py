@@ -295,7 +295,7 @@ def _train(args: Namespace, env: dist_utils.DistEnv, lock: RunLock) -> dict:
                          f"fewer than --seq-len + 1 = {args.seq_len + 1}")
     batches = DistributedBatches(windows, args.batch_size, env.rank, env.world_size)
     global_batch = batches.global_batch_size
-    eval_batches = _eval_batches(args, val_tokens, env, global_batch)
+    eval_batches = _eval_batches(args, val_tokens, env, global_batch, len(train_tokens))
 
     step, samples_seen, resumed = 0, 0, []
     if resume_path:
@@ -483,7 +483,7 @@ def _clip_gradients(module, optimizer, scaler, max_norm: float) -> float | None:
     return total.item()
 
 
-def _eval_batches(args: Namespace, val_tokens, env, global_batch: int) -> list | None:
+def _eval_batches(args: Namespace, val_tokens, env, global_batch: int, train_tokens: int) -> list | None:
     """The validation batches (this rank's rows): the first windows of the split, in file order."""
     windows = TokenWindows(val_tokens, args.seq_len, shuffle=False)
     count = min(args.eval_steps, windows.num_windows // global_batch)
@@ -491,7 +491,12 @@ def _eval_batches(args: Namespace, val_tokens, env, global_batch: int) -> list |
         message = (f"the validation split ({len(val_tokens)} tokens) holds fewer than one batch of "
                    f"{global_batch} x {args.seq_len + 1} tokens")
         if args.eval_every:
-            raise TrainError(message + "; drop --eval-every or prepare with a larger --val-fraction")
+            needed = global_batch * args.seq_len + 1
+            total = len(val_tokens) + train_tokens
+            fraction = min(0.5, math.ceil(100 * 1.5 * needed / max(total, 1)) / 100)
+            raise TrainError(message + f"; prepare the data again with --val-fraction {fraction} (or --val-input "
+                             f"FILE) for at least {needed} tokens, evaluate smaller batches (--batch-size, --seq-len), "
+                             "or drop --eval-every")
         return None  # no evaluation was asked for; the final one is skipped
     batches = DistributedBatches(windows, args.batch_size, env.rank, env.world_size)
     return [batches(i * global_batch) for i in range(count)]
