@@ -606,7 +606,7 @@ def test_bad_arguments_and_inputs_are_clear_errors(data, tmp_path, capsys):
     assert "not valid JSON" in error(*bad_config)
     assert "not a checkpoint" in error(*train_args(data, tmp_path / "a"), "--resume", str(tmp_path))
     message = error(*train_args(data, tmp_path / "a", eval_every=1, eval_steps=1, batch_size=64, seq_len=32))
-    assert "fewer than one batch" in message and "prepare the data again with --val-fraction 0.3" in message
+    assert "fewer than one batch" in message and "prepare the data again with --val-fraction 0.29" in message
 
     assert train_here(*train_args(data, tmp_path / "b", steps=2, save_every=2)) == 0
     assert "--seq-len 16" in error(*train_args(data, tmp_path / "b", steps=3, seq_len=8), "--resume", "auto")
