@@ -271,3 +271,21 @@ def test_the_default_validation_split_holds_enough_text(abeja_dir, tmp_path, cap
     manifest = load_manifest(tmp_path / "out")
     assert manifest["val_fraction"] == "auto"
     assert manifest["val"]["documents"] >= 0.1 * (manifest["val"]["documents"] + manifest["train"]["documents"]) - 1
+
+
+def test_one_home_for_corpus_reading_and_checkpoint_errors(tmp_path):
+    """prepare and vocab build list and read input with the same code; only the bad-input policy differs."""
+    import neoxja.checkpoint
+    import neoxja.train.checkpoint
+    from neoxja import corpus, vocab
+    from neoxja.train import prepare
+
+    assert vocab.list_input_files is prepare.list_input_files is corpus.list_input_files
+    assert neoxja.train.checkpoint.CheckpointError is neoxja.checkpoint.CheckpointError
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "a"}\n{bad\n{"text": "b"}\n', encoding="utf-8")
+    with pytest.raises(corpus.CorpusError, match="c.jsonl:2: invalid JSON"):
+        list(vocab.read_documents(path))
+    problems = []
+    assert list(corpus.read_documents(path, on_bad=lambda message, whole_file: problems.append(message))) == ["a", "b"]
+    assert len(problems) == 1 and ":2: invalid JSON" in problems[0]

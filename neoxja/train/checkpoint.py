@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from neoxja.checkpoint import CheckpointError  # one error type for every checkpoint: model or training
 from neoxja.train.distributed import DistEnv, barrier
 from neoxja.train.failures import as_write_error, is_torch_write_failure
 
@@ -34,8 +35,6 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message names it and says why."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -246,6 +245,8 @@ def load_checkpoint(
             _unwrap(model).load_state_dict(state.pop("model"))
             optimizer.load_state_dict(state.pop("optimizer"))
             trainer_state = state
+    except CheckpointError:
+        raise
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: does not match this model / optimizer: {err}") from None
 
