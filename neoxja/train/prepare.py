@@ -193,11 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of documents held out (default: whole documents holding 1%% of the text, but at "
                         f"least {MIN_VAL_CHARS:,} characters or 10%% of it, whichever is less)")
     p.add_argument("--val-input", action="append", default=[], metavar="INPUT",
-                   help="documents to hold out for validation instead of a random share (repeatable)")
-    p.add_argument("--num-proc", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer processes")
+                   help="documents to hold out for validation instead of a random share (repeatable; default none)")
+    p.add_argument("--num-proc", type=int, default=max(1, os.cpu_count() or 1),
+                   help="tokenizer processes (default: the CPU count, %(default)s here)")
     p.add_argument("--field", default="text", help="JSON field holding the text (default: text)")
-    p.add_argument("--skip-bad", action="store_true", help="warn about and count bad input instead of failing")
-    p.add_argument("--force", action="store_true", help="replace the prepared data already in --out")
+    p.add_argument("--skip-bad", action="store_true", help="warn about and count bad input instead of failing (default: fail)")
+    p.add_argument("--force", action="store_true", help="replace the prepared data already in --out (default: refuse)")
     return p
 
 
