@@ -289,3 +289,16 @@ def test_one_home_for_corpus_reading_and_checkpoint_errors(tmp_path):
     problems = []
     assert list(corpus.read_documents(path, on_bad=lambda message, whole_file: problems.append(message))) == ["a", "b"]
     assert len(problems) == 1 and ":2: invalid JSON" in problems[0]
+
+
+def test_a_full_disk_while_preparing_is_one_line_naming_the_output(abeja_dir, corpus, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def save_on_a_full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", save_on_a_full_disk)
+    assert run(abeja_dir, tmp_path / "data", corpus, "--num-proc", "1") == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'data'}: the disk is full" in err and "Traceback" not in err
+    assert not (tmp_path / "data" / "manifest.json").exists()  # not marked prepared

@@ -453,6 +453,17 @@ def test_a_full_disk_or_read_only_out_is_one_clear_line(data, tmp_path, monkeypa
     assert f"cannot write {tmp_path / 'b'}: the disk is full" in err
     monkeypatch.undo()
 
+    import safetensors.torch
+
+    def safetensors_on_a_full_disk(*args, **kwargs):  # the final export: safetensors' own error type
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                          'message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", safetensors_on_a_full_disk)
+    assert train_here(*train_args(data, tmp_path / "c", steps=1)) == 1
+    assert f"cannot write under {tmp_path / 'c'}: the disk is full" in capsys.readouterr().err
+    monkeypatch.undo()
+
     real_mkdir = Path.mkdir
 
     def read_only(self, *args, **kwargs):

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nneoxja train: interrupted; {_where_to_resume(args)}", file=sys.stderr)
         return 130
-    except (OSError, RuntimeError) as err:  # the environment: a full disk, a read-only --out
+    except Exception as err:  # noqa: BLE001 -- the environment (a full disk, a read-only --out), else re-raised
         from neoxja.train.failures import describe
 
         message = describe(err, args.out)
