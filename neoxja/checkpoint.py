@@ -207,7 +207,9 @@ def resolve_dtype(dtype, config: GPTNeoXJapaneseConfig, first_file_dtype: torch.
 
 
 def load_pretrained(cls, name_or_path, dtype=None, device=None, revision=None, local_files_only=False,
-                    cache_dir=None, config: GPTNeoXJapaneseConfig | None = None):
+                    cache_dir=None, config: GPTNeoXJapaneseConfig | None = None, quantize=None):
+    """`quantize`: None, or a `neoxja.quantization.LayerwiseQuantizer`, called after each tensor is installed
+    and finished at the end, so that layers are quantized as they load (see neoxja.quantization.load_quantized)."""
     config_path, files = resolve_files(name_or_path, revision=revision, cache_dir=cache_dir,
                                        local_files_only=local_files_only)
     if config is None:
@@ -279,7 +281,9 @@ def load_pretrained(cls, name_or_path, dtype=None, device=None, revision=None, l
             module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
         else:
             module._buffers[attr] = value
-        del tensor
+        del tensor, value, old
+        if quantize is not None:
+            quantize(model, module_name)
     if tied:
         _tie_loaded_embeddings(model, config, name_or_path)
 
@@ -291,6 +295,8 @@ def load_pretrained(cls, name_or_path, dtype=None, device=None, revision=None, l
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:  # cannot happen when the checks above hold; never hand back a half-built model
         raise CheckpointError(f"parameters left unloaded: {', '.join(leftover)}")
+    if quantize is not None:
+        quantize.finish(model)
     return model.eval()
 
 
