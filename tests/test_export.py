@@ -132,7 +132,9 @@ def test_gpt_neox_export_of_bundled_model_has_tokenizer_readme_and_shards(bundle
 # ----------------------------------------------------------------------------------------------------------
 # ctranslate2
 
-ctranslate2 = pytest.importorskip("ctranslate2")
+@pytest.fixture
+def ctranslate2():
+    return pytest.importorskip("ctranslate2")
 
 
 def ct2_greedy(generator, vocab: list[str], ids: list[int], n: int) -> list[int]:
@@ -142,7 +144,7 @@ def ct2_greedy(generator, vocab: list[str], ids: list[int], n: int) -> list[int]
 
 
 @pytest.mark.parametrize("name", GRID)
-def test_ctranslate2_float32_greedy_equals_neoxja_on_the_grid(name, tmp_path):
+def test_ctranslate2_float32_greedy_equals_neoxja_on_the_grid(name, tmp_path, ctranslate2):
     _, ours = make_pair(name)
     out = export(ours, tmp_path / "ct2", to="ctranslate2")
     vocab = json.loads((out / "neoxja_vocabulary.json").read_text())
@@ -159,7 +161,7 @@ def test_ctranslate2_float32_greedy_equals_neoxja_on_the_grid(name, tmp_path):
         torch.testing.assert_close(theirs, ours(ids).logits, atol=1e-4, rtol=0)
 
 
-def test_ctranslate2_float32_greedy_equals_neoxja_on_the_bundled_model(bundled, tmp_path):
+def test_ctranslate2_float32_greedy_equals_neoxja_on_the_bundled_model(bundled, tmp_path, ctranslate2):
     model, tok = bundled
     out = export(model, tmp_path / "ct2", to="ctranslate2", tokenizer=tok)
     vocab = json.loads((out / "neoxja_vocabulary.json").read_text())
@@ -179,7 +181,7 @@ def test_ctranslate2_float32_greedy_equals_neoxja_on_the_bundled_model(bundled, 
 INT8_MIN_AGREEMENT = 0.5
 
 
-def test_ctranslate2_int8_agreement_with_neoxja_int8(bundled, tmp_path):
+def test_ctranslate2_int8_agreement_with_neoxja_int8(bundled, tmp_path, ctranslate2):
     import copy
 
     model, tok = bundled
@@ -201,7 +203,7 @@ def test_ctranslate2_int8_agreement_with_neoxja_int8(bundled, tmp_path):
 
 
 @pytest.mark.parametrize("quantization", ["int8_float32", "int16"])
-def test_ctranslate2_other_quantizations_load_and_decode(quantization, bundled, tmp_path):
+def test_ctranslate2_other_quantizations_load_and_decode(quantization, bundled, tmp_path, ctranslate2):
     model, tok = bundled
     out = export(model, tmp_path / "ct2", to="ctranslate2", tokenizer=tok, quantization=quantization)
     assert json.loads((out / "config.json").read_text())["eos_token"] == "<|endoftext|>"
@@ -216,11 +218,13 @@ def test_ctranslate2_other_quantizations_load_and_decode(quantization, bundled, 
 # ----------------------------------------------------------------------------------------------------------
 # gguf
 
-gguf = pytest.importorskip("gguf")
+@pytest.fixture
+def gguf():
+    return pytest.importorskip("gguf")
 
 
 @pytest.mark.parametrize("name", ["rot025-untied-3heads", "rot05-5heads-linear"])
-def test_gguf_f32_reads_back_with_metadata_and_regrouped_qkv(name, tmp_path):
+def test_gguf_f32_reads_back_with_metadata_and_regrouped_qkv(name, tmp_path, gguf):
     _, ours = make_pair(name)
     path = export(ours, tmp_path / "m.gguf", to="gguf")
     reader = gguf.GGUFReader(path)
@@ -259,7 +263,7 @@ def test_gguf_f32_reads_back_with_metadata_and_regrouped_qkv(name, tmp_path):
 
 
 @pytest.mark.parametrize("type_,tol", [("f16", 1e-3), ("q8_0", 0.02), ("q4_0", 0.3)])
-def test_gguf_quantized_types_and_vocabulary(type_, tol, bundled, tmp_path):
+def test_gguf_quantized_types_and_vocabulary(type_, tol, bundled, tmp_path, gguf):
     model, tok = bundled
     path = export(model, tmp_path / f"m-{type_}.gguf", to="gguf", tokenizer=tok, type=type_)
     reader = gguf.GGUFReader(path)
@@ -291,7 +295,7 @@ def test_gguf_quantized_types_and_vocabulary(type_, tol, bundled, tmp_path):
 # bad input
 
 
-def test_unknown_format_and_wrong_arguments(bundled, tmp_path):
+def test_unknown_format_and_wrong_arguments(bundled, tmp_path, gguf):
     model, _ = bundled
     with pytest.raises(ExportError, match="unknown export format 'onnx'"):
         export(model, tmp_path / "x", to="onnx")
@@ -306,7 +310,7 @@ def test_unknown_format_and_wrong_arguments(bundled, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_missing_model_and_quantized_model_are_refused(bundled, tmp_path):
+def test_missing_model_and_quantized_model_are_refused(bundled, tmp_path, gguf):
     import copy
 
     model, _ = bundled
@@ -323,7 +327,7 @@ def test_missing_model_and_quantized_model_are_refused(bundled, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
-def test_output_path_rules_and_force(bundled, tmp_path):
+def test_output_path_rules_and_force(bundled, tmp_path, gguf):
     model, tok = bundled
     a_file = tmp_path / "file"
     a_file.write_text("keep me")
@@ -344,7 +348,7 @@ def test_output_path_rules_and_force(bundled, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "m.gguf"]
 
 
-def test_read_only_destination_leaves_nothing(bundled, tmp_path):
+def test_read_only_destination_leaves_nothing(bundled, tmp_path, gguf):
     model, _ = bundled
     if os.geteuid() != 0:
         ro = tmp_path / "ro"
@@ -383,7 +387,7 @@ def test_an_interrupted_export_leaves_no_partial_output_and_keeps_the_old_one(er
     assert sorted(p.name for p in tmp_path.iterdir()) == ["neox"]  # no .partial directory left
 
 
-def test_cli_export_and_errors(bundled_dir, tmp_path, capsys):
+def test_cli_export_and_errors(bundled_dir, tmp_path, capsys, gguf):
     from neoxja.cli import main
 
     assert main(["export", "--to", "gguf", "--type", "q8_0", "--model", str(bundled_dir),
