@@ -339,8 +339,6 @@ def parse_size(size: int | str) -> int:
 
 
 def save_pretrained(model, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
-    from safetensors.torch import save_file
-
     if getattr(model, "quantization", "none") != "none":
         raise ValueError(f"this model is quantized ({model.quantization}): its int8 layers hold no float weights, so "
                          "the checkpoint would lack them; save the float model and quantize after loading")
@@ -361,6 +359,23 @@ def save_pretrained(model, save_directory: str | os.PathLike, max_shard_size: in
         seen.add(storage)
         state[name] = tensor.detach().to("cpu").contiguous()
 
+    write_safetensors(state, out, limit)
+
+    dtype_name = str(model.dtype).replace("torch.", "")
+    config = dataclasses.replace(model.config, extra={**model.config.extra, "dtype": dtype_name})
+    config.extra.pop("torch_dtype", None)
+    config.save_pretrained(out)
+    return out
+
+
+def write_safetensors(state: dict, out: Path, max_shard_size: int | str = "5GB") -> list[str]:
+    """Write `state` (name -> contiguous CPU tensor, no shared storage) into directory `out` as
+    model.safetensors, or numbered shards of at most max_shard_size plus their index, the way
+    transformers' save_pretrained lays them out. Each file is written aside and renamed; weight files
+    of an earlier save that this one does not overwrite are removed. Returns the file names written."""
+    from safetensors.torch import save_file
+
+    limit = parse_size(max_shard_size)
     # greedy shards in state-dict order, each at most `limit` bytes (a bigger single tensor gets its own)
     shards, current, current_size = [], {}, 0
     for name, tensor in state.items():
@@ -389,9 +404,5 @@ def save_pretrained(model, save_directory: str | os.PathLike, max_shard_size: in
     for path in stale:
         if path.name != SAFE_WEIGHTS_INDEX_NAME or len(shards) == 1:
             path.unlink(missing_ok=True)  # a stale .tmp may have been this save's own, renamed already
+    return names if len(shards) == 1 else names + [SAFE_WEIGHTS_INDEX_NAME]
 
-    dtype_name = str(model.dtype).replace("torch.", "")
-    config = dataclasses.replace(model.config, extra={**model.config.extra, "dtype": dtype_name})
-    config.extra.pop("torch_dtype", None)
-    config.save_pretrained(out)
-    return out
