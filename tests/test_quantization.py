@@ -383,3 +383,24 @@ def test_int4_bad_input_is_a_clear_error_and_changes_nothing():
 def test_model_without_linear_layers_is_refused():
     with pytest.raises(ValueError, match="no nn.Linear"):
         quantize(nn.Sequential(nn.ReLU()), "int4")
+
+
+def test_generate_cli_quantize_int4(capsys):
+    """`neoxja generate --quantize int4` loads the model quantized layer by layer and prints what the same
+    int4 model generates through the API."""
+    from neoxja import generate_cli
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    model_dir = _bundled_model_dir()
+    prompt = "吾輩は猫である。"
+    code = generate_cli.main([prompt, "--model", str(model_dir), "--quantize", "int4", "--greedy", "--no-stream",
+                              "--max-new-tokens", "8", "--dtype", "bfloat16"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    tok = GPTNeoXJapaneseTokenizer.from_pretrained(model_dir)
+    model = load_quantized(model_dir, "int4", dtype=torch.bfloat16)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    expected = tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0], skip_special_tokens=True)
+    assert out == expected + "\n"
+    code = generate_cli.main(["x", "--model", str(model_dir), "--quantize", "int4", "--device", "mps"])
+    assert code == 2 and "--quantize int4 runs on CPU or CUDA" in capsys.readouterr().err
