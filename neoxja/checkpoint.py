@@ -139,6 +139,9 @@ class _SafetensorsFile:
             self.handle.get_slice(key).get_dtype())
         return getattr(torch, name) if name else None
 
+    def close(self) -> None:
+        self.handle = None  # the mapping goes with the handle (tensors read from it are copies)
+
     def tensor(self, key) -> torch.Tensor:
         from safetensors import SafetensorError
 
@@ -163,6 +166,9 @@ class _BinFile:
 
     def tensor(self, key) -> torch.Tensor:
         return self.state_dict[key]
+
+    def close(self) -> None:
+        self.state_dict = {}
 
 
 def _load_bin(file: Path) -> _BinFile:
@@ -270,13 +276,24 @@ def load_pretrained(cls, name_or_path, dtype=None, device=None, revision=None, l
             lines.append("shape or dtype mismatches: " + "; ".join(mismatched))
         raise CheckpointError("\n  ".join(lines))
 
-    # each tensor once: read (mmap), convert to the target dtype/device, install as the parameter
+    # each tensor once: read (mmap), convert to the target dtype/device, install as the parameter; a file's
+    # mapping is dropped once its last tensor is read, so its pages leave this process's RSS
+    left = {}
+    for reader, _ in plan.values():
+        left[id(reader)] = left.get(id(reader), 0) + 1
     for name, (reader, key) in plan.items():
         tensor = reader.tensor(key)
+        left[id(reader)] -= 1
+        if not left[id(reader)]:
+            reader.close()
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         old = getattr(module, attr)
         value = tensor.to(device=device, dtype=target_dtype if tensor.is_floating_point() else tensor.dtype)
+        if quantize is not None and value.data_ptr() == tensor.data_ptr():
+            # a tensor read from a memory-mapped file stays a view of it; kept as one (a norm, an embedding),
+            # it would keep the whole file's pages in this process after quantizing touched them
+            value = value.clone()
         if isinstance(old, nn.Parameter):
             module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
         else:
