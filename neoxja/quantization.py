@@ -202,6 +202,8 @@ class Int4WeightOnlyLinear(nn.Module):
     (the CPU kernel's tile) and sliced off again. No state_dict entries: a quantized model is for inference.
     """
 
+    ROW_CHUNK = 1024  # rows quantized and packed at a time; a multiple of the CPU packing's 64-row blocks
+
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
                  in_features: int, out_features: int, group_size: int):
         super().__init__()
@@ -230,12 +232,21 @@ class Int4WeightOnlyLinear(nn.Module):
         pad = -N % 16 if device.type == "cpu" else 0
         if pad:
             weight = torch.cat([weight, weight.new_zeros(pad, K)])
-        q, scales, zeros = int4_group_params(weight, group_size)
-        scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (K/g, N, 2)
+        # rows in chunks: the float32 and int32 temporaries stay ~10-40 MB instead of several times the
+        # largest weight (the CPU packing works on row blocks of 64, so chunks of ROW_CHUNK rows pack alike)
+        packed, scales_and_zeros = [], []
+        for start in range(0, weight.shape[0], cls.ROW_CHUNK):
+            q, scales, zeros = int4_group_params(weight[start:start + cls.ROW_CHUNK], group_size)
+            scales_and_zeros.append(torch.stack([scales, zeros], dim=-1))  # (rows, K/g, 2)
+            if device.type == "cuda":
+                packed.append(pack_int4_pairs(q))
+            else:
+                packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            del q, scales, zeros
+        packed = torch.cat(packed)
         if device.type == "cuda":
-            packed = torch.ops.aten._convert_weight_to_int4pack(pack_int4_pairs(q), 8)  # inner K tiles: 8
-        else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            packed = torch.ops.aten._convert_weight_to_int4pack(packed, 8)  # inner K tiles: 8
+        scales_and_zeros = torch.cat(scales_and_zeros).transpose(0, 1).contiguous()  # (K/g, N, 2)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(packed, scales_and_zeros, bias, K, linear.out_features, group_size)
 

@@ -404,3 +404,16 @@ def test_generate_cli_quantize_int4(capsys):
     assert out == expected + "\n"
     code = generate_cli.main(["x", "--model", str(model_dir), "--quantize", "int4", "--device", "mps"])
     assert code == 2 and "--quantize int4 runs on CPU or CUDA" in capsys.readouterr().err
+
+
+def test_int4_packing_in_row_chunks_equals_packing_at_once(monkeypatch):
+    """from_float quantizes and packs ROW_CHUNK rows at a time (to keep its temporaries small); the result
+    must be the packing of the whole matrix at once, also when the rows do not fill the last chunk."""
+    linear = nn.Linear(64, 1040, bias=False)  # 1040 = 16 * 65: the last 64-row block is partial
+    whole = Int4WeightOnlyLinear.from_float(linear, 32)
+    monkeypatch.setattr(Int4WeightOnlyLinear, "ROW_CHUNK", 128)
+    chunked = Int4WeightOnlyLinear.from_float(linear, 32)
+    q, _, _ = int4_group_params(linear.weight, 32)
+    assert torch.equal(whole.packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+    assert torch.equal(chunked.packed, whole.packed)
+    assert torch.equal(chunked.scales_and_zeros, whole.scales_and_zeros)
