@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-return-sequences", type=int, default=1, metavar="N", help="sequences per prompt (sampling only)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default cpu)")
-    p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8: int8 weights, CPU only (default none)")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="int8: int8 weights, CPU only; int4: 4-bit weights (groups of 128), quantized layer by layer "
+                        "as they load, CPU or CUDA (default none)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print text as it is generated (default: on for a single sequence at a time)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts from stdin generated together (default 8)")
@@ -95,6 +97,8 @@ def check_args(args) -> None:
         raise ValueError("--stream shows one sequence at a time: use --no-stream with --num-return-sequences > 1")
     if args.quantize == "int8" and not args.device.startswith("cpu"):
         raise ValueError("--quantize int8 runs on the CPU only (FBGEMM); use --device cpu")
+    if args.quantize == "int4" and not args.device.startswith(("cpu", "cuda")):
+        raise ValueError("--quantize int4 runs on CPU or CUDA (torch's int4 kernels); use --device cpu or cuda")
 
 
 def count_new_tokens(new: "torch.Tensor", eos_ids: list[int]) -> int:  # noqa: F821
@@ -122,7 +126,7 @@ def _main(argv: list[str] | None = None) -> int:
     import torch
 
     from neoxja.model import GPTNeoXJapaneseForCausalLM
-    from neoxja.quantization import quantize
+    from neoxja.quantization import load_quantized, quantize
     from neoxja.streaming import TextStreamer
     from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
 
@@ -135,11 +139,14 @@ def _main(argv: list[str] | None = None) -> int:
     t_load = time.perf_counter()
     try:
         tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(model_path)
-        model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype), device=device)
+        if args.quantize == "int4":  # quantized as it loads: the float model never exists whole
+            model = load_quantized(model_path, "int4", dtype=getattr(torch, args.dtype), device=device)
+        else:
+            model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype), device=device)
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         return _fail(f"cannot load the model from {model_path!r}: {e}", 1)
     model.eval()
-    if args.quantize != "none":
+    if args.quantize == "int8":
         quantize(model, args.quantize)
     tokenizer.padding_side = "left"
     load_seconds = time.perf_counter() - t_load
