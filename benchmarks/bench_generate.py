@@ -1,7 +1,10 @@
 """Decoding speed, side by side with transformers in one run (CPU).
 
 Default shape: the full 2.7B width (hidden 2560, 32 heads, vocab 32000) with 4 layers; prompt 32 tokens,
-64 new tokens, greedy, batch 1 -- plus our int8 model and our batch-8 throughput. Random weights (speed
+64 new tokens, greedy, batch 1 -- plus our int8 and int4 models, our batch-8 throughput, and CTranslate2
+float32 and int8 on the same weights (`neoxja.export(..., to="ctranslate2")`; skipped when ctranslate2 is
+not installed). CTranslate2 float32's greedy tokens must equal ours: that is the check that it computes the
+same model (the script fails otherwise). Random weights (speed
 does not depend on them); EOS is disabled so that every run makes exactly the requested number of tokens.
 
 Decoding one token reads every weight once, so the ceiling is (weight bytes per token) / (memory read
@@ -17,6 +20,7 @@ implementation on these kernels can reach on this machine, and the script prints
     python benchmarks/bench_generate.py                 # the issue's checks; exits 1 if one fails
     python benchmarks/bench_generate.py --table --layers 32 --new 16   # README table (slow: ~1 token/s)
     python benchmarks/bench_generate.py --pair bfloat16 --layers 32 --new 16 --rounds 4   # one dtype, alternately
+    python benchmarks/bench_generate.py --int4-memory --layers 32    # 2.7B shape in int4: RSS loading, generating
 """
 
 from __future__ import annotations
@@ -34,7 +38,17 @@ import torch  # noqa: E402
 
 from neoxja.config import GPTNeoXJapaneseConfig  # noqa: E402
 from neoxja.model import GPTNeoXJapaneseForCausalLM  # noqa: E402
-from neoxja.quantization import Int8DynamicLinear, quantize  # noqa: E402
+from neoxja.quantization import Int4WeightOnlyLinear, Int8DynamicLinear, quantize  # noqa: E402
+
+
+def cpu_flags() -> str:
+    """The CPU flags the speed of these kernels depends on, from /proc/cpuinfo (Linux)."""
+    try:
+        flags = next((set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), set())
+    except OSError:
+        flags = set()
+    return " ".join(f"{f}={int(f in flags)}" for f in ("amx_bf16", "avx512_bf16", "avx512_vnni", "avx2"))
 
 # the goals `make bench` enforces: name -> (numerator, denominator, minimum ratio of their tokens/s).
 # float32 >= 1.15x transformers is retired (issue 4): the float32 weight products alone stay under it.
@@ -76,6 +90,9 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
             total += module.weight.numel() * module.weight.element_size()
         elif isinstance(module, Int8DynamicLinear):
             total += module.in_features * module.out_features  # int8: one byte per weight
+        elif isinstance(module, Int4WeightOnlyLinear):
+            total += module.packed.numel() * module.packed.element_size()
+            total += module.scales_and_zeros.numel() * module.scales_and_zeros.element_size()
     return total
 
 
@@ -108,7 +125,7 @@ def weight_products(model: torch.nn.Module, prompt_length: int, new_tokens: int)
 def time_in_products(model: torch.nn.Module, generate, new_tokens: int) -> tuple[float, float]:
     """(ms per token in the weight products, ms per token in everything else) of one call of `generate`:
     every linear layer's forward is timed where it runs, inside the generation."""
-    linear_types = (torch.nn.Linear, Int8DynamicLinear)
+    linear_types = (torch.nn.Linear, Int8DynamicLinear, Int4WeightOnlyLinear)
     inside = [0.0]
 
     def start(module, inputs):
@@ -130,7 +147,8 @@ def time_in_products(model: torch.nn.Module, generate, new_tokens: int) -> tuple
 
 
 def build_side_by_side(args):
-    """Our float32 model, transformers' with the same weights, and an int8 copy of ours."""
+    """Our float32 model, transformers' with the same weights, an int8 copy of ours and an int4 one (bfloat16
+    activations: torch's CPU int4 kernel is fast only with them)."""
     import copy
 
     import transformers
@@ -141,7 +159,34 @@ def build_side_by_side(args):
     ref = transformers.GPTNeoXJapaneseForCausalLM(transformers.GPTNeoXJapaneseConfig(**cfg)).eval()
     ref.load_state_dict(ours.state_dict())
     ours_int8 = quantize(copy.deepcopy(ours), "int8")
-    return ours, ref, ours_int8
+    ours_int4 = quantize(copy.deepcopy(ours).to(torch.bfloat16), "int4", group_size=args.group_size)
+    return ours, ref, ours_int8, ours_int4
+
+
+def ctranslate2_contenders(model, prompt, new: int, threads: int, workdir: Path) -> dict:
+    """{"CTranslate2 float32": (run, model dir), "CTranslate2 int8": ...}: `run()` generates `new` greedy
+    tokens for the one-row `prompt` and returns their ids. Empty when ctranslate2 is not installed."""
+    try:
+        import ctranslate2
+    except ImportError:
+        return {}
+    from neoxja.engines import ctranslate2_tokens
+    from neoxja.exporters import export
+
+    out = {}
+    for quantization, compute_type in (("float32", "float32"), ("int8", "int8_float32")):
+        path = export(model, workdir / f"ct2-{quantization}", to="ctranslate2", quantization=quantization, force=True)
+        generator = ctranslate2.Generator(str(path), device="cpu", compute_type=compute_type,
+                                          intra_threads=threads, inter_threads=1)
+        tokens = ctranslate2_tokens(prompt[0].tolist(), path)
+
+        def run(generator=generator, tokens=tokens):
+            result = generator.generate_batch([tokens], max_length=new, sampling_topk=1,
+                                              include_prompt_in_result=False, end_token=[])  # EOS off, as ours
+            return result[0].sequences_ids[0]
+
+        out[f"CTranslate2 {quantization}"] = (run, path)
+    return out
 
 
 def rss_gib(field: str) -> float:
@@ -235,11 +280,13 @@ def run_side_by_side(args) -> int:
     reported, so that a burst of load from other jobs on a shared machine cannot favour one side."""
     import statistics
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    import tempfile
+
+    print(f"CPU flags: {cpu_flags()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"quantized engine {torch.backends.quantized.engine}, CPU {torch.backends.cpu.get_cpu_capability()}, "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; {args.layers} layers, "
           f"prompt {args.prompt}, {args.new} new tokens, greedy; {args.rounds} rounds", flush=True)
-    ours, ref, ours_int8 = build_side_by_side(args)
+    ours, ref, ours_int8, ours_int4 = build_side_by_side(args)
     prompt = torch.randint(0, 31000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     batch_prompt = prompt.repeat(8, 1)
     new = args.new
@@ -249,13 +296,35 @@ def run_side_by_side(args) -> int:
     b = ref.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
     if not torch.equal(a, b):
         print("WARNING: greedy tokens differ from transformers'", flush=True)
+    failures = []
+    ct2 = {} if args.no_ctranslate2 else ctranslate2_contenders(
+        ours, prompt, new, torch.get_num_threads(), Path(args.workdir or tempfile.mkdtemp(prefix="bench-generate-")))
+    if ct2:
+        ours_tokens = ours.generate(prompt, max_new_tokens=new)[0, args.prompt:].tolist()
+        theirs = ct2["CTranslate2 float32"][0]()
+        same = next((i for i, (x, y) in enumerate(zip(ours_tokens, theirs)) if x != y), min(len(ours_tokens), len(theirs)))
+        print(f"CTranslate2 float32 greedy tokens equal to neoxja float32: first {same} of {new}", flush=True)
+        if theirs != ours_tokens:
+            failures.append("CTranslate2 float32 greedy tokens differ from neoxja float32: it is not the same model")
+        int8_tokens = ours_int8.generate(prompt, max_new_tokens=new)[0, args.prompt:].tolist()
+        theirs8 = ct2["CTranslate2 int8"][0]()
+        print(f"(for information) greedy tokens equal to neoxja float32: neoxja int8 "
+              f"{sum(x == y for x, y in zip(int8_tokens, ours_tokens))}/{new}, CTranslate2 int8 "
+              f"{sum(x == y for x, y in zip(theirs8, ours_tokens))}/{new} (random weights: logits are close, so "
+              f"int8 rounding flips greedy choices)", flush=True)
+    elif not args.no_ctranslate2:
+        print("ctranslate2 is not installed (pip install -e '.[export]'): CTranslate2 contenders skipped", flush=True)
 
     contenders = {  # name: (generate call, rows, model whose weights each step reads)
         "transformers float32 batch 1": (lambda: ref.generate(prompt, max_new_tokens=new, min_new_tokens=0,
                                                                do_sample=False, pad_token_id=0), 1, ref),
         "neoxja float32 batch 1": (lambda: ours.generate(prompt, max_new_tokens=new), 1, ours),
         "neoxja int8 batch 1": (lambda: ours_int8.generate(prompt, max_new_tokens=new), 1, ours_int8),
+        "neoxja int4 batch 1": (lambda: ours_int4.generate(prompt, max_new_tokens=new), 1, ours_int4),
     }
+    for name, (run, path) in ct2.items():
+        # weights per step: read the same matrices as ours at its precision (for the bandwidth fraction)
+        contenders[name] = (run, 1, ours if name.endswith("float32") else ours_int8)
     contenders["float32 weight products alone"] = (weight_products(ours, args.prompt, new), 1, ours)
     if not args.no_batch:
         contenders["neoxja float32 batch 8"] = (lambda: ours.generate(batch_prompt, max_new_tokens=new), 8, ours)
@@ -279,7 +348,7 @@ def run_side_by_side(args) -> int:
             tok_s[name].append(rows * new / seconds)
             bound = bandwidth / weight_bytes_per_token(model)  # steps/s if a step only read the weights
             fraction[name].append((new / seconds) / bound)
-            line.append(f"{name.replace('neoxja ', '').replace('transformers', 'tf').replace('weight products alone', 'products')} "
+            line.append(f"{name.replace('neoxja ', '').replace('transformers', 'tf').replace('weight products alone', 'products').replace('CTranslate2', 'ct2').replace(' batch ', ' b')} "
                         f"{rows * new / seconds:.1f}")
         print(f"round {r + 1}: {bandwidth / 1e9:.1f} GB/s; tok/s: " + ", ".join(line), flush=True)
 
@@ -304,19 +373,29 @@ def run_side_by_side(args) -> int:
               if not (args.no_batch and "batch 8" in num)]
     if not args.no_batch:
         print(f"(for information) int8 batch 8 / int8 batch 1: {ratio('neoxja int8 batch 8', 'neoxja int8 batch 1'):.2f}x")
+        checks.append(("batch 8 >= 4x our batch 1 (float32)", ratio("neoxja float32 batch 8", "neoxja float32 batch 1"), 4.0))
+        checks.append(("int8 batch 8 >= 3x int8 batch 1", ratio("neoxja int8 batch 8", "neoxja int8 batch 1"), 3.0))
+    if ct2:
+        checks.append(("int8 >= 1.0x CTranslate2 int8", ratio("neoxja int8 batch 1", "CTranslate2 int8"), 1.0))
+        print(f"(for information) neoxja float32 / CTranslate2 float32: "
+              f"{ratio('neoxja float32 batch 1', 'CTranslate2 float32'):.2f}x")
+    checks.append(("int4 >= 1.3x our int8", ratio("neoxja int4 batch 1", "neoxja int8 batch 1"), 1.3))
     # where a batch-1 token's time goes (one more generation each, linear layers timed in place)
-    for name in ("neoxja float32 batch 1", "neoxja int8 batch 1"):
+    for name in ("neoxja float32 batch 1", "neoxja int8 batch 1", "neoxja int4 batch 1"):
         call, _, model = contenders[name]
         products, rest = time_in_products(model, call, new)
         print(f"(for information) {name}, per new token (prefill included): {products:.1f} ms in the weight "
               f"products, {rest:.1f} ms in everything else (attention, norms, rotary, cache writes, sampling, Python)")
-    print(f"load average at the end: {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} (a shared machine: the ratios are provisional)",
+          flush=True)
     failed = False
     for name, value, goal in checks:
         ok = value >= goal
         failed |= not ok
         print(f"{'PASS' if ok else 'FAIL'}  {name}: {value:.2f}x (median of per-round ratios)", flush=True)
-    return 1 if failed and not args.skip_checks else 0
+    for failure in failures:
+        print(f"FAIL  {failure}", flush=True)
+    return 1 if failures or (failed and not args.skip_checks) else 0
 
 
 def run_pair(args) -> int:
@@ -352,6 +431,98 @@ def run_pair(args) -> int:
     return 0
 
 
+def write_random_checkpoint(directory: Path, layers: int) -> Path:
+    """A bfloat16 checkpoint of the 2.7B shape (random weights, one shard per layer, as from_pretrained
+    reads it), written one layer at a time so that writing it never holds the whole model either."""
+    import json
+
+    from safetensors.torch import save_file
+
+    cfg = GPTNeoXJapaneseConfig(**full_width_config(layers, tie_word_embeddings=False))
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        skeleton = GPTNeoXJapaneseForCausalLM(cfg)
+    groups: dict[str, dict] = {}
+    for name, p in skeleton.state_dict().items():
+        layer = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "rest"
+        groups.setdefault(layer, {})[name] = p
+    weight_map = {}
+    g = torch.Generator().manual_seed(0)
+    for i, (layer, params) in enumerate(groups.items()):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name, p in params.items():
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(p.shape, dtype=torch.bfloat16)
+            elif name.endswith("bias"):
+                tensors[name] = torch.zeros(p.shape, dtype=torch.bfloat16)
+            else:
+                tensors[name] = (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16)
+            weight_map[name] = file
+        save_file(tensors, str(directory / file), metadata={"format": "pt"})
+        del tensors
+    cfg.save_pretrained(directory)
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+def int4_memory_row(args) -> int:
+    """In this (fresh) process: load the checkpoint quantized to int4 layer by layer, then generate; print
+    the peak RSS of each phase (VmHWM, Linux)."""
+    import json
+
+    from neoxja.quantization import load_quantized
+
+    t = time.perf_counter()
+    model = load_quantized(args.int4_memory_row, "int4", group_size=args.group_size, dtype=torch.bfloat16)
+    load_seconds = time.perf_counter() - t
+    gc.collect()
+    load_peak, after_load = rss_gib("VmHWM"), rss_gib("VmRSS")
+    prompt = torch.randint(0, 31000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    model.generate(prompt[:, :4], max_new_tokens=2)  # warm-up
+    reset_peak_rss()
+    t = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=args.new)
+    seconds = time.perf_counter() - t
+    assert out.shape[1] == args.prompt + args.new
+    print("ROW " + json.dumps(dict(load_seconds=load_seconds, load_peak_gib=load_peak, after_load_gib=after_load,
+                                   generate_peak_gib=rss_gib("VmHWM"), tokens_per_s=args.new / seconds,
+                                   weights_gb=weight_bytes_per_token(model) / 1e9)), flush=True)
+    return 0
+
+
+def run_int4_memory(args) -> int:
+    """The 2.7B shape in int4: a bfloat16 checkpoint on disk (written once into --workdir), loaded by
+    `load_quantized` in a fresh process. Goal: RSS <= 2.0 GiB while generating."""
+    import json
+    import subprocess
+    import tempfile
+
+    directory = write_random_checkpoint(Path(args.workdir or tempfile.mkdtemp(prefix="bench-int4-")) / "ckpt",
+                                        args.layers)
+    size = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    cmd = [sys.executable, __file__, "--int4-memory-row", str(directory), "--layers", str(args.layers),
+           "--prompt", str(args.prompt), "--new", str(args.new), "--group-size", str(args.group_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    if proc.returncode != 0 or not lines:
+        print(f"failed:\n{proc.stderr[-3000:]}")
+        return 1
+    r = json.loads(lines[-1][4:])
+    print(f"CPU flags: {cpu_flags()}; {args.layers} layers at the 2.7B width, checkpoint {size / 2**30:.2f} GiB "
+          f"(bfloat16), int4 group {args.group_size}, weights read per step {r['weights_gb']:.2f} GB")
+    print(f"loading (quantized layer by layer): {r['load_seconds']:.1f} s, peak RSS {r['load_peak_gib']:.2f} GiB, "
+          f"RSS after loading {r['after_load_gib']:.2f} GiB")
+    print(f"generating (prompt {args.prompt}, {args.new} new, batch 1): {r['tokens_per_s']:.2f} tok/s, "
+          f"peak RSS {r['generate_peak_gib']:.2f} GiB")
+    ok = r["generate_peak_gib"] <= 2.0
+    print(f"{'PASS' if ok else 'FAIL'}  RSS while generating <= 2.0 GiB: {r['generate_peak_gib']:.2f} GiB")
+    return 0 if ok or args.skip_checks else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
@@ -367,6 +538,12 @@ def main(argv=None) -> int:
     p.add_argument("--skip-checks", action="store_true", help="print numbers without checking the goals")
     p.add_argument("--no-batch", action="store_true", help="skip the batch-8 measurements")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for both sides (default: torch's choice)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    p.add_argument("--no-ctranslate2", action="store_true", help="skip the CTranslate2 contenders")
+    p.add_argument("--workdir", help="where exports and checkpoints go (default: a temporary directory)")
+    p.add_argument("--int4-memory", action="store_true",
+                   help="the 2.7B shape (use --layers 32) in int4: peak RSS loading and generating, in a fresh process")
+    p.add_argument("--int4-memory-row", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -377,6 +554,10 @@ def main(argv=None) -> int:
         return run_table(args)
     if args.pair:
         return run_pair(args)
+    if args.int4_memory_row:
+        return int4_memory_row(args)
+    if args.int4_memory:
+        return run_int4_memory(args)
     return run_side_by_side(args)
 
 

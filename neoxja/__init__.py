@@ -15,6 +15,7 @@ _EXPORTS = {
     "TextStreamer": "neoxja.streaming",
     "TextIteratorStreamer": "neoxja.streaming",
     "quantize": "neoxja.quantization",
+    "export": "neoxja.exporters",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from neoxja.config import CONFIG_NAME, GPTNeoXJapaneseConfig, hub_file
+from neoxja.config import CONFIG_NAME, GPTNeoXJapaneseConfig
+from neoxja.hub import resolve_model_path
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -54,31 +55,16 @@ class CheckpointError(ValueError):
 
 def resolve_files(name_or_path: str | os.PathLike, revision: str | None = None,
                   cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> tuple[Path, list[Path]]:
-    """(config.json path, weight files) of a local directory or a hub repo id."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        config_path = path / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in directory {path}")
-        for name in WEIGHT_FILE_NAMES:
-            if (path / name).is_file():
-                return config_path, _expand_index(path / name, lambda shard: path / shard)
-        raise FileNotFoundError(f"no weights in directory {path}: expected one of {', '.join(WEIGHT_FILE_NAMES)}")
-    if path.exists():
-        raise FileNotFoundError(f"{path} is a file; from_pretrained needs a directory or a hub repo id")
-
-    repo_id = str(name_or_path)
-    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    config_path = hub_file(repo_id, CONFIG_NAME, **hub)
-    problems = []
+    """(config.json path, weight files) of a local directory or a hub id (found by neoxja.hub's resolver)."""
+    path = resolve_model_path(name_or_path, revision=revision, cache_dir=cache_dir,
+                              local_files_only=local_files_only, files=(CONFIG_NAME, WEIGHT_FILE_NAMES))
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in directory {path}")
     for name in WEIGHT_FILE_NAMES:
-        try:
-            weights = hub_file(repo_id, name, **hub)
-        except FileNotFoundError as e:
-            problems.append(str(e))
-            continue
-        return config_path, _expand_index(weights, lambda shard: hub_file(repo_id, shard, **hub))
-    raise FileNotFoundError(f"no weights found for {repo_id!r}:\n  " + "\n  ".join(problems))
+        if (path / name).is_file():
+            return config_path, _expand_index(path / name, lambda shard: path / shard)
+    raise FileNotFoundError(f"no weights in directory {path}: expected one of {', '.join(WEIGHT_FILE_NAMES)}")
 
 
 def _expand_index(path: Path, shard_path) -> list[Path]:
@@ -139,6 +125,9 @@ class _SafetensorsFile:
             self.handle.get_slice(key).get_dtype())
         return getattr(torch, name) if name else None
 
+    def close(self) -> None:
+        self.handle = None  # the mapping goes with the handle (tensors read from it are copies)
+
     def tensor(self, key) -> torch.Tensor:
         from safetensors import SafetensorError
 
@@ -163,6 +152,9 @@ class _BinFile:
 
     def tensor(self, key) -> torch.Tensor:
         return self.state_dict[key]
+
+    def close(self) -> None:
+        self.state_dict = {}
 
 
 def _load_bin(file: Path) -> _BinFile:
@@ -207,7 +199,9 @@ def resolve_dtype(dtype, config: GPTNeoXJapaneseConfig, first_file_dtype: torch.
 
 
 def load_pretrained(cls, name_or_path, dtype=None, device=None, revision=None, local_files_only=False,
-                    cache_dir=None, config: GPTNeoXJapaneseConfig | None = None):
+                    cache_dir=None, config: GPTNeoXJapaneseConfig | None = None, quantize=None):
+    """`quantize`: None, or a `neoxja.quantization.LayerwiseQuantizer`, called after each tensor is installed
+    and finished at the end, so that layers are quantized as they load (see neoxja.quantization.load_quantized)."""
     config_path, files = resolve_files(name_or_path, revision=revision, cache_dir=cache_dir,
                                        local_files_only=local_files_only)
     if config is None:
@@ -268,18 +262,31 @@ def load_pretrained(cls, name_or_path, dtype=None, device=None, revision=None, l
             lines.append("shape or dtype mismatches: " + "; ".join(mismatched))
         raise CheckpointError("\n  ".join(lines))
 
-    # each tensor once: read (mmap), convert to the target dtype/device, install as the parameter
+    # each tensor once: read (mmap), convert to the target dtype/device, install as the parameter; a file's
+    # mapping is dropped once its last tensor is read, so its pages leave this process's RSS
+    left = {}
+    for reader, _ in plan.values():
+        left[id(reader)] = left.get(id(reader), 0) + 1
     for name, (reader, key) in plan.items():
         tensor = reader.tensor(key)
+        left[id(reader)] -= 1
+        if not left[id(reader)]:
+            reader.close()
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         old = getattr(module, attr)
         value = tensor.to(device=device, dtype=target_dtype if tensor.is_floating_point() else tensor.dtype)
+        if quantize is not None and value.data_ptr() == tensor.data_ptr():
+            # a tensor read from a memory-mapped file stays a view of it; kept as one (a norm, an embedding),
+            # it would keep the whole file's pages in this process after quantizing touched them
+            value = value.clone()
         if isinstance(old, nn.Parameter):
             module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
         else:
             module._buffers[attr] = value
-        del tensor
+        del tensor, value, old
+        if quantize is not None:
+            quantize(model, module_name)
     if tied:
         _tie_loaded_embeddings(model, config, name_or_path)
 
@@ -291,6 +298,8 @@ def load_pretrained(cls, name_or_path, dtype=None, device=None, revision=None, l
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:  # cannot happen when the checks above hold; never hand back a half-built model
         raise CheckpointError(f"parameters left unloaded: {', '.join(leftover)}")
+    if quantize is not None:
+        quantize.finish(model)
     return model.eval()
 
 
@@ -333,8 +342,6 @@ def parse_size(size: int | str) -> int:
 
 
 def save_pretrained(model, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
-    from safetensors.torch import save_file
-
     if getattr(model, "quantization", "none") != "none":
         raise ValueError(f"this model is quantized ({model.quantization}): its int8 layers hold no float weights, so "
                          "the checkpoint would lack them; save the float model and quantize after loading")
@@ -355,6 +362,23 @@ def save_pretrained(model, save_directory: str | os.PathLike, max_shard_size: in
         seen.add(storage)
         state[name] = tensor.detach().to("cpu").contiguous()
 
+    write_safetensors(state, out, limit)
+
+    dtype_name = str(model.dtype).replace("torch.", "")
+    config = dataclasses.replace(model.config, extra={**model.config.extra, "dtype": dtype_name})
+    config.extra.pop("torch_dtype", None)
+    config.save_pretrained(out)
+    return out
+
+
+def write_safetensors(state: dict, out: Path, max_shard_size: int | str = "5GB") -> list[str]:
+    """Write `state` (name -> contiguous CPU tensor, no shared storage) into directory `out` as
+    model.safetensors, or numbered shards of at most max_shard_size plus their index, the way
+    transformers' save_pretrained lays them out. Each file is written aside and renamed; weight files
+    of an earlier save that this one does not overwrite are removed. Returns the file names written."""
+    from safetensors.torch import save_file
+
+    limit = parse_size(max_shard_size)
     # greedy shards in state-dict order, each at most `limit` bytes (a bigger single tensor gets its own)
     shards, current, current_size = [], {}, 0
     for name, tensor in state.items():
@@ -383,9 +407,5 @@ def save_pretrained(model, save_directory: str | os.PathLike, max_shard_size: in
     for path in stale:
         if path.name != SAFE_WEIGHTS_INDEX_NAME or len(shards) == 1:
             path.unlink(missing_ok=True)  # a stale .tmp may have been this save's own, renamed already
+    return names if len(shards) == 1 else names + [SAFE_WEIGHTS_INDEX_NAME]
 
-    dtype_name = str(model.dtype).replace("torch.", "")
-    config = dataclasses.replace(model.config, extra={**model.config.extra, "dtype": dtype_name})
-    config.extra.pop("torch_dtype", None)
-    config.save_pretrained(out)
-    return out

@@ -3,7 +3,7 @@
 Reads both transformers v4 files (`rotary_pct`, `rotary_emb_base`, `rope_scaling`) and v5 files
 (`rope_parameters` with `rope_theta`, `partial_rotary_factor`, `rope_type`), and writes a file carrying
 both spellings, so either version reads it. Keys we do not know are kept and written back.
-Imports nothing of ours; `huggingface_hub` is imported lazily, only to resolve hub ids.
+Imports nothing of ours but neoxja.hub (a leaf: it imports nothing of ours), lazily, only to resolve hub ids.
 """
 
 from __future__ import annotations
@@ -238,8 +238,10 @@ class GPTNeoXJapaneseConfig:
             if not path.is_file():
                 raise FileNotFoundError(f"no {CONFIG_NAME} in directory {name_or_path}")
         elif not path.is_file():
-            path = hub_file(str(name_or_path), CONFIG_NAME, revision=revision, cache_dir=cache_dir,
-                            local_files_only=local_files_only)
+            from neoxja.hub import resolve_model_path  # a leaf module: imports nothing of ours
+
+            path = resolve_model_path(name_or_path, revision=revision, cache_dir=cache_dir,
+                                      local_files_only=local_files_only) / CONFIG_NAME
         config = cls.from_json_file(path)
         return dataclasses.replace(config, **overrides) if overrides else config
 
@@ -302,28 +304,3 @@ def _normalize_rope_scaling(scaling: dict) -> dict:
             raise ValueError(f"GPTNeoXJapaneseConfig.rope_scaling.factor must be a positive number for linear "
                              f"scaling, got {factor!r}")
     return scaling
-
-
-def hub_file(repo_id: str, filename: str, revision: str | None = None,
-             cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> Path:
-    """Path of `filename` in hub repo `repo_id` (downloaded with a progress bar, or from the cache).
-
-    Honours `revision`, `cache_dir`, `local_files_only` and HF_HUB_OFFLINE; a file that is neither local
-    nor cached while offline raises FileNotFoundError saying so.
-    """
-    import huggingface_hub
-    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                                    local_files_only=local_files_only))
-    except LocalEntryNotFoundError as e:
-        raise FileNotFoundError(
-            f"{filename} of {repo_id!r} (revision {revision or 'main'}) is not in the local cache and "
-            f"downloading is off (offline mode or local_files_only=True), or the hub is unreachable: {e}") from e
-    except EntryNotFoundError as e:
-        raise FileNotFoundError(f"{repo_id!r} has no file {filename}") from e
-    except RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"{repo_id!r} is neither a local path nor a hub repository") from e
-    except huggingface_hub.errors.HFValidationError as e:
-        raise FileNotFoundError(f"{repo_id!r} is neither an existing local path nor a valid hub repo id") from e

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-return-sequences", type=int, default=1, metavar="N", help="sequences per prompt, sampling only (default 1)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default cpu)")
-    p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8: int8 weights, CPU only (default none)")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="int8: int8 weights, CPU only; int4: 4-bit weights (groups of 128), quantized layer by layer "
+                        "as they load, CPU or CUDA (default none)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print text as it is generated (default: on for a single sequence at a time)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts from stdin generated together (default 8)")
@@ -136,6 +138,8 @@ def check_args(args) -> None:
         raise ValueError("--stream shows one sequence at a time: use --no-stream with --num-return-sequences > 1")
     if args.quantize == "int8" and not args.device.startswith("cpu"):
         raise ValueError("--quantize int8 runs on the CPU only (FBGEMM); use --device cpu")
+    if args.quantize == "int4" and not args.device.startswith(("cpu", "cuda")):
+        raise ValueError("--quantize int4 runs on CPU or CUDA (torch's int4 kernels); use --device cpu or cuda")
 
 
 def row_results(new: "torch.Tensor", eos_ids: list[int], room: list[int]) -> list[tuple[list[int], str]]:  # noqa: F821
@@ -160,7 +164,7 @@ def print_header(number: int | None, first: bool, sequence: int = 0, n: int = 1)
     print(f"==> {label(number)}{f', sequence {sequence + 1}/{n}' if n > 1 else ''} <==", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from neoxja.model import GPTNeoXJapaneseForCausalLM
-    from neoxja.quantization import quantize
+    from neoxja.quantization import load_quantized, quantize
     from neoxja.streaming import TextStreamer
     from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
 
@@ -191,11 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     t_load = time.perf_counter()
     try:
         tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(model_path)
-        model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype), device=device)
+        if args.quantize == "int4":  # quantized as it loads: the float model never exists whole
+            model = load_quantized(model_path, "int4", dtype=getattr(torch, args.dtype), device=device)
+        else:
+            model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype), device=device)
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         return _fail(f"cannot load the model from {model_path!r}: {e}", 1)
     model.eval()
-    if args.quantize != "none":
+    if args.quantize == "int8":
         quantize(model, args.quantize)
     tokenizer.padding_side = "left"
     load_seconds = time.perf_counter() - t_load
@@ -269,6 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prompt tokens {prompt_tokens}, new tokens {new_tokens}, {seconds:.2f} s, "
           f"{new_tokens / max(seconds, 1e-9):.1f} tokens/s (model loaded in {load_seconds:.2f} s)", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader left (`neoxja generate ... | head -1`): stop quietly, as Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at the exit's flush
+        return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""Post-training int8 quantization of a loaded model, applied from outside the model code.
+"""Post-training quantization of a loaded model, applied from outside the model code.
 
 `quantize(model, "int8")` replaces every `nn.Linear` (including the LM head `embed_out`) with an
 `Int8DynamicLinear`: weights stored as int8, symmetric, one scale per output channel; activations
@@ -14,16 +14,29 @@ bytes) is what makes it faster. A 2560x10240 matrix times a vector on a 2-core A
 no faster.
 
 FBGEMM runs on CPU only; a model on another device is refused with a clear error.
+
+`quantize(model, "int4", group_size=128)` replaces every `nn.Linear` with an `Int4WeightOnlyLinear`: weights
+as 4-bit integers, asymmetric, one bfloat16 scale and zero per group of `group_size` input columns of a row
+(gpt-fast's and torchao's int4 weight-only scheme); activations stay float and go through the kernel in
+bfloat16. The kernel is the one torch ships: `torch._weight_int4pack_mm_for_cpu` on CPU, the tinygemm
+`torch._weight_int4pack_mm` on CUDA. torchao's int4 weight-only layout for CPU calls the same CPU kernel,
+and its PyPI wheel carries no other x86 kernel, so it would add a dependency and no speed.
+
+`load_quantized(path, "int4")` quantizes while loading, one linear layer at a time, so that a float copy of
+the whole model never exists (the 2.7B model is ~1.5 GB in int4 and 10.8 GB in float32).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 from torch import nn
 
-SUPPORTED_MODES = ("none", "int8")
+SUPPORTED_MODES = ("none", "int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 kernels take
+DEFAULT_INT4_GROUP_SIZE = 128
 
 
 class Int8DynamicLinear(nn.Module):
@@ -78,33 +91,237 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
     return qweight, scales
 
 
-def quantize(model: nn.Module, mode: str = "int8") -> nn.Module:
-    """Quantize `model` in place and return it. `mode`: "int8" or "none" (no change).
-
-    Every nn.Linear is replaced, one at a time so that each float weight can be freed as soon as its
-    int8 copy exists (peak memory stays near the float model's). Tied embeddings: the input embedding
-    keeps its float weight (it is a lookup, not a matmul); only the LM head is quantized.
-    """
-    if mode not in SUPPORTED_MODES:
+def _check_mode(mode, group_size):
+    if not isinstance(mode, str) or mode not in SUPPORTED_MODES:
         raise ValueError(f"unsupported quantization mode {mode!r}; expected one of {SUPPORTED_MODES}")
-    if mode == "none":
-        return model
-    for param in model.parameters():
-        if param.device.type != "cpu":
-            raise ValueError(
-                f"int8 quantization uses FBGEMM, which runs on CPU only, but the model is on {param.device}; "
-                "move it to the CPU first (model.to('cpu')) or do not quantize"
-            )
-        break
-    if "fbgemm" not in torch.backends.quantized.supported_engines and "x86" not in torch.backends.quantized.supported_engines:
+    if group_size is not None:
+        if mode != "int4":
+            raise ValueError(f"group_size applies to int4 only, not to {mode!r}")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES} (what torch's int4 kernels take), "
+                             f"got {group_size!r}")
+
+
+def _check_device(device: torch.device, mode: str):
+    if mode == "int8" and device.type != "cpu":
+        raise ValueError(
+            f"int8 quantization uses FBGEMM, which runs on CPU only, but the model is on {device}; "
+            "move it to the CPU first (model.to('cpu')) or do not quantize")
+    if mode == "int4" and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"int4 quantization runs on CPU or CUDA (torch's int4 kernels), but the model is on "
+                         f"{device}; move it first (model.to('cpu'))")
+    if mode == "int8" and not ({"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines)):
         raise RuntimeError("this PyTorch build has no FBGEMM/x86 quantized engine, so int8 is unavailable")
 
+
+def _quantized_linear(linear: nn.Linear, mode: str, group_size: int | None, name: str) -> nn.Module:
+    if mode == "int8":
+        return Int8DynamicLinear.from_float(linear)
+    return Int4WeightOnlyLinear.from_float(linear, group_size or DEFAULT_INT4_GROUP_SIZE, name=name)
+
+
+def _replace_linear(model: nn.Module, name: str, mode: str, group_size: int | None) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    linear = getattr(parent, child)
+    setattr(parent, child, _quantized_linear(linear, mode, group_size, name))
+    # the float weight goes with `linear` now, unless something else (a tied embedding) holds it
+
+
+def quantize(model: nn.Module, mode: str = "int8", group_size: int | None = None) -> nn.Module:
+    """Quantize `model` in place and return it. `mode`: "int8", "int4" or "none" (no change).
+
+    `group_size` (int4 only; 32, 64, 128 or 256, default 128): input columns sharing one scale and zero.
+    Every nn.Linear is replaced, one at a time so that each float weight can be freed as soon as its
+    quantized copy exists (peak memory stays near the float model's). Tied embeddings: the input embedding
+    keeps its float weight (it is a lookup, not a matmul); only the LM head is quantized. A model is
+    quantized once: quantizing it again is an error (its float weights are gone).
+    """
+    _check_mode(mode, group_size)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize takes a torch nn.Module, got {type(model).__name__}")
+    if mode == "none":
+        return model
+    done = getattr(model, "quantization", "none")
+    if done != "none":
+        raise ValueError(f"this model is already quantized ({done}); load the float model again to quantize "
+                         f"it as {mode}")
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ValueError("the model has no nn.Linear layer to quantize")
+    _check_device(model.get_submodule(names[0]).weight.device, mode)
+    # every layer is checked before any is replaced: an error leaves the model as it was
+    if mode == "int4":
+        for name in names:
+            Int4WeightOnlyLinear.check_shape(model.get_submodule(name), group_size or DEFAULT_INT4_GROUP_SIZE, name)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
-        setattr(parent, child, Int8DynamicLinear.from_float(linear))
-        del linear  # the float weight goes now, unless something else (a tied embedding) holds it
+        _replace_linear(model, name, mode, group_size)
     model.quantization = mode
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# int4 weight-only
+
+
+def int4_group_params(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit groups along each row: (q (N, K) int32 in [0, 15], scales (N, K/g), zeros (N, K/g)),
+    scales and zeros in bfloat16, with w ~ (q - 8) * scale + zero (the tinygemm convention).
+
+    scale = (max - min) / 15 and zero = min + 8 * scale over each group, rounded to bfloat16 first; q is
+    then rounded against the rounded values, so the error of a weight is at most scale / 2 plus the
+    bfloat16 rounding of the zero (which can push the ends of a group's range outside the grid)."""
+    N, K = weight.shape
+    w = weight.detach().float().reshape(N, K // group_size, group_size)  # (N, groups, g)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, groups)
+    scales = ((hi - lo) / 15).clamp(min=1e-6).to(torch.bfloat16)
+    zeros = (lo + 8 * scales.float()).to(torch.bfloat16)
+    q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None]) + 8
+    q = q.clamp_(0, 15).to(torch.int32).reshape(N, K)
+    return q, scales, zeros
+
+
+def pack_int4_pairs(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values in [0, 15] -> (N, K/2) uint8, two per byte: even column in the high nibble (the input
+    `torch.ops.aten._convert_weight_to_int4pack` takes on CUDA)."""
+    q = q.to(torch.uint8)
+    return (q[:, ::2] << 4) | q[:, 1::2]
+
+
+def unpack_int4_pairs(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4_pairs: (N, K/2) uint8 -> (N, K) int32."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """y = x W^T (+ b) with W in 4 bits, asymmetric per group of `group_size` input columns.
+
+    Holds the kernel's packed weight (half a byte per weight), the bfloat16 scales and zeros as one
+    (K/g, N, 2) tensor (the layout both torch kernels take), and the bias if any. The product runs in
+    bfloat16; its output is cast back to the input's dtype. CPU: output rows are padded to a multiple of 16
+    (the CPU kernel's tile) and sliced off again. No state_dict entries: a quantized model is for inference.
+    """
+
+    ROW_CHUNK = 1024  # rows quantized and packed at a time; a multiple of the CPU packing's 64-row blocks
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
+                 in_features: int, out_features: int, group_size: int):
+        super().__init__()
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)  # (K/g, N_padded, 2)
+        self.register_buffer("bias", bias, persistent=False)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+
+    @staticmethod
+    def check_shape(linear: nn.Linear, group_size: int, name: str = "linear layer") -> None:
+        K = linear.in_features
+        if K % group_size:
+            raise ValueError(f"int4 group_size {group_size} does not divide the {K} input features of {name}; "
+                             f"choose a group size that does (one of {INT4_GROUP_SIZES})")
+        if linear.weight.device.type == "cuda" and (K % 64 or linear.out_features % 8):
+            raise ValueError(f"{name}: the CUDA int4 kernel needs in_features % 64 == 0 and out_features % 8 == 0, "
+                             f"got {K} and {linear.out_features}")
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = DEFAULT_INT4_GROUP_SIZE,
+                   name: str = "linear layer") -> "Int4WeightOnlyLinear":
+        cls.check_shape(linear, group_size, name)
+        weight = linear.weight.detach()
+        device = weight.device
+        N, K = weight.shape
+        pad = -N % 16 if device.type == "cpu" else 0
+        if pad:
+            weight = torch.cat([weight, weight.new_zeros(pad, K)])
+        # rows in chunks: the float32 and int32 temporaries stay ~10-40 MB instead of several times the
+        # largest weight (the CPU packing works on row blocks of 64, so chunks of ROW_CHUNK rows pack alike)
+        packed, scales_and_zeros = [], []
+        for start in range(0, weight.shape[0], cls.ROW_CHUNK):
+            q, scales, zeros = int4_group_params(weight[start:start + cls.ROW_CHUNK], group_size)
+            scales_and_zeros.append(torch.stack([scales, zeros], dim=-1))  # (rows, K/g, 2)
+            if device.type == "cuda":
+                packed.append(pack_int4_pairs(q))
+            else:
+                packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            del q, scales, zeros
+        packed = torch.cat(packed)
+        if device.type == "cuda":
+            packed = torch.ops.aten._convert_weight_to_int4pack(packed, 8)  # inner K tiles: 8
+        scales_and_zeros = torch.cat(scales_and_zeros).transpose(0, 1).contiguous()  # (K/g, N, 2)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(packed, scales_and_zeros, bias, K, linear.out_features, group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
+        if self.packed.device.type == "cuda":
+            y = torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        y = y[:, :self.out_features].to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight the int4 one stands for, (out, in), computed through the kernel (x = identity)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        bias, self.bias = self.bias, None
+        try:
+            return self(eye).float().T.contiguous()  # the kernel's float32 accumulation of one term each
+        finally:
+            self.bias = bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 weight-only, group_size={self.group_size}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# quantizing while loading
+
+
+class LayerwiseQuantizer:
+    """The hook `neoxja.checkpoint.load_pretrained(..., quantize=...)` calls: after each tensor is loaded,
+    `hook(model, module_name)`; a linear layer whose parameters are all loaded is quantized at once, so the
+    float model never exists whole. `hook.finish(model)` after the last (and after tying embeddings)
+    quantizes what is left: a tied LM head, whose weight is the float input embedding anyway."""
+
+    def __init__(self, mode: str, group_size: int | None = None):
+        _check_mode(mode, group_size)
+        if mode == "none":
+            raise ValueError("quantizing while loading needs a mode other than 'none'")
+        self.mode, self.group_size = mode, group_size
+        self.peak_float_bytes = 0  # largest float weight held at once, for tests and reports
+
+    def __call__(self, model: nn.Module, module_name: str) -> None:
+        module = model.get_submodule(module_name)
+        if not isinstance(module, nn.Linear) or any(p.is_meta for p in module.parameters()):
+            return
+        if getattr(model.config, "tie_word_embeddings", False) and module is model.get_output_embeddings():
+            return  # tied: wait until the loader has tied it to the input embedding
+        _check_device(module.weight.device, self.mode)
+        self.peak_float_bytes = max(self.peak_float_bytes, module.weight.numel() * module.weight.element_size())
+        _replace_linear(model, module_name, self.mode, self.group_size)
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear):
+                _check_device(module.weight.device, self.mode)
+                _replace_linear(model, name, self.mode, self.group_size)
+        model.quantization = self.mode
+        return model
+
+
+def load_quantized(name_or_path: str | os.PathLike, mode: str = "int4", group_size: int | None = None,
+                   dtype=None, device=None, **kwargs) -> nn.Module:
+    """from_pretrained and quantize in one pass: each linear layer is quantized as soon as it is loaded.
+
+    int4 computes in bfloat16, so its default dtype (for embeddings, norms and activations) is bfloat16;
+    int8 (FBGEMM) computes in float32 and defaults to float32."""
+    from neoxja.checkpoint import load_pretrained
+    from neoxja.model import GPTNeoXJapaneseForCausalLM
+
+    hook = LayerwiseQuantizer(mode, group_size)
+    if dtype is None:
+        dtype = torch.bfloat16 if mode == "int4" else torch.float32
+    return load_pretrained(GPTNeoXJapaneseForCausalLM, name_or_path, dtype=dtype, device=device,
+                           quantize=hook, **kwargs)

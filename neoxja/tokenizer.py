@@ -351,43 +351,19 @@ class GPTNeoXJapaneseTokenizer:
         **kwargs,
     ):
         """Load from a directory, or from a hub id through huggingface_hub (its cache and offline mode apply)."""
-        name = str(pretrained_model_name_or_path)
-        directory = Path(name)
-        if subfolder:
-            directory = directory / subfolder
+        from neoxja.hub import resolve_model_path  # a leaf module (imports nothing of ours): one resolver
+
+        name = os.fspath(pretrained_model_name_or_path)
+        directory = resolve_model_path(
+            name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, subfolder=subfolder,
+            token=token, files=tuple(VOCAB_FILES_NAMES.values()), optional=(SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE),
+        )
 
         def resolve(filename, required):
-            if directory.is_dir():
-                path = directory / filename
-                if required and not path.is_file():
-                    raise FileNotFoundError(f"{filename} not found in {directory}")
-                return path if path.is_file() else None
-            from huggingface_hub import hf_hub_download
-            from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
-
-            try:
-                return Path(
-                    hf_hub_download(
-                        name,
-                        filename,
-                        subfolder=subfolder,
-                        revision=revision,
-                        cache_dir=cache_dir,
-                        local_files_only=local_files_only,
-                        token=token,
-                    )
-                )
-            except EntryNotFoundError:
-                if required:
-                    raise FileNotFoundError(f"{filename} not found in the hub repository {name!r}") from None
-                return None
-            except LocalEntryNotFoundError as exc:
-                if required:
-                    raise FileNotFoundError(
-                        f"{filename} of {name!r} is not a local directory and is not in the hub cache "
-                        f"(offline or unreachable): {exc}"
-                    ) from None
-                return None
+            path = directory / filename
+            if required and not path.is_file():
+                raise FileNotFoundError(f"{filename} not found in {directory}")
+            return path if path.is_file() else None
 
         vocab_file = resolve(VOCAB_FILES_NAMES["vocab_file"], True)
         emoji_file = resolve(VOCAB_FILES_NAMES["emoji_file"], True)

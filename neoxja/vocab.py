@@ -34,13 +34,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gzip
 import json
 import os
 import re
 import sys
 import unicodedata
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -48,6 +46,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from neoxja.tokenizer import EmojiReplacer, normalize_text
+from neoxja import corpus
+from neoxja.corpus import list_input_files  # shared with `neoxja prepare`
 
 TAGS = ["<BR>", "<SP>", "<TAB>", "<URL>", "<EMAIL>", "<TEL>", "<DATE>", "<PRICE>", "<BLOCK>", "<KIGOU>", "<U2000U2BFF>"]
 EMOJI_TAGS = [f"<|emoji{i}|>" for i in range(1, 13)]
@@ -98,59 +98,9 @@ class VocabInputError(ValueError):
     """Input that cannot be read: the message names the file (and line)."""
 
 
-def list_input_files(inputs: Iterable[str]) -> list[Path]:
-    """As `neoxja prepare`: directories recursively in sorted order (hidden entries skipped)."""
-    files: list[Path] = []
-    for name in inputs:
-        path = Path(name)
-        if path.is_dir():
-            files.extend(sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            ))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise VocabInputError(f"{path}: no such file or directory")
-    return files
-
-
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Documents of one file: a text file is one document; .jsonl(.gz) has one per line."""
-    for where, text in _read_documents(path, text_field):
-        try:  # JSON can escape half a surrogate pair ("\ud800"), which is no text
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise VocabInputError(f"{where}: field {text_field!r} holds a lone surrogate at character "
-                                  f"{err.start}") from None
-        yield text
-
-
-def _read_documents(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    """(where, text) of each document: where is "file" or "file:line"."""
-    if not path.name.endswith((".jsonl", ".jsonl.gz")):
-        try:
-            yield str(path), path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise VocabInputError(f"{path}: not valid UTF-8 at byte offset {err.start}: {err.reason}") from None
-        return
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as err:
-                    raise VocabInputError(f"{path}:{lineno}: not valid UTF-8: {err.reason}") from None
-                except json.JSONDecodeError as err:
-                    raise VocabInputError(f"{path}:{lineno}: invalid JSON: {err.msg}") from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise VocabInputError(f"{path}:{lineno}: no string field {text_field!r}")
-                yield f"{path}:{lineno}", record[text_field]
-    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; a damaged stream is not
-        raise VocabInputError(f"{path}: cannot read: {err}") from None
+    """Documents of one file (neoxja.corpus, shared with `neoxja prepare`): the first bad one is an error."""
+    return corpus.read_documents(path, text_field)
 
 
 # ----------------------------------------------------------------------------- counting

@@ -448,6 +448,7 @@ def test_hub_id_resolution_passes_revision_and_cache(tmp_path, monkeypatch):
         return str(repo / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr("neoxja.hub.hub_reachable", lambda timeout=None: True)  # the hub answers
     ours = GPTNeoXJapaneseForCausalLM.from_pretrained("org/bin-only", revision="abc", cache_dir="/somewhere")
     assert_same_weights(ours, ref)
     asked = [c[1] for c in calls]
@@ -485,3 +486,125 @@ def test_loading_builds_on_meta_and_reads_each_tensor_once(tmp_path, monkeypatch
     assert sorted(reads) == sorted(ours.state_dict())  # every tensor read exactly once
     assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in loaded.parameters())
     assert not loaded.gpt_neox_japanese.rotary_emb.inv_freq.is_meta
+
+
+# ---- one resolver for model names (neoxja.hub.resolve_model_path) -----------------------------------------
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """The hub must not be asked: any download or probe fails the test."""
+    import huggingface_hub
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"the hub was asked: {args} {kwargs}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", forbidden)
+    monkeypatch.setattr("neoxja.hub.hub_reachable", forbidden)
+
+
+def test_local_names_are_local_and_missing_paths_fail_at_once(tmp_path, monkeypatch, no_hub, bundled_dir):
+    from neoxja.hub import ModelNotFoundError, resolve_model_path
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    monkeypatch.chdir(tmp_path)
+    ours = ours_model(tie=True)
+    ours.save_pretrained(tmp_path / "runs" / "final")
+    assert_same_weights(GPTNeoXJapaneseForCausalLM.from_pretrained("runs/final"), ours)  # relative: local
+    assert resolve_model_path("runs/final") == Path("runs/final")
+    (tmp_path / "some-file").write_text("")
+    for name in ("runs/fnal", "./nope", "/nonexistent/model", "~/neoxja-no-such-model", "a/b/c", "runs\\final"):
+        for load in (GPTNeoXJapaneseForCausalLM.from_pretrained, GPTNeoXJapaneseConfig.from_pretrained,
+                     GPTNeoXJapaneseTokenizer.from_pretrained):
+            with pytest.raises(ModelNotFoundError, match="no such directory") as err:
+                load(name)
+            assert "hub" not in str(err.value)
+    with pytest.raises(ModelNotFoundError, match="some-file is a file; a model is a directory"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained("some-file")
+    with pytest.raises(ModelNotFoundError, match="neither a local directory nor a valid hub id"):
+        resolve_model_path("bad id with spaces")
+
+
+def test_hub_id_with_the_hub_unreachable(tmp_path, monkeypatch, bundled_dir):
+    """Not cached: says so without waiting for retries; cached: loads from the cache, asking nothing online."""
+    import huggingface_hub
+
+    from neoxja.hub import ModelNotFoundError
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    monkeypatch.setattr("neoxja.hub.hub_reachable", lambda timeout=None: False)
+    real_download, calls = huggingface_hub.hf_hub_download, []
+
+    def recording_download(*args, **kwargs):
+        calls.append(kwargs["local_files_only"])
+        return real_download(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording_download)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for load in (GPTNeoXJapaneseForCausalLM.from_pretrained, GPTNeoXJapaneseTokenizer.from_pretrained,
+                 GPTNeoXJapaneseConfig.from_pretrained):
+        with pytest.raises(ModelNotFoundError) as err:
+            load("someone/not-cached", cache_dir=cache)
+        message = str(err.value)
+        assert "not in the local cache and the hub is unreachable (offline?)" in message
+        assert "has no file" not in message and "not found in the hub" not in message
+    assert calls and all(calls)  # local_files_only=True: only the cache was looked at
+
+    make_hub_cache(cache, "someone/aozora-small", bundled_dir)
+    calls.clear()
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained("someone/aozora-small", cache_dir=cache)
+    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained("someone/aozora-small", cache_dir=cache)
+    assert model.config.vocab_size >= len(tokenizer) and calls and all(calls)
+
+
+def test_every_command_uses_the_resolver(tmp_path, monkeypatch, no_hub, capsys, bundled_dir):
+    from neoxja.generate_cli import main as generate
+    from neoxja.train.cli import main as train
+    from neoxja.train.prepare import main as prepare
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "c.txt").write_text("吾輩は猫である。", encoding="utf-8")
+    assert generate(["--model", "runs/fnal", "--max-new-tokens", "1", "x"]) != 0
+    assert "runs/fnal: no such directory" in capsys.readouterr().err
+    assert prepare(["--tokenizer", "runs/fnal", "--out", "d", "c.txt"]) == 2
+    assert "runs/fnal: no such directory" in capsys.readouterr().err
+    assert prepare(["--tokenizer", str(bundled_dir), "--out", "d", "--num-proc", "1", "c.txt"]) == 0
+    capsys.readouterr()
+    assert train(["--data", "d", "--out", "o", "--init-from", "runs/fnal", "--steps", "1", "--batch-size", "1",
+                  "--seq-len", "4"]) == 2
+    assert "runs/fnal: no such directory" in capsys.readouterr().err
+
+
+def test_the_hub_probe_is_bounded_and_remembered(monkeypatch):
+    import threading
+
+    import huggingface_hub
+
+    from neoxja import hub
+
+    release = threading.Event()
+    asked = []
+
+    class Hanging:
+        def head(self, url, timeout):
+            asked.append(url)
+            release.wait(30)  # a DNS lookup or connection that never answers
+
+    monkeypatch.setattr(huggingface_hub, "get_session", lambda: Hanging())
+    monkeypatch.setattr(hub, "_probes", {})
+    try:
+        assert hub.hub_reachable(timeout=0.05) is False
+        assert hub.hub_reachable(timeout=0.05) is False
+        assert len(asked) == 1  # remembered: one probe per command, not one per file
+    finally:
+        release.set()
+
+    class Answering:
+        def head(self, url, timeout):
+            return object()
+
+    monkeypatch.setattr(huggingface_hub, "get_session", lambda: Answering())
+    monkeypatch.setattr(hub, "_probes", {})
+    assert hub.hub_reachable(timeout=1.0) is True

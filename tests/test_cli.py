@@ -53,3 +53,47 @@ def test_every_option_shows_its_default_in_help(module):
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and "default" in action.help, f"{module} {action.option_strings[0]} has no default"
+def test_generate_into_a_closed_pipe_stops_quietly():
+    """`neoxja generate ... | head -1`: the reader leaves; no traceback, a non-zero exit."""
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen(
+        [sys.executable, "-m", "neoxja", "generate", "--max-new-tokens", "20", "--seed", "0", "吾輩は"], cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # gone before the first token is written
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr
+
+
+def test_every_train_and_prepare_option_shows_its_default():
+    import argparse
+
+    from neoxja.train.cli import build_parser as train_parser
+    from neoxja.train.prepare import build_parser as prepare_parser
+
+    for parser in (train_parser(), prepare_parser()):
+        one_required = {a for g in parser._mutually_exclusive_groups if g.required for a in g._group_actions}
+        for action in parser._actions:
+            if (action.option_strings and not action.required and action not in one_required
+                    and not isinstance(action, argparse._HelpAction)):
+                assert "default" in (action.help or ""), f"{parser.prog} {action.option_strings[0]}: no default shown"
+
+
+def test_train_refuses_more_warmup_than_steps_and_explains_a_jsonl_data_file(tmp_path, capsys):
+    import pytest
+
+    from neoxja.train.cli import main as train
+
+    common = ["--out", str(tmp_path / "o"), "--model-config", "{}", "--batch-size", "1", "--seq-len", "4"]
+    with pytest.raises(SystemExit):
+        train(["--data", str(tmp_path), *common, "--steps", "10", "--warmup-steps", "11"])
+    assert "--warmup-steps (11) must not exceed --steps (10)" in capsys.readouterr().err
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "x"}\n')
+    assert train(["--data", str(corpus), *common, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out DIR {corpus}`, then train with --data DIR" in err

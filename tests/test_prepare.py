@@ -177,8 +177,7 @@ def test_out_that_is_a_file_and_an_interrupted_rerun(abeja_dir, corpus, tmp_path
         raise KeyboardInterrupt
 
     monkeypatch.setattr(GPTNeoXJapaneseTokenizer, "save_pretrained", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(abeja_dir, out, corpus)
+    assert run(abeja_dir, out, corpus, "--force") == 130  # Ctrl-C: one line, no traceback
     assert not (out / "manifest.json").exists()  # no longer "prepared": training refuses it
 
 
@@ -207,3 +206,99 @@ def test_validation_documents_can_be_given(abeja_dir, tokenizer, corpus, tmp_pat
     monkeypatch.chdir(tmp_path)  # the same file, spelt two ways
     assert run(abeja_dir, tmp_path / "x", ["held_out.jsonl"], "--val-input", held_out) == 2
     assert "both an INPUT" in capsys.readouterr().err
+
+
+def test_directories_give_corpus_files_only_and_out_may_not_be_inside(abeja_dir, tmp_path, capsys):
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text(DOCS[0], encoding="utf-8")
+    (root / "sub" / "b.jsonl").write_text(json.dumps({"text": DOCS[1]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    (root / "README.md").write_text("# about this corpus", encoding="utf-8")
+    (root / "meta.json").write_text('{"source": "x"}', encoding="utf-8")
+    (root / "image.png").write_bytes(b"\x89PNG\xff\xfe")
+    assert run(abeja_dir, tmp_path / "out", [root], "--val-fraction", "0") == 0
+    manifest = load_manifest(tmp_path / "out")
+    assert [s["path"] for s in manifest["sources"]] == [str(root / "a.txt"), str(root / "sub" / "b.jsonl")]
+    assert "skipped 3 file(s)" in capsys.readouterr().err
+    # a file named explicitly is read whatever its name
+    assert run(abeja_dir, tmp_path / "out2", [root / "README.md"], "--val-fraction", "0") == 0
+    capsys.readouterr()
+
+    for inside in (root / "prepared", root):
+        assert run(abeja_dir, inside, [root]) == 2
+        assert "inside the input directory" in capsys.readouterr().err
+    assert not (root / "prepared").exists()
+
+
+def test_replacing_prepared_data_needs_force(abeja_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "data"
+    assert run(abeja_dir, out, corpus) == 0
+    before = (out / "train.bin").read_bytes()
+    capsys.readouterr()
+    assert run(abeja_dir, out, corpus[:1]) == 2
+    assert "already holds prepared data; pass --force" in capsys.readouterr().err
+    assert (out / "train.bin").read_bytes() == before and (out / "manifest.json").exists()  # untouched
+    assert run(abeja_dir, out, corpus[:1], "--force") == 0
+    assert (out / "train.bin").read_bytes() != before
+
+
+def test_skip_bad_warns_once_per_problem(abeja_dir, tmp_path, capsys):
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"text": DOCS[0]}, ensure_ascii=False) + "\n{broken\n", encoding="utf-8")
+    assert run(abeja_dir, tmp_path / "out", [path], "--skip-bad", "--num-proc", "1") == 0
+    assert capsys.readouterr().err.count(f"{path}:2: invalid JSON") == 1
+
+
+def test_the_default_validation_split_holds_enough_text(abeja_dir, tmp_path, capsys):
+    from neoxja.train.prepare import MIN_VAL_CHARS, choose_validation_by_length
+
+    # 50 documents of 10,000 characters: 1% of the documents (one) would be 1% of the text, a single batch or two
+    lengths = np.full(50, 10_000)
+    is_val = choose_validation_by_length(lengths)
+    assert lengths[is_val].sum() >= MIN_VAL_CHARS and 1 <= (~is_val).sum()
+    # a small corpus: at most about 10% of it
+    small = np.full(50, 100)
+    assert 0.1 * small.sum() <= small[choose_validation_by_length(small)].sum() <= 0.1 * small.sum() + 100
+    # a large one: 1%
+    large = np.full(10_000, 1_000)
+    assert large[choose_validation_by_length(large)].sum() == 0.01 * large.sum()
+    assert not choose_validation_by_length(np.array([5])).any()
+    assert choose_validation_by_length(np.array([5, 5])).sum() == 1  # never every document
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": d * 20}, ensure_ascii=False) + "\n" for d in DOCS * 10), "utf-8")
+    assert run(abeja_dir, tmp_path / "out", [path], "--num-proc", "1") == 0
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest["val_fraction"] == "auto"
+    assert manifest["val"]["documents"] >= 0.1 * (manifest["val"]["documents"] + manifest["train"]["documents"]) - 1
+
+
+def test_one_home_for_corpus_reading_and_checkpoint_errors(tmp_path):
+    """prepare and vocab build list and read input with the same code; only the bad-input policy differs."""
+    import neoxja.checkpoint
+    import neoxja.train.checkpoint
+    from neoxja import corpus, vocab
+    from neoxja.train import prepare
+
+    assert vocab.list_input_files is prepare.list_input_files is corpus.list_input_files
+    assert neoxja.train.checkpoint.CheckpointError is neoxja.checkpoint.CheckpointError
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "a"}\n{bad\n{"text": "b"}\n', encoding="utf-8")
+    with pytest.raises(corpus.CorpusError, match="c.jsonl:2: invalid JSON"):
+        list(vocab.read_documents(path))
+    problems = []
+    assert list(corpus.read_documents(path, on_bad=lambda message, whole_file: problems.append(message))) == ["a", "b"]
+    assert len(problems) == 1 and ":2: invalid JSON" in problems[0]
+
+
+def test_a_full_disk_while_preparing_is_one_line_naming_the_output(abeja_dir, corpus, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def save_on_a_full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", save_on_a_full_disk)
+    assert run(abeja_dir, tmp_path / "data", corpus, "--num-proc", "1") == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'data'}: the disk is full" in err and "Traceback" not in err
+    assert not (tmp_path / "data" / "manifest.json").exists()  # not marked prepared

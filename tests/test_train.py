@@ -90,7 +90,8 @@ def losses(out: Path) -> list[float]:
 
 def train_args(data: Path, out: Path, config: dict = TINY, **options) -> list[str]:
     """Arguments of `neoxja train` for a tiny run; options override (name_with_underscores=value)."""
-    values = {"batch_size": 4, "seq_len": 16, "steps": 6, "save_every": 0, "lr": 3e-3, "warmup_steps": 2, **options}
+    values = {"batch_size": 4, "seq_len": 16, "steps": 6, "save_every": 0, "lr": 3e-3, **options}
+    values.setdefault("warmup_steps", min(2, values["steps"]))  # never more than the steps (refused)
     args = ["--data", str(data), "--out", str(out), "--model-config", json.dumps(config)]
     for name, value in values.items():
         flag = "--" + name.replace("_", "-")
@@ -317,6 +318,169 @@ def test_sigkill_then_resume_logs_exactly_the_same_losses(data, tmp_path):
     assert expected[-1]["val_loss"] < expected[9]["val_loss"] < 10.0
 
 
+def test_resume_applies_a_new_schedule_and_batch_and_refuses_the_rest(data, tmp_path, capsys):
+    from neoxja.train.metrics import read_metrics
+    from neoxja.train.optim import lr_factor
+
+    out = tmp_path / "run"
+    assert train_here(*train_args(data, out, steps=4, save_every=2, batch_size=4)) == 0
+    capsys.readouterr()
+    # the common case: more steps; and a lower learning rate, a smaller batch
+    changed = dict(steps=8, save_every=2, lr=1e-3, min_lr=1e-4, batch_size=2)
+    assert train_here(*train_args(data, out, **changed), "--resume", "auto") == 0
+    said = capsys.readouterr().out
+    assert "--steps 4 -> 8" in said and "--lr 0.003 -> 0.001" in said and "--batch-size 4 -> 2" in said
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for r in records[4:]:  # the new schedule (peak 1e-3, floor 1e-4, 8 steps) from step 5 on
+        assert r["lr"] == pytest.approx(1e-3 * lr_factor(r["step"] - 1, 2, 8, 0.1), rel=1e-12)
+    # tokens actually consumed: 4 steps of 4 sequences, then steps of 2, each of 16 tokens
+    assert [r["tokens"] for r in records] == [4 * 16 * s for s in range(1, 5)] + [(16 + 2 * s) * 16 for s in range(1, 5)]
+    meta = json.loads((out / "checkpoints" / "step_00000008" / "meta.json").read_text())
+    assert meta["args"]["lr"] == 1e-3 and meta["args"]["batch_size"] == 2  # what was used
+    assert meta["resumed"] == [{"step": 4, "changed": {"steps": [4, 8], "lr": [3e-3, 1e-3], "min_lr": [3e-3 / 10, 1e-4],
+                                                       "batch_size": [4, 2]}}]
+
+    def error(**options) -> str:
+        assert train_here(*train_args(data, out, **{**changed, **options}), "--resume", "auto") == 2
+        return capsys.readouterr().err
+
+    assert "--steps 6 is below the step of" in error(steps=6)  # not `loss nan`
+    assert "--seed 1337; resume with the same value (got 7)" in error(seed=7)
+    other_model = train_args(data, out, config={**TINY, "hidden_size": 64}, **changed)
+    assert train_here(*other_model, "--resume", "auto") == 2
+    assert "--model-config" in capsys.readouterr().err
+    # --steps equal to the checkpoint's: nothing to train, a clean summary
+    assert train_here(*train_args(data, out, **changed), "--resume", "auto") == 0
+    said = capsys.readouterr().out
+    assert "nothing left to train" in said and f"done: step 8, loss {records[-1]['loss']:.4f}" in said
+
+
+def test_resuming_another_model_size_is_one_clear_line(data, tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    args = train_args(data, tmp_path / "run", steps=2, save_every=2)
+    args[args.index("--model-config") + 1] = str(config)
+    assert train_here(*args) == 0
+    config.write_text(json.dumps({**TINY, "hidden_size": 64}))  # the same file, another model
+    capsys.readouterr()
+    args[args.index("--steps") + 1] = "4"
+    assert train_here(*args, "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a different model" in err and "size mismatch" not in err
+    assert "embed_in.weight: checkpoint [" in err
+
+
+def test_a_checkpoint_is_exported_to_a_model_directory(data, tmp_path, capsys):
+    from neoxja.generate_cli import main as generate
+    from neoxja.model import GPTNeoXJapaneseForCausalLM
+
+    out = tmp_path / "run"
+    assert train_here(*train_args(data, out, steps=4, save_every=2)) == 0
+    checkpoint = out / "checkpoints" / "step_00000004"
+    capsys.readouterr()
+    assert generate(["--model", str(checkpoint), "--max-new-tokens", "2", "x"]) != 0
+    err = capsys.readouterr().err
+    assert f"is a training checkpoint" in err and f"neoxja train export-checkpoint {checkpoint} OUT_DIR" in err
+
+    assert train_here("export-checkpoint", str(checkpoint), str(tmp_path / "model")) == 0
+    assert generate(["--model", str(tmp_path / "model"), "--max-new-tokens", "2", "--seed", "0", "吾輩は"]) == 0
+    exported = GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    final = GPTNeoXJapaneseForCausalLM.from_pretrained(out / "final").state_dict()
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    capsys.readouterr()
+    assert train_here("export-checkpoint", str(checkpoint), str(tmp_path / "model")) == 2  # never over a model
+    assert "not an empty directory" in capsys.readouterr().err
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = subprocess.Popen(neoxja_command("train", *train_args(data, out, steps=100000)), cwd=REPO,
+                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_steps(out / "metrics.jsonl", 1, first)
+        assert train_here(*train_args(data, out, steps=2)) == 2
+        err = capsys.readouterr().err
+        assert f"{out} is in use by another training run (pid {first.pid} on " in err
+        assert first.poll() is None  # the first run is untouched
+        os.kill(first.pid, signal.SIGKILL)  # the kernel drops the lock however the holder ends
+    finally:
+        first.kill()
+        first.wait()
+    assert train_here(*train_args(data, out, steps=2)) == 0
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(data, tmp_path):
+    out = tmp_path / "run"
+    process = start(neoxja_command("train", *train_args(data, out, steps=100000, save_every=2)))
+    try:
+        _wait_for_steps(out / "metrics.jsonl", 5, process)
+        process.send_signal(signal.SIGINT)
+        result = finish(process, check=False)
+    finally:
+        process.kill()
+        process.wait()
+    assert result.returncode == 130
+    assert "Traceback" not in result.stderr
+    last = sorted((out / "checkpoints").glob("step_*"))[-1]
+    assert f"interrupted; the last checkpoint is {last} (step {int(last.name[5:])})" in result.stderr
+    assert "--resume auto" in result.stderr
+
+
+def test_a_full_disk_or_read_only_out_is_one_clear_line(data, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import neoxja.train.checkpoint as ckpt
+    from neoxja.train.metrics import MetricsLog
+
+    # torch.save on a full disk: RuntimeError from inline_container.cc, naming neither the file nor the cause
+    def torch_save_on_a_full_disk(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4288 vs 4176")
+
+    monkeypatch.setattr(ckpt.torch, "save", torch_save_on_a_full_disk)
+    assert train_here(*train_args(data, tmp_path / "a", steps=2, save_every=1)) == 1
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "state.pt" in err and str(tmp_path / "a") in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1 and "Traceback" not in err
+    monkeypatch.undo()
+
+    def write_on_a_full_disk(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(MetricsLog, "write", write_on_a_full_disk)
+    assert train_here(*train_args(data, tmp_path / "b", steps=2)) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'b'}: the disk is full" in err
+    monkeypatch.undo()
+
+    import safetensors.torch
+
+    def safetensors_on_a_full_disk(*args, **kwargs):  # the final export: safetensors' own error type
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                          'message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", safetensors_on_a_full_disk)
+    assert train_here(*train_args(data, tmp_path / "c", steps=1)) == 1
+    assert f"cannot write under {tmp_path / 'c'}: the disk is full" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert train_here(*train_args(data, tmp_path / "ro" / "run", steps=1)) == 1
+    assert "read-only file system" in capsys.readouterr().err
+    from neoxja.train.prepare import main as prepare
+
+    corpus = write_corpus(tmp_path / "c.jsonl", documents=3)
+    assert prepare(["--tokenizer", str(data / "tokenizer"), "--out", str(tmp_path / "ro" / "d"), str(corpus)]) == 1
+    assert "read-only file system" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- in-process runs
 
 
@@ -394,6 +558,54 @@ def test_fine_tuning_from_a_pretrained_directory(data, tmp_path):
     assert losses(tmp_path / "tuned")[0] < losses(tmp_path / "base")[0] - 0.05
 
 
+def init_from(args: list[str], model) -> list[str]:
+    """train_args with --init-from MODEL in place of --model-config."""
+    i = args.index("--model-config")
+    return args[:i] + ["--init-from", str(model)] + args[i + 2:]
+
+
+def test_init_from_refuses_data_prepared_with_another_tokenizer(data, tmp_path, bundled_dir, capsys):
+    import shutil
+
+    from neoxja.train.prepare import main as prepare
+
+    # same size, same files, one pair of lines swapped: the ids of two entries mean each other's text
+    other = tmp_path / "other-vocab"
+    other.mkdir()
+    for name in ("vocab.txt", "emoji.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(bundled_dir / name, other / name)
+    lines = (other / "vocab.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[100], lines[101] = lines[101], lines[100]
+    (other / "vocab.txt").write_text("".join(lines), encoding="utf-8")
+    mismatched = tmp_path / "mv"
+    assert prepare(["--tokenizer", str(other), "--out", str(mismatched), "--num-proc", "1",
+                    str(write_corpus(tmp_path / "c.jsonl", documents=10))]) == 0
+    capsys.readouterr()
+
+    tiny = dict(steps=1, batch_size=1, seq_len=8, warmup_steps=0)
+    assert train_here(*init_from(train_args(mismatched, tmp_path / "a", **tiny), bundled_dir)) == 2
+    err = capsys.readouterr().err
+    assert "prepared with another tokenizer" in err and "--allow-tokenizer-mismatch" in err
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+    # data prepared before the manifest recorded the fingerprint: the tokenizer kept with the data is compared
+    manifest = json.loads((mismatched / "manifest.json").read_text())
+    del manifest["tokenizer"]["fingerprint"]
+    (mismatched / "manifest.json").write_text(json.dumps(manifest))
+    assert train_here(*init_from(train_args(mismatched, tmp_path / "a", **tiny), bundled_dir)) == 2
+    assert "prepared with another tokenizer" in capsys.readouterr().err
+    assert train_here(*init_from(train_args(mismatched, tmp_path / "b", **tiny), bundled_dir),
+                      "--allow-tokenizer-mismatch") == 0
+    # the same vocabulary from another directory (the data keeps its own copy) is the same tokenizer
+    assert train_here(*init_from(train_args(data, tmp_path / "c", **tiny), bundled_dir)) == 0
+
+
+def test_model_vocabulary_smaller_than_the_tokenizer_is_refused(data, tmp_path, capsys):
+    assert train_here(*train_args(data, tmp_path / "a", config={**TINY, "vocab_size": 100})) == 2
+    assert "smaller than the data's tokenizer" in capsys.readouterr().err
+    # larger (padded for speed) is fine: generation masks the ids the tokenizer lacks
+    assert train_here(*train_args(data, tmp_path / "b", config={**TINY, "vocab_size": 8192}, steps=1)) == 0
+
+
 def test_bad_arguments_and_inputs_are_clear_errors(data, tmp_path, capsys):
     def error(*args) -> str:
         assert train_here(*args) == 2
@@ -405,8 +617,8 @@ def test_bad_arguments_and_inputs_are_clear_errors(data, tmp_path, capsys):
     bad_config[bad_config.index("--model-config") + 1] = "{not json"
     assert "not valid JSON" in error(*bad_config)
     assert "not a checkpoint" in error(*train_args(data, tmp_path / "a"), "--resume", str(tmp_path))
-    assert "fewer than one batch" in error(*train_args(data, tmp_path / "a", eval_every=1, eval_steps=1,
-                                                       batch_size=64, seq_len=32))
+    message = error(*train_args(data, tmp_path / "a", eval_every=1, eval_steps=1, batch_size=64, seq_len=32))
+    assert "fewer than one batch" in message and "prepare the data again with --val-fraction 0.29" in message
 
     assert train_here(*train_args(data, tmp_path / "b", steps=2, save_every=2)) == 0
     assert "--seq-len 16" in error(*train_args(data, tmp_path / "b", steps=3, seq_len=8), "--resume", "auto")
@@ -445,7 +657,7 @@ def test_hub_ids_resolve_through_huggingface_hub(data, tmp_path, bundled_dir, mo
     from huggingface_hub.utils import EntryNotFoundError
 
     assert train_here(*train_args(data, tmp_path / "base", steps=1)) == 0
-    repos = {"neoxja/aozora-small": bundled_dir, "someone/tiny-neox-ja": tmp_path / "base" / "final"}
+    repos = {"someone/aozora-small": bundled_dir, "someone/tiny-neox-ja": tmp_path / "base" / "final"}
     requested = []
 
     def fake_download(repo_id, filename, **kwargs):
@@ -456,14 +668,15 @@ def test_hub_ids_resolve_through_huggingface_hub(data, tmp_path, bundled_dir, mo
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr("neoxja.hub.hub_reachable", lambda timeout=None: True)  # the (fake) hub answers
     from neoxja.train.prepare import main as prepare
 
     corpus = write_corpus(tmp_path / "c.jsonl", documents=5)
-    assert prepare(["--tokenizer", "neoxja/aozora-small", "--out", str(tmp_path / "d"), "--num-proc", "1",
+    assert prepare(["--tokenizer", "someone/aozora-small", "--out", str(tmp_path / "d"), "--num-proc", "1",
                     str(corpus)]) == 0
-    assert ("neoxja/aozora-small", "vocab.txt") in requested
+    assert ("someone/aozora-small", "vocab.txt") in requested
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
-    assert manifest["tokenizer"]["source"] == "neoxja/aozora-small"
+    assert manifest["tokenizer"]["source"] == "someone/aozora-small"
 
     args = train_args(tmp_path / "d", tmp_path / "tuned", steps=1, seq_len=8, batch_size=1)
     args[args.index("--model-config"):args.index("--model-config") + 2] = ["--init-from", "someone/tiny-neox-ja"]

@@ -74,3 +74,13 @@ def test_fsdp_resumes_from_its_distributed_checkpoint(runs):
         load_checkpoint(checkpoint, None, None, one_process, fsdp=True)
     with pytest.raises(CheckpointError, match="with --fsdp"):
         load_checkpoint(checkpoint, None, None, one_process, fsdp=False)
+
+
+def test_an_fsdp_checkpoint_exports_the_model_of_its_step(runs, tmp_path):
+    from neoxja.model import GPTNeoXJapaneseForCausalLM
+
+    _, tmp = runs
+    assert train_here("export-checkpoint", str(tmp / "fsdp" / "checkpoints" / "step_00000006"), str(tmp_path / "m")) == 0
+    exported = GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path / "m").state_dict()
+    final = GPTNeoXJapaneseForCausalLM.from_pretrained(tmp / "fsdp" / "final").state_dict()
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)

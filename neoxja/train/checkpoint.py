@@ -8,6 +8,9 @@ is renamed into place only after everything inside was written and fsync'ed):
   or, with FSDP:    torch.distributed.checkpoint shards (*.distcp + .metadata) of model and optimizer,
                     plus trainer.pt with scheduler and grad scaler
   rng_rank{r}.pt    each rank's torch RNG state (dropout draws continue exactly)
+  config.json, vocab.txt, emoji.json, ...  the model's config and the data's tokenizer, so that
+                    `neoxja train export-checkpoint DIR OUT` makes a model directory of it
+                    (`neoxja generate --model OUT`) from the checkpoint alone
 
 Without FSDP the plain `state_dict()`s of the unwrapped module and optimizer are saved; with FSDP
 the sharded ones from torch.distributed.checkpoint.state_dict (imported only then: it is slow to import).
@@ -23,15 +26,15 @@ from pathlib import Path
 
 import torch
 
+from neoxja.checkpoint import CheckpointError  # one error type for every checkpoint: model or training
 from neoxja.train.distributed import DistEnv, barrier
+from neoxja.train.failures import as_write_error, is_torch_write_failure
 
 NAME = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message names it and says why."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -80,7 +83,12 @@ def _fsync_dir(path: Path) -> None:
 
 def _save_file(obj, path: Path) -> None:
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:  # torch's message names neither the file nor the cause
+            if is_torch_write_failure(err):
+                raise as_write_error(err, path) from None
+            raise
         f.flush()
         os.fsync(f.fileno())
 
@@ -133,8 +141,12 @@ def save_checkpoint(
     env: DistEnv,
     fsdp: bool,
     keep: int,
+    write_model_files=None,
 ) -> Path:
-    """Write checkpoint `step` atomically and keep the newest `keep`. Collective: call on every rank."""
+    """Write checkpoint `step` atomically and keep the newest `keep`. Collective: call on every rank.
+
+    `write_model_files(directory)`, when given, is called on rank 0 to add the config and tokenizer files.
+    """
     root = Path(root)
     final = root / checkpoint_name(step)
     tmp = root / (TMP_PREFIX + final.name)
@@ -160,6 +172,8 @@ def save_checkpoint(
     barrier(env)
 
     if env.is_main:
+        if write_model_files is not None:
+            write_model_files(tmp)
         meta_tmp = tmp / "meta.json.tmp"
         with open(meta_tmp, "w", encoding="utf-8") as f:
             json.dump({**meta, "step": step, "fsdp": fsdp, "world_size": env.world_size}, f, indent=2)
@@ -175,6 +189,22 @@ def save_checkpoint(
             _remove(old)
     barrier(env)
     return final
+
+
+def _check_shapes(path: Path, model: torch.nn.Module, saved) -> None:
+    """One clear line when the checkpoint holds another model (torch would list every tensor)."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}/state.pt: holds no model state")
+    current = model.state_dict()
+    differ = [(key, tuple(saved[key].shape), tuple(current[key].shape)) for key in current
+              if key in saved and hasattr(saved[key], "shape") and tuple(saved[key].shape) != tuple(current[key].shape)]
+    missing = [key for key in current if key not in saved]
+    if differ or missing:
+        what = (f"{len(differ)} of its {len(current)} tensors differ in shape (e.g. {differ[0][0]}: checkpoint "
+                f"{list(differ[0][1])}, this model {list(differ[0][2])})" if differ
+                else f"it lacks {len(missing)} of this model's tensors (e.g. {missing[0]})")
+        raise CheckpointError(f"{path} holds a different model: {what}; resume with the model configuration it "
+                              "was trained with")
 
 
 def load_checkpoint(
@@ -211,9 +241,12 @@ def load_checkpoint(
             trainer_state = _load_file(path / "trainer.pt")
         else:
             state = _load_file(path / "state.pt")
+            _check_shapes(path, _unwrap(model), state.get("model"))
             _unwrap(model).load_state_dict(state.pop("model"))
             optimizer.load_state_dict(state.pop("optimizer"))
             trainer_state = state
+    except CheckpointError:
+        raise
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: does not match this model / optimizer: {err}") from None
 
@@ -226,3 +259,50 @@ def load_checkpoint(
     else:  # resumed on more processes than wrote it (DDP): a fresh, still seeded, stream for this rank
         print(f"warning: {rng_file.name} not in {path}; rank {env.rank} continues with a fresh RNG stream")
     return meta, trainer_state
+
+
+def export_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """A model directory (Hugging Face layout, as train's final/) from training checkpoint `path`."""
+    from neoxja.config import GPTNeoXJapaneseConfig
+    from neoxja.model import GPTNeoXJapaneseForCausalLM
+
+    path, out = Path(path), Path(out)
+    meta = read_meta(path)
+    if not (path / "config.json").is_file() or not (path / "vocab.txt").is_file():
+        raise CheckpointError(f"{path} was written before checkpoints carried the model's config.json and tokenizer; "
+                              "it can only be resumed (its run's final/ is the exported model)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} exists and is not an empty directory; choose a new output directory")
+    if meta.get("fsdp"):  # torch.distributed.checkpoint shards: gathered into one file first
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                dcp_to_torch_save(path, Path(scratch) / "state.pt")
+            except Exception as err:  # noqa: BLE001 -- any failure of the shard reader
+                raise CheckpointError(f"{path}: cannot read the distributed checkpoint: {err}") from None
+            state = _load_file(Path(scratch) / "state.pt")
+    else:
+        state = _load_file(path / "state.pt")
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path}: holds no model state")
+    try:
+        config = GPTNeoXJapaneseConfig.from_json_file(path / "config.json")
+        model = GPTNeoXJapaneseForCausalLM(config)
+        model.load_state_dict({key.removeprefix("lm."): value for key, value in weights.items()})
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: the weights do not fit its config.json: {err}") from None
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    for name in os.listdir(path):
+        if name.endswith((".txt", ".json")) and name not in ("meta.json", "config.json"):
+            shutil.copy2(path / name, tmp / name)
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out

@@ -26,6 +26,9 @@ class DataError(ValueError):
 
 def load_manifest(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "manifest.json"
+    if Path(data_dir).is_file():
+        raise DataError(f"--data {data_dir} is a file, not prepared data: prepare it first with `neoxja prepare "
+                        f"--tokenizer DIR_OR_HUB_ID --out DIR {data_dir}`, then train with --data DIR")
     if not path.is_file():
         raise DataError(f"{path} not found: run `neoxja prepare --out {data_dir} ...` first")
     try:

@@ -1,7 +1,9 @@
 """`neoxja prepare`: tokenize a corpus into memory-mapped token files for training.
 
-Inputs are text files (one document each), directories of them (searched recursively, in sorted
-order) and JSON-lines files (`.jsonl`, `.jsonl.gz`; one document per line, text in `--field`).
+Inputs are text files (one document each), JSON-lines files (`.jsonl`, `.jsonl.gz`; one document per
+line, text in `--field`) and directories, searched recursively in sorted order for `.txt`, `.jsonl` and
+`.jsonl.gz` files only (see neoxja.corpus). `--out` may not lie inside an input directory, and replacing
+data prepared before needs `--force`.
 
 Output directory:
   train.bin, val.bin          token ids (uint16 while the vocabulary fits, else uint32), each document
@@ -11,7 +13,8 @@ Output directory:
   manifest.json               tokenizer, dtype, counts, sources, skipped input
 
 The validation split is made of whole documents: those of `--val-input` when given, otherwise a
-share (`--val-fraction`) chosen by a fixed-seed permutation. The output is the same for the same
+share (`--val-fraction`) chosen by a fixed-seed permutation; by default, documents holding 1% of the
+text but at least MIN_VAL_CHARS characters (or 10% of the text, whichever is less). The output is the same for the same
 input, whatever the number of processes (results are written in input order).
 Every file is read twice: once to validate it and count documents (cheap next to tokenizing),
 then to tokenize; bad input is therefore reported before any tokenizing starts.
@@ -20,7 +23,6 @@ then to tokenize; bad input is therefore reported before any tokenizing starts.
 from __future__ import annotations
 
 import argparse
-import gzip
 import itertools
 import json
 import math
@@ -29,46 +31,22 @@ import os
 import shutil
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from neoxja import corpus
+from neoxja.corpus import CorpusError, list_input_files  # noqa: F401 -- CorpusError: prepare's error type
+
 MANIFEST_VERSION = 1
+MIN_VAL_CHARS = 50_000  # the default validation split: enough text for a few evaluation batches
 SPLIT_SEED = 0  # fixed: the split is a property of the corpus, not of a training run
 DOCUMENTS_IN_FLIGHT = 4096  # documents handed to the tokenizer processes at a time
 
 
-class CorpusError(ValueError):
-    """Input that cannot be prepared: the message names the file (and line / byte offset)."""
-
-
 # ----------------------------------------------------------------------------- reading input
-
-
-def is_jsonl(path: Path) -> bool:
-    return path.name.endswith((".jsonl", ".jsonl.gz"))
-
-
-def list_input_files(inputs: list[str]) -> list[Path]:
-    """Expand directories (recursively, sorted, hidden entries skipped); keep the given order otherwise."""
-    files: list[Path] = []
-    for name in inputs:
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise CorpusError(f"{path}: no such file or directory")
-    return files
 
 
 @dataclass
@@ -76,6 +54,7 @@ class SkipLog:
     """What --skip-bad left out; reported on stderr and in the manifest, never dropped silently."""
 
     skip_bad: bool
+    quiet: bool = False  # the second pass: every problem was reported by the first
     files: int = 0
     lines: int = 0
     empty_documents: int = 0
@@ -89,68 +68,34 @@ class SkipLog:
         else:
             self.lines += 1
         self.messages.append(message)
-        print(f"warning: skipping: {message}", file=sys.stderr)
-
-
-def _utf8_error(path: Path, offset: int, err: UnicodeDecodeError, where: str = "") -> str:
-    return (
-        f"{path}{where}: not valid UTF-8 at byte offset {offset + err.start}"
-        f"{' (of the decompressed data)' if path.name.endswith('.gz') else ''}: {err.reason}"
-    )
+        if not self.quiet:
+            print(f"warning: skipping: {message}", file=sys.stderr)
 
 
 def read_documents(path: Path, text_field: str, skips: SkipLog) -> Iterator[str]:
-    """Yield the documents of one input file (empty ones are counted in `skips`, not yielded)."""
-    if not is_jsonl(path):
-        data = path.read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            skips.bad(_utf8_error(path, 0, err), whole_file=True)
-            return
+    """Yield the non-empty documents of one input file (empty ones are counted in `skips`)."""
+    for text in corpus.read_documents(path, text_field, on_bad=skips.bad):
         if text:
             yield text
         else:
             skips.empty_documents += 1
-        return
-
-    opener = gzip.open if path.name.endswith(".gz") else open
-    offset = 0
-    try:
-        with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                line_start, offset = offset, offset + len(raw)
-                where = f":{lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    skips.bad(_utf8_error(path, line_start, err, where), whole_file=False)
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    skips.bad(f"{path}{where}: invalid JSON: {err.msg} (column {err.colno})", whole_file=False)
-                    continue
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    skips.bad(f"{path}{where}: no string field {text_field!r}", whole_file=False)
-                    continue
-                try:  # JSON can escape half a surrogate pair ("\ud800"), which is no text
-                    record[text_field].encode("utf-8")
-                except UnicodeEncodeError as err:
-                    skips.bad(f"{path}{where}: field {text_field!r} holds a lone surrogate at character "
-                              f"{err.start}", whole_file=False)
-                    continue
-                if record[text_field]:
-                    yield record[text_field]
-                else:
-                    skips.empty_documents += 1
-    except (OSError, EOFError, zlib.error) as err:  # e.g. a truncated, damaged or non-gzip .gz file
-        skips.bad(f"{path}: cannot read: {err}", whole_file=True)
 
 
 # ----------------------------------------------------------------------------- tokenizing
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what a tokenizer maps ids to (its vocabulary lines and emoji table), not of where it lives.
+
+    Two tokenizers with the same fingerprint give every text the same ids; `neoxja train --init-from`
+    compares the model's with the one the data was prepared with.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    digest.update("".join(",".join(spellings) + "\n" for spellings in tokenizer.ids_to_tokens).encode("utf-8"))
+    digest.update(json.dumps(tokenizer.emoji, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+    return digest.hexdigest()
 
 _worker_tokenizer = None
 _worker_dtype = None
@@ -181,12 +126,30 @@ def choose_validation_documents(num_documents: int, val_fraction: float) -> np.n
     return is_val
 
 
+def choose_validation_by_length(lengths: np.ndarray) -> np.ndarray:
+    """The default split: whole documents, in the fixed-seed order, until they hold 1% of the characters but
+    at least MIN_VAL_CHARS or 10% of them, whichever is less (so a corpus of a few long documents still
+    gives a few evaluation batches); never every document."""
+    is_val = np.zeros(len(lengths), dtype=bool)
+    if len(lengths) < 2:
+        return is_val
+    total = int(lengths.sum())
+    target = max(0.01 * total, min(MIN_VAL_CHARS, 0.1 * total))
+    held = 0
+    for i in np.random.default_rng(SPLIT_SEED).permutation(len(lengths))[: len(lengths) - 1]:
+        if held >= target:
+            break
+        is_val[i] = True
+        held += int(lengths[i])
+    return is_val
+
+
 def _tokenize_into(files, text_field, is_val, tokenizer_dir, dtype, num_proc, tmp, splits) -> int:
     """Tokenize every document in input order into the split's file; returns the last document's index."""
     from tqdm.auto import tqdm
 
     def documents() -> Iterator[str]:
-        quiet = SkipLog(skip_bad=True)  # pass 1 already reported every problem
+        quiet = SkipLog(skip_bad=True, quiet=True)  # pass 1 already reported every problem
         for path in files:
             yield from read_documents(path, text_field, quiet)
 
@@ -226,39 +189,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="text file, directory, or .jsonl / .jsonl.gz")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="share of documents held out (default: whole documents holding 1%% of the text, but at "
+                        f"least {MIN_VAL_CHARS:,} characters or 10%% of it, whichever is less)")
     p.add_argument("--val-input", action="append", default=[], metavar="INPUT",
-                   help="documents to hold out for validation instead of a random share (repeatable)")
-    p.add_argument("--num-proc", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer processes")
+                   help="documents to hold out for validation instead of a random share (repeatable; default none)")
+    p.add_argument("--num-proc", type=int, default=max(1, os.cpu_count() or 1),
+                   help="tokenizer processes (default: the CPU count, %(default)s here)")
     p.add_argument("--field", default="text", help="JSON field holding the text (default: text)")
-    p.add_argument("--skip-bad", action="store_true", help="warn about and count bad input instead of failing")
+    p.add_argument("--skip-bad", action="store_true", help="warn about and count bad input instead of failing (default: fail)")
+    p.add_argument("--force", action="store_true", help="replace the prepared data already in --out (default: refuse)")
     return p
 
 
 def prepare(args: argparse.Namespace) -> dict:
-    if not 0 <= args.val_fraction < 1:
+    if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
         raise CorpusError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.num_proc < 1:
         raise CorpusError(f"--num-proc must be >= 1, got {args.num_proc}")
-    val_files = list_input_files(args.val_input)
-    train_files = list_input_files(args.inputs)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CorpusError(f"--out {out} is a file; give a directory")
+    for name in args.inputs + args.val_input:  # its own output would be read as input the next time
+        given = Path(name).resolve()
+        if given.is_dir() and (out.resolve() == given or given in out.resolve().parents):
+            raise CorpusError(f"--out {out} is inside the input directory {name}; write the prepared data elsewhere")
+    if not args.force and any((out / name).exists() for name in ("manifest.json", "train.bin", "val.bin")):
+        raise CorpusError(f"--out {out} already holds prepared data; pass --force to replace it")
+    skipped_files: list[Path] = []
+    val_files = list_input_files(args.val_input, skipped_files)
+    train_files = list_input_files(args.inputs, skipped_files)
+    if skipped_files:
+        print(f"note: skipped {len(skipped_files)} file(s) in the input directories that are not "
+              f"{', '.join(corpus.CORPUS_SUFFIXES)} (e.g. {skipped_files[0]})", file=sys.stderr)
     train_resolved = {path.resolve(): path for path in train_files}
     for path in val_files:
         if path.resolve() in train_resolved:  # however it is spelt, the same file in both splits
             raise CorpusError(f"{path} is both an INPUT and a --val-input (as {train_resolved[path.resolve()]})")
     files = train_files + val_files
 
-    # Pass 1: validate everything and count documents.
+    # Pass 1: validate everything and count documents (and their characters, for the default split).
     skips = SkipLog(skip_bad=args.skip_bad)
     sources = []
+    lengths: list[int] = []
     for path in files:
-        count = sum(1 for _ in read_documents(path, args.field, skips))
-        sources.append({"path": str(path), "documents": count, "split": "val" if path in val_files else "train"})
+        before = len(lengths)
+        lengths.extend(len(text) for text in read_documents(path, args.field, skips))
+        sources.append({"path": str(path), "documents": len(lengths) - before,
+                        "split": "val" if path in val_files else "train"})
     num_documents = sum(s["documents"] for s in sources)
     if num_documents == 0:
         raise CorpusError(f"empty corpus: no documents in {', '.join(args.inputs + args.val_input)}")
     if val_files:  # the validation documents are given: exactly those
         is_val = np.concatenate([np.full(s["documents"], s["split"] == "val") for s in sources])
+    elif args.val_fraction is None:
+        is_val = choose_validation_by_length(np.asarray(lengths, dtype=np.int64))
+        if not is_val.any():
+            print("warning: a single document cannot be split; the validation split is empty", file=sys.stderr)
     else:
         is_val = choose_validation_documents(num_documents, args.val_fraction)
         if args.val_fraction > 0 and not is_val.any():
@@ -270,9 +257,6 @@ def prepare(args: argparse.Namespace) -> dict:
         tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(args.tokenizer)
     except (OSError, ValueError) as err:  # missing files, unknown hub id, offline without a cache
         raise CorpusError(f"--tokenizer {args.tokenizer}: cannot load it: {err}") from None
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CorpusError(f"--out {out} is a file; give a directory")
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # the directory is "prepared" again only when complete
     tokenizer_dir = out / "tokenizer"
@@ -308,11 +292,12 @@ def prepare(args: argparse.Namespace) -> dict:
             "source": str(args.tokenizer),
             "dir": "tokenizer",
             "vocab_size": vocab_size,
+            "fingerprint": tokenizer_fingerprint(tokenizer),
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
         },
         "separator": "<|endoftext|> after every document",
-        "val_fraction": None if val_files else args.val_fraction,
+        "val_fraction": None if val_files else "auto" if args.val_fraction is None else args.val_fraction,
         "split_seed": SPLIT_SEED,
         "train": {"file": "train.bin", "documents": len(splits["train"]) - 1, "tokens": splits["train"][-1],
                   "document_offsets": "train_docs.npy"},
@@ -349,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     except CorpusError as err:
         print(f"neoxja prepare: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the environment: a full disk, a read-only --out
+        from neoxja.train.failures import describe
+
+        print(f"neoxja prepare: error: {describe(err, args.out)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nneoxja prepare: interrupted (run the command again to prepare the data)", file=sys.stderr)
+        return 130
     return 0
 
 

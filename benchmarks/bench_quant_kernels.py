@@ -1,0 +1,128 @@
+"""The weight products of one decoding step at batch 1, kernel by kernel (CPU): which kernel to quantize for.
+
+One step at the 2.7B width with 4 layers reads, per layer, the qkv (7680x2560), attention output (2560x2560),
+MLP up (10240x2560) and down (2560x10240) weights, then the LM head (32000x2560), each times one row. Every
+round runs the whole set once per kernel, in a rotated order; printed: the best and median time of a set and
+each kernel's speed relative to FBGEMM's dynamic int8 linear (what `quantize(model, "int8")` uses), as the
+median of per-round ratios (a shared machine: load comes in bursts).
+
+Kernels: float32 and bfloat16 F.linear; FBGEMM int8 (`torch.ops.quantized.linear_dynamic`, per-channel
+weights, activations quantized per call); `torch._weight_int8pack_mm` (weight-only int8, bfloat16
+activations); torch's CPU int4 kernel `torch._weight_int4pack_mm_for_cpu` at group sizes 32, 128, 256
+(bfloat16 activations; with float32 activations it is tens of times slower); with --compile, inductor's
+code for gpt-fast's weight-only int8 linear (F.linear(x, w.to(x.dtype)) * scales), with freezing on.
+
+    python benchmarks/bench_quant_kernels.py --rounds 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from neoxja.quantization import Int4WeightOnlyLinear, Int8DynamicLinear  # noqa: E402
+
+SHAPES = [(7680, 2560), (2560, 2560), (10240, 2560), (2560, 10240)] * 4 + [(32000, 2560)]
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next((set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), set())
+    except OSError:
+        flags = set()
+    return " ".join(f"{f}={int(f in flags)}" for f in ("amx_bf16", "avx512_bf16", "avx512_vnni", "avx2"))
+
+
+def kernels(args) -> dict:
+    g = torch.Generator().manual_seed(0)
+    linears = []
+    for n, k in SHAPES:
+        linear = torch.nn.Linear(k, n, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(n, k, generator=g) * 0.02)
+        linears.append(linear)
+    x32 = {k: torch.randn(1, k, generator=g) for k in (2560, 10240)}
+    x16 = {k: v.bfloat16() for k, v in x32.items()}
+    out = {}
+    int8 = [Int8DynamicLinear.from_float(m) for m in linears]
+    out["FBGEMM int8"] = lambda: [q(x32[q.in_features]) for q in int8]
+    for gs in (32, 128, 256):
+        int4 = [Int4WeightOnlyLinear.from_float(m, gs) for m in linears]
+        out[f"int4 group {gs}"] = lambda int4=int4: [q(x16[q.in_features]) for q in int4]
+    packs = []
+    for m in linears:
+        w = m.weight.detach()
+        scales = w.abs().amax(dim=1) / 127
+        packs.append((torch.round(w / scales[:, None]).to(torch.int8), scales.bfloat16()))
+    out["_weight_int8pack_mm"] = lambda: [torch._weight_int8pack_mm(x16[w.shape[1]], w, s) for w, s in packs]
+    w16 = [m.weight.detach().bfloat16() for m in linears]
+    out["bfloat16"] = lambda: [F.linear(x16[w.shape[1]], w) for w in w16]
+    w32 = [m.weight.detach() for m in linears]
+    out["float32"] = lambda: [F.linear(x32[w.shape[1]], w) for w in w32]
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+
+        class WeightOnlyInt8(torch.nn.Module):  # gpt-fast's WeightOnlyInt8Linear
+            def __init__(self, w, s):
+                super().__init__()
+                self.register_buffer("weight", w)
+                self.register_buffer("scales", s)
+
+            def forward(self, x):
+                return F.linear(x, self.weight.to(x.dtype)) * self.scales
+
+        for dtype in (torch.float32, torch.bfloat16):
+            xs = x32 if dtype == torch.float32 else x16
+            mods = [torch.compile(WeightOnlyInt8(w, s.to(dtype)).eval()) for w, s in packs]
+            out[f"inductor int8 ({str(dtype)[6:]})"] = lambda mods=mods, xs=xs: [
+                m(xs[m._orig_mod.weight.shape[1]]) for m in mods]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--compile", action="store_true", help="add inductor's weight-only int8 (compiles first)")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"CPU flags: {cpu_flags()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
+          f"{torch.get_num_threads()} threads; one decoding step's products, 2.7B width, 4 layers + LM head",
+          flush=True)
+    with torch.no_grad():
+        ks = kernels(args)
+        for f in ks.values():
+            f()
+            f()
+        names = list(ks)
+        t = {k: [] for k in names}
+        for r in range(args.rounds):
+            for k in names[r % len(names):] + names[:r % len(names)]:
+                start = time.perf_counter()
+                ks[k]()
+                t[k].append((time.perf_counter() - start) * 1e3)
+    base = "FBGEMM int8"
+    print(f"\n| kernel | best ms | median ms | speed vs {base} (median of per-round ratios) |\n|---|---|---|---|")
+    for k in names:
+        ratio = statistics.median(a / b for a, b in zip(t[base], t[k]))
+        print(f"| {k} | {min(t[k]):.2f} | {statistics.median(t[k]):.2f} | {ratio:.2f}x |")
+    print("(a shared machine: figures are provisional)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
