@@ -31,16 +31,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from neoxja.quantization import Int4WeightOnlyLinear, Int8DynamicLinear  # noqa: E402
 
+from bench_generate import cpu_flags  # noqa: E402  (benchmarks/ is the script's directory)
+
 SHAPES = [(7680, 2560), (2560, 2560), (10240, 2560), (2560, 10240)] * 4 + [(32000, 2560)]
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next((set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), set())
-    except OSError:
-        flags = set()
-    return " ".join(f"{f}={int(f in flags)}" for f in ("amx_bf16", "avx512_bf16", "avx512_vnni", "avx2"))
 
 
 def kernels(args) -> dict:
