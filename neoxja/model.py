@@ -196,7 +196,9 @@ class GPTNeoXJapaneseAttention(nn.Module):
         scale = 1.0 / math.sqrt(hs)
         dropout_p = self.attention_dropout if self.training else 0.0
         weights = None
-        if output_attentions or head_mask is not None:
+        if input_pos is not None:  # the cached path: explicit products, the same bits whatever the cache size
+            y = _cached_attention(q, k, v, mask, scale)  # (B, nh, T, hs)
+        elif output_attentions or head_mask is not None:
             att = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, nh, T, S)
             if mask is None and is_causal:
                 mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril()
@@ -572,6 +574,28 @@ def _attention_mask(attention_mask, B: int, past_length: int, T: int, device):
         mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, T, S)
         mask = _see_self_if_alone(mask, key_pos[None, :] == query_pos[:, None])
     return mask, False
+
+
+def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Attention of q (B, nh, T, hs) over the cache rows k, v (B, nh, S, hs) under mask (B, 1, T, S).
+
+    Written out rather than F.scaled_dot_product_attention, because a row's result must not depend on how
+    many cache positions lie beyond it (S: generate() sizes the cache to the generation, a server to the
+    context) nor on the other rows: SDPA's fused CPU kernel and a one-query product (a matrix-vector product)
+    both give different bits for different S. Matrix products with >= 2 queries do not (masked keys add exact
+    zeros at the end of each sum) once S >= 16, so a single query is computed as two equal ones and fewer
+    than 16 positions are padded with masked ones."""
+    T, S = q.shape[2], k.shape[2]
+    if S < 16:
+        k, v = F.pad(k, (0, 0, 0, 16 - S)), F.pad(v, (0, 0, 0, 16 - S))  # (B, nh, 16, hs)
+        mask = F.pad(mask, (0, 16 - S), value=False)  # (B, 1, T, 16)
+    if T == 1:
+        q, mask = q.expand(-1, -1, 2, -1), mask.expand(-1, -1, 2, -1)  # (B, nh, 2, hs), (B, 1, 2, S)
+    att = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, nh, T', S)
+    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    y = att.to(v.dtype) @ v  # (B, nh, T', hs)
+    return y[:, :, :T] if T == 1 else y
 
 
 def _see_self_if_alone(mask: torch.Tensor, is_self: torch.Tensor) -> torch.Tensor:
