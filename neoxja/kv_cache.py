@@ -58,10 +58,9 @@ class KVCache(nn.Module):
             raise ValueError(f"KVCache.update: kv_length must be in [1, {max_length}], got {kv_length}")
         if B < max_batch:  # rows [first_row, first_row + B): a view
             k_all, v_all = k_all.narrow(0, first_row, B), v_all.narrow(0, first_row, B)
-        rows = torch.arange(B, device=input_pos.device).unsqueeze(1).expand(B, T)  # (B, T)
-        # advanced indices on dims 0 and 2 around a slice: the indexed view is (B, T, nh, hs)
-        k_all[rows, :, input_pos] = k.transpose(1, 2).to(k_all.dtype)
-        v_all[rows, :, input_pos] = v.transpose(1, 2).to(v_all.dtype)
+        index = input_pos.view(B, 1, T, 1).expand(B, nh, T, hs)  # (B, nh, T, hs): row b's positions
+        k_all.scatter_(2, index, k.to(k_all.dtype))
+        v_all.scatter_(2, index, v.to(v_all.dtype))
         if kv_length is not None and kv_length < max_length:
             return k_all.narrow(2, 0, kv_length), v_all.narrow(2, 0, kv_length)  # (B, nh, kv_length, hs) views
         return k_all, v_all

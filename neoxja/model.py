@@ -441,8 +441,10 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         if not isinstance(kv_length, int) or isinstance(kv_length, bool) or not 0 < kv_length <= T_max:
             raise ValueError(f"forward_cached: kv_length must be an int in [1, {T_max}], got {kv_length!r}")
 
-        # a query at position p reads keys 0..p of its own row: what this sequence wrote, itself included
-        mask = (self.key_positions[:kv_length] <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, kv_length)
+        # a query at position p reads keys 0..p of its own row: what this sequence wrote, itself included;
+        # as an additive mask (B, 1, T, kv_length), 0 or -inf, shared by every layer
+        allowed = self.key_positions[:kv_length] <= input_pos.unsqueeze(-1)  # (B, T, kv_length)
+        mask = torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf")).unsqueeze(1)
         cos, sin = self.rotary_cos[input_pos], self.rotary_sin[input_pos]  # (B, T, rd): rotary = cache position
         x = self.embed_in(input_ids)  # (B, T, C)
         for layer in self.layers:
@@ -578,23 +580,29 @@ def _attention_mask(attention_mask, B: int, past_length: int, T: int, device):
 
 def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                       scale: float) -> torch.Tensor:
-    """Attention of q (B, nh, T, hs) over the cache rows k, v (B, nh, S, hs) under mask (B, 1, T, S).
+    """Attention of q (B, nh, T, hs) over the cache rows k, v (B, nh, S, hs); mask (B, 1, T, S) is additive
+    (0 where a query may attend, -inf elsewhere), built once per step by forward_cached.
 
     Written out rather than F.scaled_dot_product_attention, because a row's result must not depend on how
     many cache positions lie beyond it (S: generate() sizes the cache to the generation, a server to the
     context) nor on the other rows: SDPA's fused CPU kernel and a one-query product (a matrix-vector product)
-    both give different bits for different S. Matrix products with >= 2 queries do not (masked keys add exact
+    both give different bits for different S. Batched products with >= 2 queries do not (masked keys add exact
     zeros at the end of each sum) once S >= 16, so a single query is computed as two equal ones and fewer
-    than 16 positions are padded with masked ones."""
-    T, S = q.shape[2], k.shape[2]
+    than 16 positions are padded with masked ones. k and v are views of the cache: flatten(0, 1) keeps them
+    views, so nothing of the cache is copied."""
+    B, nh, T, hs = q.shape
+    S = k.shape[2]
     if S < 16:
         k, v = F.pad(k, (0, 0, 0, 16 - S)), F.pad(v, (0, 0, 0, 16 - S))  # (B, nh, 16, hs)
-        mask = F.pad(mask, (0, 16 - S), value=False)  # (B, 1, T, 16)
+        mask = F.pad(mask, (0, 16 - S), value=float("-inf"))  # (B, 1, T, 16)
+        S = 16
+    q = q.reshape(B * nh, T, hs)
     if T == 1:
-        q, mask = q.expand(-1, -1, 2, -1), mask.expand(-1, -1, 2, -1)  # (B, nh, 2, hs), (B, 1, 2, S)
-    att = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, nh, T', S)
-    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    y = att.to(v.dtype) @ v  # (B, nh, T', hs)
+        q, mask = q.expand(B * nh, 2, hs).contiguous(), mask.expand(B, 1, 2, S)  # (B*nh, 2, hs), (B, 1, 2, S)
+    Tq = q.shape[1]
+    att = torch.bmm(q.float(), k.flatten(0, 1).float().transpose(1, 2)) * scale  # (B*nh, Tq, S)
+    att = (att.view(B, nh, Tq, S) + mask).softmax(dim=-1)  # (B, nh, Tq, S)
+    y = torch.bmm(att.view(B * nh, Tq, S).to(v.dtype), v.flatten(0, 1)).view(B, nh, Tq, hs)
     return y[:, :, :T] if T == 1 else y
 
 

@@ -430,9 +430,12 @@ class SamplingBatch:
         B, V = logits.shape
         device = logits.device
         tokens = history.tokens
-        columns = torch.arange(tokens.shape[1], device=device)  # (L,)
-        end = history.end if isinstance(history.end, torch.Tensor) else torch.full((B,), history.end, device=device)
-        start = history.start if history.start is not None else torch.zeros(B, dtype=torch.long, device=device)
+        if self.repetition is not None or self.presence is not None or self.min_tokens is not None \
+                or self.ngram_sizes:  # only these read the history (built here: greedy rows pay nothing)
+            columns = torch.arange(tokens.shape[1], device=device)  # (L,)
+            end = (history.end if isinstance(history.end, torch.Tensor)
+                   else torch.full((B,), history.end, device=device))
+            start = history.start if history.start is not None else torch.zeros(B, dtype=torch.long, device=device)
         if self.vocab_limit is not None and self.vocab_limit < V:
             logits = logits.clone()
             logits[:, self.vocab_limit:] = float("-inf")
