@@ -67,21 +67,6 @@ def validate_sampling_args(
 # Processors that also apply to greedy decoding
 
 
-def vocab_limit_processor(vocab_limit: int) -> LogitsProcessor:
-    """Forbid every id >= `vocab_limit`: a model whose vocabulary is padded past its tokenizer's
-    (e.g. 8192 rows for 8000 tokens) must never produce an id the tokenizer cannot decode."""
-
-    def process(input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if logits.shape[-1] <= vocab_limit:
-            return logits
-        logits = logits.clone()
-        logits[:, vocab_limit:] = float("-inf")
-        return logits
-
-    return process
-
-
-
 def repetition_penalty_processor(penalty: float, ignore_prefix: torch.Tensor | None = None) -> LogitsProcessor:
     """Penalise every token already in the history (CTRL paper): divide positive logits by
     `penalty`, multiply negative ones. `ignore_prefix` (B,) is the number of left-padding
