@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "demo": ("neoxja.demo", "generate (or, without a model, tokenize) a sample Japanese sentence"),
     "generate": ("neoxja.generate_cli", "generate text from a prompt or from stdin"),
+    "serve": ("neoxja.serving.cli", "serve a model with the OpenAI API (needs the serve extra)"),
     "prepare": ("neoxja.train.prepare", "tokenize a corpus into memory-mapped training files"),
     "train": ("neoxja.train.cli", "pre-train or fine-tune a model (torchrun for many processes)"),
     "vocab": ("neoxja.vocab", "build a vocabulary (`neoxja vocab build`)"),
