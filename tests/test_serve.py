@@ -242,7 +242,7 @@ def test_disconnect_frees_the_slot(server):
         assert server.metric("num_requests_running") == 1
     wait_idle(server)  # streaming client gone: slot freed
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)  # non-streaming client gives up
+        httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 250}, timeout=0.2)  # non-streaming client gives up
     wait_idle(server)
     server.alive()
 
@@ -254,18 +254,18 @@ def test_sigterm_finishes_running_requests_then_exits_0(bundled_dir):
 
         def long_request():
             result["r"] = httpx.post(s.url + "/v1/completions", timeout=120,
-                                     json={"prompt": "猫", "max_tokens": 60, "ignore_eos": True})
+                                     json={"prompt": "猫", "max_tokens": 250, "ignore_eos": True})
 
         t = threading.Thread(target=long_request)
         t.start()
         while s.metric("num_requests_running") < 1:
             time.sleep(0.02)
         s.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        time.sleep(0.05)
         late = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1})
         assert late.status_code == 503
         t.join()
-        assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 60
+        assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 250
         assert s.proc.wait(60) == 0
     finally:
         s.stop()
