@@ -1,13 +1,29 @@
-"""Text generation: `model.generate(...)` as in transformers, built on the model's static KV cache.
+"""Text generation: step functions (gpt-fast style) and `model.generate(...)` as in transformers, built on them.
 
-The loop (gpt-fast style): allocate every layer's KV cache once for the whole generation, run the
-prompt through it in one forward (prefill), then one forward per step over only the newest token.
-Each step: logits of the last position -> logits processors (sampling.py, transformers' order) ->
-sampler -> append; rows that finish (EOS or a stop string) are padded with pad_token_id from then on.
+Step functions (plain functions over a model with caches from `model.setup_caches(max_batch_size,
+max_seq_length)`; each cache row is a slot holding one sequence from position 0, see neoxja.kv_cache):
 
-Left-padded batches: the attention mask gives every row its own rotary positions (a row's first real
-token is position 0) and a key padding mask keeps padding slots out of attention, so each row of a
-greedy batch equals generating that prompt alone.
+- `prefill(model, input_ids (1, T), slot, start_pos) -> logits (1, V)`: write T prompt tokens into cache row
+  `slot` at positions start_pos.. and return the logits after the last one. Chunked prefill calls it
+  repeatedly with growing start_pos; `prefill_chunks` does that in chunks of PREFILL_CHUNK tokens.
+- `decode_one_token(model, tokens (B,), positions (B,)) -> logits (B, V)`: one token for each of cache rows
+  0..B-1, row b's token at position positions[b], attending to that row's positions 0..positions[b].
+  A row in that range that is not decoding (free, finished, mid-prefill) is given a dummy token at its
+  current length (or any position >= it): the write is overwritten before anything reads it.
+  Attention covers the whole cache, masked, so the shapes depend on B only (torch.compile takes it whole);
+  `kv_length` (a host int >= every position + 1) narrows it to the cache's first positions.
+- `compile_decode(model)`: decode_one_token compiled with torch.compile, cached per model; generate(compile=True)
+  uses it. It pays off for long generations and servers, not for one short call (compiling takes seconds).
+
+Batch invariance: what a row gets from these functions does not depend on the other rows of the call when the
+model's products are row-count invariant; see neoxja.batch_invariant (`make_batch_invariant(model)`).
+
+generate(): each prompt row (left padding stripped) is prefilled into its own slot from position 0, then every
+step is one decode_one_token over all rows, then per-row processing, sampling and stop rules (neoxja.sampling:
+SamplingBatch, StopRules). Rows that finish are padded with pad_token_id; the output is left-padded as the
+input was, as transformers returns it. Whether every row has finished is asked of the device every
+STOP_CHECK_EVERY steps (every step with a streamer or stop strings), and the output is trimmed to the step at
+which the last row finished, so the result equals checking every step.
 """
 
 from __future__ import annotations
@@ -17,11 +33,57 @@ from typing import Iterable, Sequence
 
 import torch
 
-from neoxja.sampling import apply_logits_processors, make_logits_processors, make_sampler
+from neoxja.sampling import (FINISH_NONE, History, SamplingBatch, SamplingParams, StopRules,
+                             validate_sampling_args)
 
 # transformers' generation defaults (GenerationConfig), so that ported calls sample the same distribution
 DEFAULT_MAX_LENGTH = 20  # when neither max_length nor max_new_tokens is given
 DEFAULT_TOP_K = 50  # when sampling and top_k is None
+PREFILL_CHUNK = 256  # prompt tokens per prefill call (the serving engine's chunk size too)
+STOP_CHECK_EVERY = 4  # decode steps between host checks of "has every row finished?"
+
+
+# ---- step functions ----
+
+def prefill(model, input_ids: torch.Tensor, slot: int, start_pos: int, kv_length: int | None = None) -> torch.Tensor:
+    """Write input_ids (1, T) into cache row `slot` at positions start_pos..start_pos+T-1; logits (1, V) of
+    the last one. Positions below start_pos must already hold this sequence's tokens."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+        raise ValueError(f"prefill: input_ids must be (1, T) with T >= 1, got {tuple(input_ids.shape)}")
+    if not isinstance(start_pos, int) or isinstance(start_pos, bool) or start_pos < 0:
+        raise ValueError(f"prefill: start_pos must be an integer >= 0, got {start_pos!r}")
+    T = input_ids.shape[1]
+    input_pos = torch.arange(start_pos, start_pos + T, device=input_ids.device).unsqueeze(0)  # (1, T)
+    return model.forward_cached(input_ids, input_pos, first_row=slot, kv_length=kv_length)[:, -1]  # (1, V)
+
+
+def prefill_chunks(model, input_ids: torch.Tensor, slot: int, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """The whole prompt (1, T) into `slot` from position 0, `chunk` tokens per prefill call; logits (1, V)."""
+    for start in range(0, input_ids.shape[1], chunk):
+        logits = prefill(model, input_ids[:, start:start + chunk], slot, start)
+    return logits
+
+
+def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor,
+                     kv_length: int | None = None) -> torch.Tensor:
+    """One step over cache rows 0..B-1: tokens (B,) at positions (B,); logits (B, V)."""
+    return model.forward_cached(tokens.unsqueeze(1), positions.unsqueeze(1), 0, kv_length)[:, -1]  # (B, V)
+
+
+def compile_decode(model, **compile_kwargs):
+    """decode_one_token(model, ...) compiled with torch.compile (cached on the model: compiled once). Shapes
+    change only with the row count and the cache size, so a server or a long generation compiles once or
+    twice. Extra keywords go to torch.compile (e.g. mode="reduce-overhead" for CUDA graphs on a GPU)."""
+    key = tuple(sorted(compile_kwargs.items()))
+    cache = model.__dict__.setdefault("_neoxja_compiled_decode", {})
+    if key not in cache:
+        compiled = torch.compile(model.forward_cached, **compile_kwargs)
+
+        def step(model_, tokens, positions, kv_length=None):
+            return compiled(tokens.unsqueeze(1), positions.unsqueeze(1), 0, kv_length)[:, -1]
+
+        cache[key] = step
+    return cache[key]
 
 
 class GenerationMixin:
@@ -50,6 +112,8 @@ class GenerationMixin:
         stop_strings: str | Sequence[str] | None = None,
         tokenizer=None,
         inputs: torch.Tensor | None = None,
+        vocab_limit: int | None = None,
+        compile: bool = False,
     ) -> torch.LongTensor:
         """Continue each row of `input_ids` (B, T); return prompt + new tokens, (B * num_return_sequences, T').
 
@@ -60,6 +124,12 @@ class GenerationMixin:
         temperature, top_k, top_p in transformers' order, drawing with `generator` when given.
         As in transformers, top_k=None samples from the 50 most likely tokens; top_k=0 turns that off.
         `streamer` (TextStreamer-like, batch size 1) receives the prompt, then each new token.
+        `vocab_limit`: when set (e.g. `len(tokenizer)`), ids >= vocab_limit are never generated (their logits
+        are masked), for a model whose vocabulary is padded past its tokenizer's. generate() alone does not
+        know the tokenizer, so by default (None) it masks nothing and may return any id < config.vocab_size;
+        the `neoxja generate` command passes len(tokenizer).
+        `compile=True` runs the decode step through `compile_decode(self)` (torch.compile, cached on the
+        model): worth it for long or repeated generations, not for one short call.
         """
         cfg = self.config
         device = self.device
@@ -83,9 +153,18 @@ class GenerationMixin:
             raise ValueError("stop_strings needs the tokenizer: generate(..., stop_strings=[...], tokenizer=tokenizer)")
         if any(not isinstance(s, str) or not s for s in stop_strings):
             raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
+        if vocab_limit is not None and (not isinstance(vocab_limit, int) or isinstance(vocab_limit, bool)
+                                        or vocab_limit < 1):
+            raise ValueError(f"vocab_limit must be a positive integer (e.g. len(tokenizer)), got {vocab_limit!r}")
 
         if top_k is None:
             top_k = DEFAULT_TOP_K  # what transformers samples with when top_k is not given; 0 turns it off
+        validate_sampling_args(do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size)
+        params = SamplingParams(
+            max_tokens=None, do_sample=bool(do_sample), temperature=float(temperature) if do_sample else 1.0,
+            top_k=top_k if do_sample else 0, top_p=float(top_p) if do_sample and top_p is not None else 1.0,
+            min_tokens=min_new_tokens if eos_ids else 0, repetition_penalty=float(repetition_penalty),
+            no_repeat_ngram_size=no_repeat_ngram_size)
         input_ids, attention_mask = self._prepare_prompt(input_ids, attention_mask, pad_token_id, eos_ids)
         batch, prompt_length = input_ids.shape
         if streamer is not None and batch * num_return_sequences != 1:
@@ -94,17 +173,10 @@ class GenerationMixin:
             input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
             attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
             batch = input_ids.shape[0]
-        padding_lengths = (attention_mask == 0).sum(dim=1)  # (B,) left padding per row
+        pads = (attention_mask == 0).sum(dim=1).tolist()  # left padding per row (one sync, on the host from here)
         # a row's positions end at max_position_embeddings: its last column is its padding + that limit
-        row_ends = padding_lengths + cfg.max_position_embeddings  # (B,)
+        row_ends = torch.tensor(pads) + cfg.max_position_embeddings  # (B,)
         total_length = self._total_length(prompt_length, max_length, max_new_tokens, row_ends)
-        processors = make_logits_processors(
-            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-            min_new_tokens=min_new_tokens, prompt_length=prompt_length, eos_token_ids=eos_ids,
-            padding_lengths=padding_lengths if bool(padding_lengths.any()) else None,
-        )
-        sample = make_sampler(do_sample, generator)
 
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -113,51 +185,60 @@ class GenerationMixin:
                 streamer.end()
             return input_ids
 
-        # ---- buffers for the whole generation: tokens, cache slots, padding mask, positions ----
+        # ---- per-row state: output (left-padded as the input), cache positions, sampling, stop rules ----
         tokens = torch.full((batch, total_length), pad_token_id, dtype=torch.long, device=device)  # (B, T_total)
         tokens[:, :prompt_length] = input_ids
-        slots = torch.arange(total_length, device=device)  # slot t holds column t of `tokens`
-        key_padding_mask = None  # without left padding, the causal mask alone is right
-        if bool(padding_lengths.any()):
-            key_padding_mask = torch.ones(batch, total_length, dtype=torch.bool, device=device)  # (B, T_total)
-            key_padding_mask[:, :prompt_length] = attention_mask.bool()
-        # rotary position = index among the row's real tokens; padding gets 0 (it is masked anyway)
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T_prompt)
-        next_position = position_ids[:, -1:] + 1  # (B, 1)
-        eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        real_lengths = [prompt_length - p for p in pads]
+        new_max = total_length - prompt_length
+        cache_length = min(max(real_lengths) + new_max, cfg.max_position_embeddings)
+        pad_tensor = torch.tensor(pads, device=device)  # (B,)
+        positions = torch.tensor(real_lengths, device=device)  # (B,): where each row's next token goes
+        history = History(tokens, prompt_end=torch.full((batch,), prompt_length, device=device),
+                          end=prompt_length, start=pad_tensor)
+        sampler = SamplingBatch([params] * batch, eos_ids, generators=generator, vocab_limit=vocab_limit,
+                                device=device)
+        stop_rules = StopRules([params] * batch, eos_ids, cfg.max_position_embeddings, device=device)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-        stop_checker = (_StopStringChecker(tokenizer, stop_strings, prompt_length, padding_lengths)
+        end_column = torch.full((batch,), total_length, device=device)  # (B,): past each row's last token
+        stop_checker = (_StopStringChecker(tokenizer, stop_strings, prompt_length, torch.tensor(pads))
                         if stop_strings else None)
+        check_every = 1 if streamer is not None or stop_checker is not None else STOP_CHECK_EVERY
+        step = compile_decode(self) if compile else decode_one_token
 
-        self.setup_caches(max_batch_size=batch, max_seq_length=total_length)
+        self.setup_caches(max_batch_size=batch, max_seq_length=cache_length)
         try:
-            # prefill: the whole prompt in one forward, logits for its last position only
-            logits = self.forward_cached(input_ids, slots[:prompt_length], position_ids, key_padding_mask,
-                                         kv_length=prompt_length)
+            # prefill: each row into its own slot from position 0, in PREFILL_CHUNK pieces
+            logits = torch.cat([prefill_chunks(self, input_ids[b:b + 1, pads[b]:], b) for b in range(batch)])
             length = prompt_length
             while True:
-                scores = apply_logits_processors(processors, tokens[:, :length], logits[:, -1].float())  # (B, V)
-                next_tokens = sample(scores)  # (B,)
+                history.end = length
+                next_tokens = sampler.sample(logits, history).tokens  # (B,)
                 next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
                 tokens[:, length] = next_tokens
                 length += 1
                 if streamer is not None:
                     streamer.put(next_tokens.cpu())
-                unfinished &= row_ends > length  # a row that reached max_position_embeddings stops
-                if eos_tensor.numel():
-                    unfinished &= ~torch.isin(next_tokens, eos_tensor)
+                reasons = stop_rules.check(next_tokens, positions.new_full((batch,), length - prompt_length),
+                                           positions + 1)
+                finishing = unfinished & (reasons != FINISH_NONE)
                 if stop_checker is not None:
-                    unfinished &= ~stop_checker.found(tokens[:, :length], unfinished)
-                if length == total_length or not bool(unfinished.any()):
+                    finishing |= unfinished & stop_checker.found(tokens[:, :length], unfinished)
+                end_column = torch.where(finishing, length, end_column)
+                unfinished &= ~finishing
+                if length == total_length:
                     break
-                # one step: the newest token only, written to slot `length - 1`
-                logits = self.forward_cached(tokens[:, length - 1 : length], slots[length - 1 : length],
-                                             next_position, key_padding_mask, kv_length=length)
-                next_position += 1
+                if (length - prompt_length) % check_every == 0 and not bool(unfinished.any()):
+                    break
+                # one step: each row's newest token at its position (finished rows: token 0, harmless)
+                logits = step(self, torch.where(unfinished, next_tokens, 0),
+                              positions.clamp(max=cache_length - 1))
+                positions += 1
         finally:
             self.clear_caches()
             if streamer is not None:
                 streamer.end()
+        if not bool(unfinished.any()):  # every row finished: the output ends where the last one did
+            length = min(length, int(end_column.max()))
         return tokens[:, :length]
 
     # ---- helpers ----

@@ -1,8 +1,15 @@
-"""A static key/value cache for one attention layer (gpt-fast style).
+"""A static key/value cache for one attention layer, with per-slot positions (gpt-fast style, for serving).
 
-The cache is allocated once for (max_batch_size, max_seq_length); each decoding step writes its keys and
-values into explicit slots `input_pos` and attends over the slots written so far. Buffers are
-non-persistent, so they never appear in a state dict or a checkpoint.
+The cache is allocated once: per layer two buffers (max_batch_size, nh, max_seq_length, hs). Each cache row
+is a *slot* that holds one sequence: its first token at position 0, its n-th at position n-1 (no left
+padding inside the cache), so a slot's positions are also its rotary positions. Slots have their own lengths.
+
+`update(input_pos, k, v, first_row)` writes a call's keys and values for the contiguous rows
+[first_row, first_row + B), each row at its own positions `input_pos` (B, T), and returns views of those
+rows (never a copy of other rows). Attention then reads, for a query at position p, keys 0..p of its own
+row only (the model builds that mask from input_pos); positions past a slot's length hold stale values
+from an earlier sequence or a dummy write and are never read, so a freed slot is reused without clearing.
+Buffers are non-persistent, so they never appear in a state dict or a checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ class KVCache(nn.Module):
                             ("num_heads", num_heads), ("head_size", head_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"KVCache: {name} must be a positive integer, got {value!r}")
-        shape = (max_batch_size, num_heads, max_seq_length, head_size)  # (B, nh, T_max, hs)
+        shape = (max_batch_size, num_heads, max_seq_length, head_size)  # (B_max, nh, T_max, hs)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -31,26 +38,30 @@ class KVCache(nn.Module):
     def max_batch_size(self) -> int:
         return self.k_cache.shape[0]
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nh, T, hs) into slots input_pos (T,); return the buffers (B, nh, T_max, hs), or
-        their first `length` slots (B, nh, length, hs) when given: the slots written so far, all a step
-        needs to attend to (so early steps of a long generation do not read the empty rest)."""
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_row: int = 0,
+               kv_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, T, hs) of cache rows [first_row, first_row + B) at positions input_pos (B, T)
+        (row b at its own positions); return views of those rows, (B, nh, kv_length or T_max, hs).
+
+        Positions must lie in [0, kv_length) (not checked: that would cost a device sync per step)."""
         k_all, v_all = self.k_cache, self.v_cache  # one attribute lookup each: this runs per layer per step
         B, nh, T, hs = k.shape
-        if v.shape != k.shape or input_pos.shape != (T,):
+        if v.shape != k.shape or input_pos.shape != (B, T):
             raise ValueError(f"KVCache.update: k {tuple(k.shape)}, v {tuple(v.shape)} and input_pos "
-                             f"{tuple(input_pos.shape)} must be (B, nh, T, hs), (B, nh, T, hs) and (T,)")
+                             f"{tuple(input_pos.shape)} must be (B, nh, T, hs), (B, nh, T, hs) and (B, T)")
         max_batch, cache_nh, max_length, cache_hs = k_all.shape
-        if B > max_batch or nh != cache_nh or hs != cache_hs:
-            raise ValueError(f"KVCache.update: k of shape {tuple(k.shape)} does not fit the cache of shape "
-                             f"{tuple(k_all.shape)}")
-        if length is not None and not 0 < length <= max_length:
-            raise ValueError(f"KVCache.update: length must be in [1, {max_length}], got {length}")
-        if B < max_batch:  # a smaller batch uses the first rows
-            k_all, v_all = k_all[:B], v_all[:B]
-        k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
-        v_all.index_copy_(2, input_pos, v.to(v_all.dtype))
-        if length is not None and length < max_length:
-            return k_all.narrow(2, 0, length), v_all.narrow(2, 0, length)  # (B, nh, length, hs) views
+        if (not isinstance(first_row, int) or first_row < 0 or first_row + B > max_batch
+                or nh != cache_nh or hs != cache_hs):
+            raise ValueError(f"KVCache.update: k of shape {tuple(k.shape)} at first_row={first_row!r} does not fit "
+                             f"the cache of shape {tuple(k_all.shape)}")
+        if kv_length is not None and not 0 < kv_length <= max_length:
+            raise ValueError(f"KVCache.update: kv_length must be in [1, {max_length}], got {kv_length}")
+        if B < max_batch:  # rows [first_row, first_row + B): a view
+            k_all, v_all = k_all.narrow(0, first_row, B), v_all.narrow(0, first_row, B)
+        rows = torch.arange(B, device=input_pos.device).unsqueeze(1).expand(B, T)  # (B, T)
+        # advanced indices on dims 0 and 2 around a slice: the indexed view is (B, T, nh, hs)
+        k_all[rows, :, input_pos] = k.transpose(1, 2).to(k_all.dtype)
+        v_all[rows, :, input_pos] = v.transpose(1, 2).to(v_all.dtype)
+        if kv_length is not None and kv_length < max_length:
+            return k_all.narrow(2, 0, kv_length), v_all.narrow(2, 0, kv_length)  # (B, nh, kv_length, hs) views
         return k_all, v_all

@@ -9,7 +9,8 @@ Half precision: LayerNorm statistics, rotary products and softmax run in float32
 Two ways in:
 - `forward` (transformers' signature): training, scoring, and incremental decoding with `past_key_values`
   (a tuple of per-layer (key, value) tensors of shape (B, nh, T_past, hs)).
-- `forward_cached` (gpt-fast style, for generation): static per-layer KVCache buffers written at explicit slots.
+- `forward_cached` (gpt-fast style, for generation and serving): static per-layer KVCache buffers; each cache row
+  is a slot holding one sequence from position 0, written and read at per-row positions.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ class GPTNeoXJapaneseAttention(nn.Module):
         self.dense_bias = nn.Parameter(torch.zeros(config.hidden_size)) if use_bias else None
         self.kv_cache: KVCache | None = None  # set by setup_caches, used by forward_cached
 
-    def forward(self, x, cos, sin, mask=None, is_causal=False, layer_past=None, input_pos=None,
+    def forward(self, x, cos, sin, mask=None, is_causal=False, layer_past=None, input_pos=None, first_row=0,
                 kv_length=None, head_mask=None, output_attentions=False):
         B, T, C = x.size()
         nh, hs = self.num_heads, self.head_size
@@ -185,8 +186,8 @@ class GPTNeoXJapaneseAttention(nn.Module):
         q, k = qk.unbind(-2)  # each (B, nh, T, hs)
         v = qkv[..., 2, :]  # (B, nh, T, hs)
 
-        if input_pos is not None:  # static cache: write slots, attend over the first kv_length of them
-            k, v = self.kv_cache.update(input_pos, k, v, kv_length)  # (B, nh, kv_length, hs)
+        if input_pos is not None:  # static cache: write rows [first_row, first_row + B) at input_pos (B, T)
+            k, v = self.kv_cache.update(input_pos, k, v, first_row, kv_length)  # (B, nh, kv_length, hs)
         elif layer_past is not None:  # dynamic cache: append to the past keys/values
             k = torch.cat((layer_past[0], k), dim=2)  # (B, nh, T_past + T, hs)
             v = torch.cat((layer_past[1], v), dim=2)
@@ -195,7 +196,9 @@ class GPTNeoXJapaneseAttention(nn.Module):
         scale = 1.0 / math.sqrt(hs)
         dropout_p = self.attention_dropout if self.training else 0.0
         weights = None
-        if output_attentions or head_mask is not None:
+        if input_pos is not None:  # the cached path: explicit products, the same bits whatever the cache size
+            y = _cached_attention(q, k, v, mask, scale)  # (B, nh, T, hs)
+        elif output_attentions or head_mask is not None:
             att = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, nh, T, S)
             if mask is None and is_causal:
                 mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril()
@@ -337,8 +340,8 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         self.layers = nn.ModuleList(GPTNeoXJapaneseLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
-        # fixed for one generation, built by setup_caches (see forward_cached)
-        self.causal_mask: torch.Tensor | None = None  # (T_max, T_max) bool: row t is slots 0..t
+        # fixed while the caches live, built by setup_caches (see forward_cached)
+        self.key_positions: torch.Tensor | None = None  # (T_max,) 0..T_max-1, the positions keys are read from
         self.rotary_cos: torch.Tensor | None = None  # (P, rd) for positions 0..P-1
         self.rotary_sin: torch.Tensor | None = None
         self.init_weights()
@@ -404,57 +407,46 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         return out if return_dict else out.to_tuple()
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype, device):
-        """Per layer a KVCache; plus what every step of a generation shares: the causal mask rows and the
-        rotary cos/sin table (positions 0..max(max_position_embeddings, T_max)-1), so a step only slices."""
+        """Per layer a KVCache; plus what every step shares: the key positions 0..T_max-1 (the mask is built
+        from them) and the rotary cos/sin table (positions 0..max(max_position_embeddings, T_max)-1)."""
         cfg = self.config
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, cfg.num_attention_heads,
                                                cfg.head_size, dtype=dtype, device=device)
-        self.causal_mask = torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device).tril()
+        self.key_positions = torch.arange(max_seq_length, device=device)
         positions = torch.arange(max(cfg.max_position_embeddings, max_seq_length), device=device)
         self.rotary_cos, self.rotary_sin = self.rotary_emb(positions)  # (P, rd) each, float32
 
     def clear_caches(self):
         for layer in self.layers:
             layer.attention.kv_cache = None
-        self.causal_mask = self.rotary_cos = self.rotary_sin = None
+        self.key_positions = self.rotary_cos = self.rotary_sin = None
 
-    def forward_cached(self, input_ids, input_pos, position_ids, key_padding_mask=None, kv_length=None):
+    def forward_cached(self, input_ids, input_pos, first_row=0, kv_length=None):
         """Final hidden states (B, T, C) through the static caches; see GPTNeoXJapaneseForCausalLM.forward_cached."""
         cache = self.layers[0].attention.kv_cache
         if cache is None:
             raise RuntimeError("no KV caches: call setup_caches(max_batch_size, max_seq_length) first")
         B, T = input_ids.shape
         T_max = cache.max_seq_length
-        if input_pos.shape != (T,) or position_ids.shape != (B, T):
-            raise ValueError(f"forward_cached: input_ids {tuple(input_ids.shape)} needs input_pos ({T},) and "
-                             f"position_ids ({B}, {T}), got {tuple(input_pos.shape)} and {tuple(position_ids.shape)}")
-        if B > cache.max_batch_size:
-            raise ValueError(f"forward_cached: batch {B} exceeds the caches' max_batch_size {cache.max_batch_size}")
+        if input_pos.shape != (B, T):
+            raise ValueError(f"forward_cached: input_ids {tuple(input_ids.shape)} needs input_pos ({B}, {T}), "
+                             f"got {tuple(input_pos.shape)}")
+        if not isinstance(first_row, int) or isinstance(first_row, bool) or first_row < 0 \
+                or first_row + B > cache.max_batch_size:
+            raise ValueError(f"forward_cached: rows [first_row={first_row!r}, +{B}) exceed the caches' "
+                             f"max_batch_size {cache.max_batch_size}")
         if kv_length is None:
-            kv_length = int(input_pos.max()) + 1  # generate() passes it, which saves this device sync
-        if not isinstance(kv_length, int) or not 0 < kv_length <= T_max:
+            kv_length = T_max  # the whole cache, masked: one static shape for every step
+        if not isinstance(kv_length, int) or isinstance(kv_length, bool) or not 0 < kv_length <= T_max:
             raise ValueError(f"forward_cached: kv_length must be an int in [1, {T_max}], got {kv_length!r}")
-        if key_padding_mask is not None and key_padding_mask.shape != (B, T_max):
-            raise ValueError(f"key_padding_mask must be ({B}, {T_max}), got {tuple(key_padding_mask.shape)}")
 
-        # attention covers slots [0, kv_length): a token sees the written slots up to its own
-        is_causal = False
-        if key_padding_mask is None and T == 1:
-            mask = None  # one new token, in the last written slot, sees every slot
-        elif key_padding_mask is None and T == kv_length:
-            mask, is_causal = None, True  # a prompt from slot 0: plain causal attention
-        else:
-            mask = self.causal_mask[input_pos, :kv_length]  # (T, kv_length)
-            if key_padding_mask is not None:
-                mask = mask & key_padding_mask[:, None, None, :kv_length]  # (B, 1, T, kv_length)
-                slots = torch.arange(kv_length, device=input_ids.device)
-                mask = _see_self_if_alone(mask, slots[None, :] == input_pos[:, None])
-
-        cos, sin = self.rotary_cos[position_ids], self.rotary_sin[position_ids]  # (B, T, rd)
+        # a query at position p reads keys 0..p of its own row: what this sequence wrote, itself included
+        mask = (self.key_positions[:kv_length] <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, kv_length)
+        cos, sin = self.rotary_cos[input_pos], self.rotary_sin[input_pos]  # (B, T, rd): rotary = cache position
         x = self.embed_in(input_ids)  # (B, T, C)
         for layer in self.layers:
-            x, _, _ = layer(x, cos, sin, mask, is_causal, input_pos=input_pos, kv_length=kv_length)
+            x, _, _ = layer(x, cos, sin, mask, False, input_pos=input_pos, first_row=first_row, kv_length=kv_length)
         return self.final_layer_norm(x)  # (B, T, C)
 
 
@@ -522,20 +514,18 @@ class GPTNeoXJapaneseForCausalLM(GPTNeoXJapanesePreTrainedModel, GenerationMixin
         self.gpt_neox_japanese.clear_caches()
 
     @torch.no_grad()
-    def forward_cached(self, input_ids: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
-                       key_padding_mask: torch.Tensor | None = None, last_only: bool = True,
-                       kv_length: int | None = None) -> torch.Tensor:
-        """Logits through the static KV caches.
+    def forward_cached(self, input_ids: torch.Tensor, input_pos: torch.Tensor, first_row: int = 0,
+                       kv_length: int | None = None, last_only: bool = True) -> torch.Tensor:
+        """Logits through the static KV caches (see neoxja.kv_cache).
 
-        input_ids (B, T); input_pos (T,): cache slots these tokens write (the same for every row);
-        position_ids (B, T): rotary positions (they differ per row under left padding);
-        key_padding_mask (B, T_max) bool or None: True where a slot holds a real token;
-        kv_length: max(input_pos) + 1, the number of slots written once this call's are (slots are
-        written in order, as generate() does); attention reads only those. Computed when not given;
-        generate() passes it, which saves a device sync per step.
+        input_ids (B, T) go to cache rows [first_row, first_row + B) ("slots"), row b at positions
+        input_pos[b] (B, T); the position is also the token's rotary position (a sequence starts at 0 of its
+        slot). A query at position p attends to keys 0..p of its own row, among the first `kv_length` positions
+        of the cache (default: all of them, masked, so every step has the same shapes). Positions must be
+        < kv_length and each row's positions below its new ones must already hold this sequence's tokens.
         Returns (B, 1, V) logits for the last position when last_only, else (B, T, V).
         """
-        x = self.gpt_neox_japanese.forward_cached(input_ids, input_pos, position_ids, key_padding_mask, kv_length)
+        x = self.gpt_neox_japanese.forward_cached(input_ids, input_pos, first_row, kv_length)
         if last_only:
             x = x[:, -1:]  # the LM head only where it is needed
         return self.embed_out(x)
@@ -584,6 +574,28 @@ def _attention_mask(attention_mask, B: int, past_length: int, T: int, device):
         mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, T, S)
         mask = _see_self_if_alone(mask, key_pos[None, :] == query_pos[:, None])
     return mask, False
+
+
+def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Attention of q (B, nh, T, hs) over the cache rows k, v (B, nh, S, hs) under mask (B, 1, T, S).
+
+    Written out rather than F.scaled_dot_product_attention, because a row's result must not depend on how
+    many cache positions lie beyond it (S: generate() sizes the cache to the generation, a server to the
+    context) nor on the other rows: SDPA's fused CPU kernel and a one-query product (a matrix-vector product)
+    both give different bits for different S. Matrix products with >= 2 queries do not (masked keys add exact
+    zeros at the end of each sum) once S >= 16, so a single query is computed as two equal ones and fewer
+    than 16 positions are padded with masked ones."""
+    T, S = q.shape[2], k.shape[2]
+    if S < 16:
+        k, v = F.pad(k, (0, 0, 0, 16 - S)), F.pad(v, (0, 0, 0, 16 - S))  # (B, nh, 16, hs)
+        mask = F.pad(mask, (0, 16 - S), value=False)  # (B, 1, T, 16)
+    if T == 1:
+        q, mask = q.expand(-1, -1, 2, -1), mask.expand(-1, -1, 2, -1)  # (B, nh, 2, hs), (B, 1, 2, S)
+    att = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, nh, T', S)
+    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    y = att.to(v.dtype) @ v  # (B, nh, T', hs)
+    return y[:, :, :T] if T == 1 else y
 
 
 def _see_self_if_alone(mask: torch.Tensor, is_self: torch.Tensor) -> torch.Tensor:

@@ -184,24 +184,28 @@ def test_seeded_generator_reproduces_and_num_return_sequences():
 
 
 def test_kv_cache_is_allocated_once_and_each_step_feeds_only_the_new_token(monkeypatch):
+    """Each row is prefilled into its own slot from position 0 (no padding in the cache); each step then
+    feeds one token per row at that row's own position."""
     ours, _ = make_pair("base")
     ids, mask = left_padded_batch(97, [6, 4], seed=7)
     setups, calls = [], []
     real_setup, real_forward = ours.setup_caches, ours.forward_cached
     monkeypatch.setattr(ours, "setup_caches", lambda **kw: (setups.append(kw), real_setup(**kw))[1])
 
-    def forward_cached(input_ids, input_pos, position_ids, key_padding_mask=None, last_only=True, kv_length=None):
-        calls.append((tuple(input_ids.shape), input_pos.tolist(), position_ids.tolist(), kv_length))
-        return real_forward(input_ids, input_pos, position_ids, key_padding_mask, last_only, kv_length)
+    def forward_cached(input_ids, input_pos, first_row=0, kv_length=None, last_only=True):
+        calls.append((input_ids.tolist(), input_pos.tolist(), first_row))
+        return real_forward(input_ids, input_pos, first_row, kv_length, last_only)
 
     monkeypatch.setattr(ours, "forward_cached", forward_cached)
-    ours.generate(ids, attention_mask=mask, max_new_tokens=5)
+    ours.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[])
     assert setups == [dict(max_batch_size=2, max_seq_length=6 + 5)]
-    assert calls[0][:3] == ((2, 6), list(range(6)), [[0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 2, 3]])  # prefill
-    assert [c[0] for c in calls[1:]] == [(2, 1)] * 4  # one token per step, no forward after the last
-    assert [c[1] for c in calls[1:]] == [[6], [7], [8], [9]]
-    assert [c[2] for c in calls[1:]] == [[[6], [4]], [[7], [5]], [[8], [6]], [[9], [7]]]
-    assert [c[3] for c in calls] == [6, 7, 8, 9, 10]  # attention reads only the slots written so far
+    # prefill: row 0 into slot 0, row 1 without its padding into slot 1, both from position 0
+    assert calls[0] == (ids[:1].tolist(), [list(range(6))], 0)
+    assert calls[1] == (ids[1:, 2:].tolist(), [list(range(4))], 1)
+    steps = calls[2:]
+    assert len(steps) == 4  # one per new token, none after the last
+    assert all(len(c[0]) == 2 and len(c[0][0]) == 1 and c[2] == 0 for c in steps)
+    assert [c[1] for c in steps] == [[[6], [4]], [[7], [5]], [[8], [6]], [[9], [7]]]
     assert ours.gpt_neox_japanese.layers[0].attention.kv_cache is None  # released afterwards
 
 

@@ -161,48 +161,41 @@ def test_incremental_decoding_equals_full_forward(padding):
 
 @pytest.mark.parametrize("name", ["rot1-tied", "rot05-5heads-linear"])
 def test_forward_cached_equals_forward(name):
+    """Each row of a left-padded batch, without its padding, in its own cache slot from position 0: a
+    chunked prefill and then steps that decode every row at once, each at its own position."""
     _, ours = make_pair(name)
     ids, mask = make_batch(ours.config.vocab_size, "left")
     B, T = ids.shape
-    keep = mask.bool()
-    # rotary positions count real tokens only, as a generator does under left padding
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    lengths = mask.sum(1).tolist()  # [11, 7, 4]
     with torch.no_grad():
-        full = ours(ids, attention_mask=mask, position_ids=position_ids).logits  # (B, T, V)
+        alone = [ours(ids[b:b + 1, T - n:]).logits[0] for b, n in enumerate(lengths)]  # (n, V) each
 
     T_max = T + 5
-    ours.setup_caches(max_batch_size=B, max_seq_length=T_max)
+    ours.setup_caches(max_batch_size=B + 1, max_seq_length=T_max)
     cache = ours.gpt_neox_japanese.layers[0].attention.kv_cache
-    assert cache.k_cache.shape == (B, ours.config.num_attention_heads, T_max, ours.config.head_size)
+    assert cache.k_cache.shape == (B + 1, ours.config.num_attention_heads, T_max, ours.config.head_size)
     assert "k_cache" not in str(list(ours.state_dict()))  # non-persistent
-    key_padding_mask = torch.zeros(B, T_max, dtype=torch.bool)
-    key_padding_mask[:, :T] = keep
-    prefill = ours.forward_cached(ids[:, :6], torch.arange(6), position_ids[:, :6], key_padding_mask, last_only=False)
-    steps = [prefill]
-    for t in range(6, T):
-        logits = ours.forward_cached(ids[:, t: t + 1], torch.tensor([t]), position_ids[:, t: t + 1], key_padding_mask)
+    prompt = 3  # each row's first 3 tokens: a prefill in two chunks (2 + 1 tokens) into slot b
+    got = [[] for _ in range(B)]
+    for b, n in enumerate(lengths):
+        row = ids[b:b + 1, T - n:]
+        got[b].append(ours.forward_cached(row[:, :2], torch.arange(2)[None], first_row=b, last_only=False)[0])
+        got[b].append(ours.forward_cached(row[:, 2:3], torch.tensor([[2]]), first_row=b, kv_length=T_max)[0])
+    for t in range(prompt, max(lengths)):  # one step over rows 0..B-1; rows already done get a dummy token
+        step_ids = torch.stack([ids[b, T - n + min(t, n - 1)] for b, n in enumerate(lengths)])[:, None]
+        positions = torch.tensor([[min(t, n - 1)] for n in lengths])  # (B, 1)
+        logits = ours.forward_cached(step_ids, positions)
         assert logits.shape == (B, 1, ours.config.vocab_size)
-        steps.append(logits)
-    cached = torch.cat(steps, dim=1)
-    torch.testing.assert_close(cached[keep], full[keep], atol=ATOL, rtol=0)
-
-    # last_only applies the head to the last position only; the same numbers
-    ours.setup_caches(max_batch_size=B, max_seq_length=T_max)
-    last = ours.forward_cached(ids, torch.arange(T), position_ids, key_padding_mask)
-    assert last.shape == (B, 1, ours.config.vocab_size)
-    torch.testing.assert_close(last[:, 0], full[:, -1], atol=ATOL, rtol=0)
-
-    # no padding mask: a smaller batch in a bigger cache, plain causal attention
-    ours.setup_caches(max_batch_size=B + 2, max_seq_length=T_max)
-    with torch.no_grad():
-        plain = ours(ids[:2]).logits
-    got = ours.forward_cached(ids[:2], torch.arange(T), torch.arange(T).expand(2, T), last_only=False)
-    torch.testing.assert_close(got, plain, atol=ATOL, rtol=0)
+        for b, n in enumerate(lengths):
+            if t < n:
+                got[b].append(logits[b])
+    for b in range(B):
+        torch.testing.assert_close(torch.cat(got[b]), alone[b], atol=ATOL, rtol=0)
 
     ours.clear_caches()
     assert ours.gpt_neox_japanese.layers[0].attention.kv_cache is None
     with pytest.raises(RuntimeError, match="setup_caches"):
-        ours.forward_cached(ids, torch.arange(T), position_ids)
+        ours.forward_cached(ids, torch.arange(T).expand(B, T))
 
 
 def test_cached_path_arguments_are_checked():
@@ -210,44 +203,38 @@ def test_cached_path_arguments_are_checked():
     ours.setup_caches(2, 8)
     ids = torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="input_pos"):
-        ours.forward_cached(ids, torch.arange(2), torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="key_padding_mask"):
-        ours.forward_cached(ids, torch.arange(3), torch.zeros(2, 3, dtype=torch.long),
-                            key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
+        ours.forward_cached(ids, torch.arange(3))  # one row of positions for two rows of tokens
     with pytest.raises(ValueError, match="max_batch_size"):
-        ours.forward_cached(torch.zeros(3, 3, dtype=torch.long), torch.arange(3), torch.zeros(3, 3, dtype=torch.long))
+        ours.forward_cached(torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="first_row"):
+        ours.forward_cached(ids, torch.zeros(2, 3, dtype=torch.long), first_row=1)
     with pytest.raises(ValueError, match="max_seq_length"):
         ours.setup_caches(2, 0)
     for bad in (0, 9, 2.0):
         with pytest.raises(ValueError, match="kv_length"):
-            ours.forward_cached(ids, torch.arange(3), torch.zeros(2, 3, dtype=torch.long), kv_length=bad)
+            ours.forward_cached(ids, torch.zeros(2, 3, dtype=torch.long), kv_length=bad)
 
 
-def test_forward_cached_kv_length_and_only_written_slots_are_read():
+def test_forward_cached_reads_only_each_rows_own_written_positions():
+    """Garbage in every other position of the cache (other slots, stale positions past a row's length)
+    changes nothing, and kv_length (the first positions only) gives bitwise the logits of the whole cache."""
     _, ours = make_pair("rot025-untied-3heads")
     ids = torch.randint(0, ours.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
-    results = []
-    for pass_length in (False, True):
-        ours.setup_caches(2, 12)
-        out = [ours.forward_cached(ids[:, :4], torch.arange(4), torch.arange(4).expand(2, 4),
-                                   kv_length=4 if pass_length else None)]
-        for t in range(4, 7):
-            out.append(ours.forward_cached(ids[:, t:t + 1], torch.tensor([t]), torch.full((2, 1), t),
-                                           kv_length=t + 1 if pass_length else None))
-        results.append(torch.cat(out, dim=1))
-    torch.testing.assert_close(results[0], results[1], atol=0, rtol=0)
-
-    # attention reads only the written slots: NaN in the rest of the buffers changes nothing
-    ours.setup_caches(2, 12)
-    for layer in ours.gpt_neox_japanese.layers:
-        layer.attention.kv_cache.k_cache.fill_(float("nan"))
-        layer.attention.kv_cache.v_cache.fill_(float("nan"))
-    out = [ours.forward_cached(ids[:, :4], torch.arange(4), torch.arange(4).expand(2, 4), last_only=False)]
-    for t in range(4, 7):
-        out.append(ours.forward_cached(ids[:, t:t + 1], torch.tensor([t]), torch.full((2, 1), t)))
     with torch.no_grad():
         full = ours(ids).logits  # (2, 7, V)
-    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=ATOL, rtol=0)
+    results = []
+    for kv_length in (None, 7):
+        ours.setup_caches(3, 12)
+        for layer in ours.gpt_neox_japanese.layers:
+            layer.attention.kv_cache.k_cache.fill_(1e4)
+            layer.attention.kv_cache.v_cache.fill_(-1e4)
+        out = [ours.forward_cached(ids[:, :4], torch.arange(4).expand(2, 4), first_row=1, kv_length=kv_length,
+                                   last_only=False)]
+        for t in range(4, 7):
+            out.append(ours.forward_cached(ids[:, t:t + 1], torch.full((2, 1), t), first_row=1, kv_length=kv_length))
+        results.append(torch.cat(out, dim=1))
+        torch.testing.assert_close(results[-1], full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(results[0], results[1], atol=0, rtol=0)  # the same bits: see _cached_attention
     ours.clear_caches()
 
 

@@ -15,6 +15,7 @@ from neoxja.sampling import (
     repetition_penalty_processor,
     top_k_processor,
     top_p_processor,
+    vocab_limit_processor,
 )
 
 
@@ -174,3 +175,107 @@ def test_seeded_generator_reproduces_draws():
     b = make_sampler(True, torch.Generator().manual_seed(7))(logits)
     assert torch.equal(a, b)
     assert torch.equal(make_sampler(False)(logits), logits.argmax(-1))
+
+
+# ---- per-row API: SamplingParams, SamplingBatch, StopRules ----
+
+from neoxja.sampling import (FINISH_LENGTH, FINISH_NONE, FINISH_STOP, History, SamplingBatch,  # noqa: E402
+                             SamplingParams, StopRules, make_generator)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=2.5), "max_tokens"),
+    (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k"),
+    (dict(top_k=True), "top_k"), (dict(min_tokens=-1), "min_tokens"),
+    (dict(min_tokens=5, max_tokens=4), "min_tokens"), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty="1"), "frequency_penalty"),
+    (dict(stop=[""]), "stop"), (dict(stop=[1]), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(stop_token_ids=3), "stop_token_ids"), (dict(ignore_eos=1), "ignore_eos"), (dict(seed=1.0), "seed"),
+    (dict(logprobs=21), "logprobs"), (dict(logprobs=-1), "logprobs"), (dict(n=0), "n"),
+    (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"), (dict(do_sample=True, temperature=0), "temperature"),
+])
+def test_sampling_params_refuse_bad_values_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_defaults_and_normalisation():
+    p = SamplingParams(stop="\n", stop_token_ids=(5,), max_tokens=None)
+    assert p.stop == ["\n"] and p.stop_token_ids == [5] and not p.greedy
+    assert SamplingParams(temperature=0).greedy and SamplingParams(do_sample=False, temperature=0.7).greedy
+    assert not SamplingParams(do_sample=True, temperature=0.7).greedy
+
+
+def history_of(prompts, outputs, width=12):
+    B = len(prompts)
+    tokens = torch.zeros(B, width, dtype=torch.long)
+    for b, (p, o) in enumerate(zip(prompts, outputs)):
+        tokens[b, :len(p) + len(o)] = torch.tensor(p + o)
+    return History(tokens, torch.tensor([len(p) for p in prompts]),
+                   torch.tensor([len(p) + len(o) for p, o in zip(prompts, outputs)]))
+
+
+def test_sampling_batch_rows_follow_their_own_params():
+    """Per-row processing equals the transformers-order processors applied to that row alone, and the
+    OpenAI penalties subtract from the output counts."""
+    g = torch.Generator().manual_seed(0)
+    V = 30
+    logits = torch.randn(4, V, generator=g) * 3
+    prompts, outputs = [[1, 2, 3], [4, 4], [5], [6, 7, 8]], [[2, 9], [], [5, 5, 11], [8]]
+    params = [SamplingParams(temperature=0.5, top_k=5, repetition_penalty=1.3),
+              SamplingParams(temperature=0),
+              SamplingParams(top_p=0.7, presence_penalty=0.5, frequency_penalty=0.25),
+              SamplingParams(temperature=1.2, no_repeat_ngram_size=1, min_tokens=3)]
+    batch = SamplingBatch(params, eos_token_ids=[0], vocab_limit=28)
+    got = batch.process(logits, history_of(prompts, outputs))
+    for b, p in enumerate(params):
+        ids = torch.tensor([prompts[b] + outputs[b]])
+        procs = [vocab_limit_processor(28)] + make_logits_processors(
+            do_sample=not p.greedy, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+            repetition_penalty=p.repetition_penalty, no_repeat_ngram_size=p.no_repeat_ngram_size,
+            min_new_tokens=p.min_tokens, prompt_length=len(prompts[b]), eos_token_ids=[0])
+        want = logits[b:b + 1].clone()
+        if p.presence_penalty or p.frequency_penalty:
+            counts = torch.bincount(torch.tensor(outputs[b], dtype=torch.long), minlength=V).float()
+            want = want - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+        want = apply_logits_processors(procs, ids, want)
+        torch.testing.assert_close(got[b:b + 1], want, atol=1e-6, rtol=0)
+    assert got[3, 0] == float("-inf")  # min_tokens forbids EOS in row 3 only
+    assert got[1, 0] > float("-inf")
+
+
+def test_per_row_generators_draw_the_same_alone_and_in_a_batch_and_logprobs():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 50, generator=g)
+    params = [SamplingParams(seed=7, logprobs=3), SamplingParams(temperature=0, logprobs=0),
+              SamplingParams(seed=8, temperature=0.8, top_k=10)]
+    hist = history_of([[1], [2], [3]], [[], [], []])
+    together = SamplingBatch(params, generators=[make_generator(p.seed) for p in params]).sample(logits, hist)
+    for b, p in enumerate(params):
+        alone = SamplingBatch([p], generators=[make_generator(p.seed)]).sample(
+            logits[b:b + 1], History(hist.tokens[b:b + 1], hist.prompt_end[b:b + 1], hist.end[b:b + 1]))
+        assert alone.tokens[0] == together.tokens[b]
+    assert together.tokens[1] == logits[1].argmax()
+    raw = torch.log_softmax(logits, -1)
+    lp = together.logprobs
+    assert lp.top_ids.shape == (3, 3)  # the largest N asked; each row keeps its own first N
+    assert torch.equal(lp.top_ids[0], raw[0].topk(3).indices)
+    torch.testing.assert_close(lp.token, raw.gather(1, together.tokens[:, None])[:, 0])
+    processed = SamplingBatch(params, generators=[make_generator(p.seed) for p in params],
+                              logprobs_mode="processed").sample(logits, hist)
+    assert bool(torch.isinf(processed.logprobs.top[2]).sum() == 0)  # row 2's top 3 lie inside its top-k
+    assert not torch.equal(processed.logprobs.token[2], lp.token[2])  # temperature 0.8 changed it
+    with pytest.raises(ValueError, match="generators"):
+        SamplingBatch(params, generators=[None])
+
+
+def test_stop_rules():
+    params = [SamplingParams(max_tokens=5), SamplingParams(ignore_eos=True, stop_token_ids=[9]),
+              SamplingParams(min_tokens=3), SamplingParams(max_tokens=None)]
+    rules = StopRules(params, eos_token_ids=[0], max_length=20)
+    eos = torch.tensor([0, 0, 0, 0])
+    assert rules.check(eos, torch.tensor([1, 1, 1, 1]), torch.tensor([4, 4, 4, 4])).tolist() == \
+        [FINISH_STOP, FINISH_NONE, FINISH_NONE, FINISH_STOP]  # ignore_eos; min_tokens not yet out
+    assert rules.check(torch.tensor([3, 9, 0, 3]), torch.tensor([5, 2, 3, 7]), torch.tensor([9, 9, 9, 20])).tolist() \
+        == [FINISH_LENGTH, FINISH_STOP, FINISH_STOP, FINISH_LENGTH]  # max_tokens; stop id; min out; context full

@@ -1,0 +1,67 @@
+"""Row-count-invariant products: `make_batch_invariant(model)` makes what a row gets from the model independent
+of how many other rows share the call (the serving engine's decode steps, generate()'s batches).
+
+Why: the CPU kernels behind F.linear pick their algorithm by the number of rows M. Measured here (float32,
+every weight shape of the bundled model and of the 2.7B width): MKL's F.linear gives a row different bits
+at M=1 (its matrix-vector path) than at M>=2, and different bits again above M=10..15; the skinny-product
+kernels (batched products over weight slices) agree with it on 2..10 only. oneDNN's linear gives a row the
+same bits for every M >= 2 (checked for M = 2..69 and at any position of the row in the batch).
+
+So the transform replaces each float nn.Linear (and subclasses such as model.Linear; not the quantized
+modules) by `RowInvariantLinear`, which shares its weight and bias (ties survive) and computes inference
+products on the CPU with oneDNN's linear, a single row as two equal ones. The attention of the cached path
+is made row- and cache-length-invariant in neoxja.model (_cached_attention).
+
+Holds: float32 (and bfloat16, same kernel) on the CPU, inference (no autograd). Not claimed: CUDA (cuBLAS
+makes no such promise; the modules fall back to F.linear there), the int8/int4 quantized modules, and
+training (autograd falls back to F.linear). Cost: see benchmarks/bench_overhead.py (--invariance).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@functools.cache
+def _has_onednn_linear() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class RowInvariantLinear(nn.Linear):
+    """nn.Linear whose CPU inference products give each row the same bits whatever the number of rows."""
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear) -> "RowInvariantLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight  # the same Parameter: tied weights stay tied
+        new.bias = linear.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16)
+                and not torch.is_grad_enabled() and _has_onednn_linear()):
+            x2 = x.reshape(-1, self.in_features)  # (rows, in)
+            rows = x2.shape[0]
+            if rows == 1:
+                x2 = x2.expand(2, self.in_features)  # one row computed as two: oneDNN's M=1 path differs
+            y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w.contiguous(), self.bias, "none", [None], "")
+            return y[:rows].view(*x.shape[:-1], self.out_features)
+        return F.linear(x, w, self.bias)
+
+
+def make_batch_invariant(model: nn.Module) -> nn.Module:
+    """Replace, in place, every float nn.Linear of `model` by a RowInvariantLinear sharing its parameters;
+    return the model. Idempotent; quantized modules (not nn.Linear) are left alone."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (isinstance(child, nn.Linear) and not isinstance(child, RowInvariantLinear)
+                    and child.weight.is_floating_point()):
+                setattr(parent, name, RowInvariantLinear.wrap(child))
+    return model

@@ -1,0 +1,132 @@
+"""Batch invariance on the bundled model (float32): what a row gets does not depend on the other rows of a
+decode step, so a request's output is the same alone and under load (issue 11)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import neoxja
+from neoxja.batch_invariant import RowInvariantLinear, make_batch_invariant
+from neoxja.generation import decode_one_token, prefill, prefill_chunks
+from neoxja.sampling import FINISH_NONE, History, SamplingBatch, SamplingParams, StopRules, make_generator
+
+
+@pytest.fixture(scope="module")
+def model(bundled_dir):
+    m = neoxja.GPTNeoXJapaneseForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval()
+    return make_batch_invariant(m)
+
+
+def random_prompts(n: int, seed: int, vocab: int = 7990, longest: int = 20):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (1, int(torch.randint(1, longest, (1,), generator=g))), generator=g)
+            for _ in range(n)]
+
+
+def test_the_transform_shares_parameters_and_leaves_the_model_equal(model, bundled_dir):
+    assert isinstance(model.embed_out, RowInvariantLinear)
+    assert model.embed_out.weight is model.gpt_neox_japanese.embed_in.weight  # the tie survives
+    assert make_batch_invariant(model) is model  # idempotent
+    plain = neoxja.GPTNeoXJapaneseForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, 7990, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=2e-5, rtol=0)
+    with torch.enable_grad():  # training falls back to F.linear, with gradients
+        lin = RowInvariantLinear.wrap(nn.Linear(4, 3))
+        lin(torch.randn(2, 4)).sum().backward()
+        assert lin.weight.grad is not None
+
+
+def test_decode_one_token_gives_each_row_its_bits_whatever_the_row_count(model):
+    """B = 1..33 rows, with random other rows: each row's logits equal bitwise that row in the 33-row step,
+    and the lone row's equal a step over that prompt alone in a cache of another size."""
+    n = 33
+    prompts = random_prompts(n, seed=0)
+    tokens = torch.randint(0, 7990, (n,), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([p.shape[1] for p in prompts])
+    model.setup_caches(max_batch_size=n, max_seq_length=64)
+    try:
+        for slot, p in enumerate(prompts):
+            prefill(model, p, slot, 0)
+        full = decode_one_token(model, tokens, lengths)  # (33, V)
+        for B in range(1, n + 1):
+            assert torch.equal(decode_one_token(model, tokens[:B], lengths[:B]), full[:B]), f"B={B}"
+        model.setup_caches(max_batch_size=1, max_seq_length=lengths[5].item() + 1)  # alone, a tight cache
+        prefill(model, prompts[5], 0, 0)
+        assert torch.equal(decode_one_token(model, tokens[5:6], lengths[5:6])[0], full[5])
+    finally:
+        model.clear_caches()
+
+
+def run_rows(model, prompts, params, eos, together: bool, max_len: int = 64):
+    """An engine-like loop: every row in its own slot, one decode step over all running rows, per-row
+    sampling with the row's own generator and per-row stop rules. Returns each row's new tokens."""
+    order = [list(range(len(prompts)))] if together else [[i] for i in range(len(prompts))]
+    results = {}
+    for rows in order:
+        B = len(rows)
+        model.setup_caches(max_batch_size=B, max_seq_length=max_len)
+        hist = torch.zeros(B, max_len, dtype=torch.long)
+        lengths = torch.tensor([prompts[r].shape[1] for r in rows])
+        for slot, r in enumerate(rows):
+            hist[slot, :lengths[slot]] = prompts[r][0]
+        ps = [params[r] for r in rows]
+        sampler = SamplingBatch(ps, eos, generators=[make_generator(p.seed) for p in ps])
+        stops = StopRules(ps, eos, max_len)
+        logits = torch.cat([prefill_chunks(model, prompts[r], slot) for slot, r in enumerate(rows)])
+        prompt_end, generated = lengths.clone(), torch.zeros(B, dtype=torch.long)
+        running = torch.ones(B, dtype=torch.bool)
+        while True:
+            out = sampler.sample(logits, History(hist, prompt_end, lengths)).tokens
+            hist[torch.arange(B), lengths.clamp(max=max_len - 1)] = torch.where(running, out, hist[:, 0])
+            generated += running.long()
+            lengths = torch.where(running, lengths + 1, lengths)
+            running &= stops.check(out, generated, lengths) == FINISH_NONE
+            if not running.any():
+                break
+            logits = decode_one_token(model, torch.where(running, out, 0), lengths.clamp(max=max_len - 1) - 1)
+        for slot, r in enumerate(rows):
+            results[r] = hist[slot, prompt_end[slot]:lengths[slot]].tolist()
+        model.clear_caches()
+    return [results[i] for i in range(len(prompts))]
+
+
+def test_greedy_and_seeded_rows_are_the_same_alone_and_under_load(model):
+    n = 12
+    prompts = random_prompts(n, seed=3)
+    g = torch.Generator().manual_seed(4)
+    params = []
+    for i in range(n):
+        if i % 3 == 0:
+            params.append(SamplingParams(max_tokens=int(torch.randint(2, 12, (1,), generator=g)), temperature=0))
+        else:
+            params.append(SamplingParams(max_tokens=int(torch.randint(2, 12, (1,), generator=g)), seed=100 + i,
+                                         temperature=[0.7, 1.0, 1.3][i % 3], top_k=[0, 20][i % 2],
+                                         top_p=[1.0, 0.9][(i // 2) % 2], repetition_penalty=[1.0, 1.2][i % 2],
+                                         frequency_penalty=[0.0, 0.5][(i // 3) % 2], min_tokens=i % 2))
+    eos = [model.config.eos_token_id]
+    alone = run_rows(model, prompts, params, eos, together=False)
+    together = run_rows(model, prompts, params, eos, together=True)
+    assert together == alone
+    assert len({len(t) for t in alone}) > 1  # rows of different lengths: finished rows left the batch early
+    # greedy rows equal generate() on that prompt alone
+    for i in range(0, n, 3):
+        out = model.generate(prompts[i], max_new_tokens=params[i].max_tokens)
+        assert out[0, prompts[i].shape[1]:].tolist() == alone[i][:out.shape[1] - prompts[i].shape[1]]
+
+
+def test_generate_batch_rows_equal_each_prompt_alone(model):
+    prompts = random_prompts(5, seed=7)
+    width = max(p.shape[1] for p in prompts)
+    eos = model.config.eos_token_id
+    ids = torch.full((5, width), eos, dtype=torch.long)
+    mask = torch.zeros(5, width, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - p.shape[1]:] = p[0]
+        mask[r, width - p.shape[1]:] = 1
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=15, eos_token_id=[])
+    for r, p in enumerate(prompts):
+        alone = model.generate(p, max_new_tokens=15, eos_token_id=[])
+        assert torch.equal(batch[r, width - p.shape[1]:], alone[0])
