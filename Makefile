@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt setup.py
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned first so that no CUDA build is pulled in by a range.
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,train,export]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,train,export,serve]'
 	touch $(STAMP)
 
 install: $(STAMP)

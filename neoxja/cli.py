@@ -11,6 +11,7 @@ COMMANDS = {
     "generate": ("neoxja.generate_cli", "generate text from a prompt or from stdin"),
     "eval": ("neoxja.eval_cli", "bits per character and perplexity of a model on text or prepared data"),
     "export": ("neoxja.exporters.cli", "export a model for vLLM/TGI (gpt-neox), CTranslate2 or llama.cpp (gguf)"),
+    "serve": ("neoxja.serving.cli", "serve a model with the OpenAI API (needs the serve extra)"),
     "prepare": ("neoxja.train.prepare", "tokenize a corpus into memory-mapped training files"),
     "train": ("neoxja.train.cli", "pre-train or fine-tune a model (torchrun for many processes)"),
     "vocab": ("neoxja.vocab", "build a vocabulary (`neoxja vocab build`)"),

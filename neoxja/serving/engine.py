@@ -1,0 +1,288 @@
+"""The continuous-batching engine: requests are scheduled onto the rows ("slots") of one KV cache.
+
+Each `step()`:
+1. retires aborted requests (their slots are free from this step on);
+2. admits waiting requests into the lowest free slots;
+3. prefills: at most `prefill_chunk` prompt tokens in all per step, through `prefill(model, ids, slot,
+   start_pos)`, so a long prompt is admitted over several steps while the others keep decoding;
+4. decodes: one `decode_one_token(model, tokens, positions)` over slots 0..B-1, B = 1 + the highest
+   decoding slot (rows in that range that are not decoding get a dummy token at their current length);
+5. samples each row with its own parameters and generator, applies the stop rules (max_tokens, EOS,
+   stop_token_ids, stop strings through an IncrementalDetokenizer) and reports each request's new text.
+
+The engine is synchronous and single-threaded; `AsyncEngine` (async_engine.py) runs it in a thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from neoxja.serving.steps import make_steps
+from neoxja.serving.sampler import SamplingParams, TokenLogprob, sample_row
+from neoxja.streaming import IncrementalDetokenizer
+
+PREFILL_CHUNK = 256  # prompt tokens per step, over all prefilling requests
+
+
+class RequestRefused(ValueError):
+    """A request that cannot run (too long for the context, empty, ...): the message says why."""
+
+
+@dataclass
+class StepOutput:
+    """What one request got in one step; `finish_reason` is set on its last output."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0  # so far
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_output: Callable[[StepOutput], None]
+    arrival_time: float = field(default_factory=time.monotonic)
+    # scheduling state
+    slot: int | None = None
+    num_prefilled: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    scheduled_time: float | None = None
+    aborted: bool = False
+    finished: bool = False
+    generator: torch.Generator | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens written to this request's slot so far."""
+        return self.num_prefilled + max(len(self.output_ids) - 1, 0)
+
+
+class Engine:
+    """Schedules requests onto `max_num_seqs` cache slots of `max_model_len` positions each."""
+
+    def __init__(self, model, tokenizer, max_num_seqs: int = 16, max_model_len: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK, metrics=None):
+        cfg = model.config
+        if max_model_len is None:
+            max_model_len = cfg.max_position_embeddings
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
+                            ("prefill_chunk", prefill_chunk)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.prefill_chunk = prefill_chunk
+        self.metrics = metrics
+        self.eos_token_ids = _id_list(cfg.eos_token_id)
+        self.bos_token_id = cfg.bos_token_id
+        self.vocab_size = cfg.vocab_size
+        self.device = model.device
+        self.waiting: deque[Request] = deque()
+        self.slots: list[Request | None] = [None] * max_num_seqs
+        self.requests: dict[str, Request] = {}
+        self._seed_source = itertools.count(int.from_bytes(os.urandom(6), "little"))
+        self.steps = make_steps(model, max_num_seqs, max_model_len)
+
+    # ---- requests ----
+
+    def check_prompt(self, prompt_ids: list[int], max_tokens: int | None) -> int:
+        """Validate a prompt against the context; return the max_tokens to use (None: what is left)."""
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt_ids):
+            bad = next(t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size)
+            raise RequestRefused(f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
+        n = max(len(prompt_ids), 1)  # an empty prompt starts from BOS
+        if max_tokens is None:
+            max_tokens = self.max_model_len - n
+        if n + max_tokens > self.max_model_len or max_tokens < 1 and n >= self.max_model_len:
+            raise RequestRefused(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} in the completion). "
+                "Please reduce the length of the prompt or of max_tokens.")
+        return max_tokens
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise RequestRefused(f"request id {request.request_id!r} is already running")
+        if not request.prompt_ids:
+            if self.bos_token_id is None:
+                raise RequestRefused("the prompt is empty and the model has no bos_token_id to start from")
+            request.prompt_ids = [self.bos_token_id]
+        request.params.max_tokens = self.check_prompt(request.prompt_ids, request.params.max_tokens)
+        seed = request.params.seed
+        request.generator = torch.Generator(device=self.device)
+        request.generator.manual_seed(seed if seed is not None else next(self._seed_source) % (2**63))
+        request.detokenizer = IncrementalDetokenizer(self.tokenizer, stop=request.params.stop or (),
+                                                     skip_special_tokens=request.params.skip_special_tokens)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> None:
+        """Mark a request aborted; its slot is freed at the start of the next step."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            request.aborted = True
+
+    @property
+    def num_running(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.num_running > 0
+
+    # ---- one step ----
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self._retire_aborted()
+        self._admit()
+        just_prefilled = self._prefill()
+        self._decode(exclude=just_prefilled)
+        if self.metrics is not None:
+            self.metrics.set_queue(self.num_running, self.num_waiting)
+
+    def _retire_aborted(self) -> None:
+        for request in [r for r in self.waiting if r.aborted]:
+            self.waiting.remove(request)
+            self._finish(request, "abort")
+        for request in self.slots:
+            if request is not None and request.aborted:
+                self._finish(request, "abort")
+
+    def _admit(self) -> None:
+        while self.waiting and None in self.slots:
+            request = self.waiting.popleft()
+            slot = self.slots.index(None)  # the lowest free slot
+            self.slots[slot] = request
+            request.slot = slot
+            request.scheduled_time = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.queue_time(request.scheduled_time - request.arrival_time)
+
+    def _prefill(self) -> set[int]:
+        """Up to `prefill_chunk` prompt tokens, oldest admitted requests first; returns the slots that
+        finished their prompt (and sampled their first token) in this step."""
+        budget = self.prefill_chunk
+        done = set()
+        for request in sorted((r for r in self.slots if r is not None and r.num_prefilled < len(r.prompt_ids)),
+                              key=lambda r: r.scheduled_time):
+            if budget == 0:
+                break
+            start = request.num_prefilled
+            end = min(len(request.prompt_ids), start + budget)
+            ids = torch.tensor([request.prompt_ids[start:end]], dtype=torch.long, device=self.device)  # (1, T)
+            logits = self.steps.prefill(ids, request.slot, start)  # (1, V)
+            request.num_prefilled = end
+            budget -= end - start
+            if end == len(request.prompt_ids):
+                self._sample_and_emit([request], logits)
+                done.add(request.slot)
+        return done
+
+    def _decode(self, exclude: set[int]) -> None:
+        rows = [r for r in self.slots if r is not None and r.output_ids and not r.finished and r.slot not in exclude
+                and r.num_prefilled == len(r.prompt_ids)]
+        if not rows:
+            return
+        B = max(r.slot for r in rows) + 1
+        tokens = torch.zeros(B, dtype=torch.long)
+        positions = torch.zeros(B, dtype=torch.long)
+        for slot in range(B):
+            request = self.slots[slot]
+            if request is None:
+                continue  # a free row: a dummy token at position 0
+            if request in rows:
+                tokens[slot] = request.output_ids[-1]
+                positions[slot] = request.length  # the newest token goes right after the written ones
+            else:
+                positions[slot] = request.num_prefilled  # mid-prefill: written over by its next chunk
+        logits = self.steps.decode(tokens.to(self.device), positions.to(self.device))  # (B, V)
+        self._sample_and_emit(rows, logits[[r.slot for r in rows]] if len(rows) < B else logits)
+
+    def _sample_and_emit(self, rows: list[Request], logits: torch.Tensor) -> None:
+        """logits (len(rows), V) in the order of `rows`: sample, apply stop rules, report."""
+        now = time.monotonic()
+        logits = logits.float()
+        for i, request in enumerate(rows):
+            params = request.params
+            token, logprob = sample_row(logits[i], params, request.prompt_ids, request.output_ids,
+                                        request.generator, self._blocked_ids(request))
+            request.output_ids.append(token)
+            if self.metrics is not None:
+                if request.first_token_time is None:
+                    self.metrics.first_token(now - request.arrival_time)
+                else:
+                    self.metrics.inter_token(now - request.last_token_time)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            request.last_token_time = now
+
+            finish = None
+            stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+            text = ""
+            if stop_token:
+                finish = "stop"  # the stopping token's text is not returned
+            else:
+                text = request.detokenizer.add(token)
+                if request.detokenizer.stopped:
+                    finish = "stop"
+            if finish is None and (len(request.output_ids) >= params.max_tokens
+                                   or request.length + 1 >= self.max_model_len):
+                finish = "length"
+            if finish is not None and not request.detokenizer.stopped:
+                text += request.detokenizer.finish()
+            request.on_output(StepOutput(request.request_id, text, [token], [logprob] if logprob else None,
+                                         finish, len(request.prompt_ids), len(request.output_ids)))
+            if finish is not None:
+                self._finish(request, finish, notify=False)
+
+    def _blocked_ids(self, request: Request) -> list[int]:
+        """Tokens that may not be sampled yet: EOS and stop_token_ids before min_tokens."""
+        if len(request.output_ids) >= request.params.min_tokens:
+            return []
+        return list(request.params.stop_token_ids) + ([] if request.params.ignore_eos else self.eos_token_ids)
+
+    def _finish(self, request: Request, reason: str, notify: bool = True) -> None:
+        request.finished = True
+        if request.slot is not None:
+            self.slots[request.slot] = None
+            self.steps.free(request.slot)
+            request.slot = None
+        self.requests.pop(request.request_id, None)
+        if self.metrics is not None:
+            self.metrics.finished(request, reason)
+        if notify:
+            request.on_output(StepOutput(request.request_id, "", [], None, reason, len(request.prompt_ids),
+                                         len(request.output_ids)))
+
+
+def _id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]

@@ -1,0 +1,271 @@
+"""`neoxja serve` as a live subprocess on a free loopback port, driven by the official openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "aozora-small"
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "neoxja", "serve", "--port", str(self.port), *args],
+                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"neoxja serve exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("neoxja serve did not become healthy")
+            time.sleep(0.2)
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith(f"neoxja:{name}{{") or line.startswith(f"neoxja:{name} "):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+    def alive(self) -> None:
+        r = httpx.post(self.url + "/v1/completions", json={"prompt": "猫", "max_tokens": 1})
+        assert r.status_code in (200, 401), r.text
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server(bundled_dir):
+    s = Server()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded(bundled_dir, tmp_path_factory):
+    template = tmp_path_factory.mktemp("tpl") / "chat.jinja"
+    template.write_text(TEMPLATE, encoding="utf-8")
+    s = Server("--api-key", "k1", "--api-key", "k2", "--chat-template", str(template), "--max-num-seqs", "1",
+               "--max-queue", "1", "--max-body", "2000")
+    yield s
+    s.stop()
+
+
+def test_completion_and_exact_usage(server):
+    c = server.client()
+    r = c.completions.create(model=MODEL, prompt="吾輩は猫である。", max_tokens=7, temperature=0,
+                             extra_body={"ignore_eos": True}, user="someone")
+    n_prompt = httpx.post(server.url + "/tokenize", json={"prompt": "吾輩は猫である。"}).json()["count"]
+    assert r.object == "text_completion" and r.model == MODEL
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 7, n_prompt + 7)
+    # token-id prompts, lists of prompts and echo
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "吾輩は猫である。"}).json()["tokens"]
+    r2 = c.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
+    assert [ch.text for ch in r2.choices] == [r.choices[0].text] * 2 and r2.usage.prompt_tokens == 2 * n_prompt
+    r3 = c.completions.create(model=MODEL, prompt="吾輩は猫である。", max_tokens=7, temperature=0, echo=True,
+                              extra_body={"ignore_eos": True})
+    assert r3.choices[0].text == "吾輩は猫である。" + r.choices[0].text
+    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"] == "吾輩は猫である。"
+
+
+def test_models_health_version(server):
+    assert [m.id for m in server.client().models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/version").json()["version"]
+
+
+def collect_stream(client, **kw):
+    pieces, finish, usage = [], None, None
+    for chunk in client.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+        else:
+            usage = chunk.usage
+    return pieces, finish, usage
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@given(prompt=st.text(alphabet=st.sampled_from(list("猫犬春夏秋冬のはがをに。、") + ["Ω", "😀", "龘", " "]), min_size=1, max_size=12),
+       stop=st.lists(st.text(alphabet=st.sampled_from(list("のはに、。がて") + ["Ω"]), min_size=1, max_size=2), max_size=2),
+       seed=st.integers(0, 1000))
+def test_stream_equals_non_stream(server, prompt, stop, seed):
+    c = server.client()
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=12, temperature=1.0, seed=seed, stop=stop or None)
+    whole = c.completions.create(**kw)
+    pieces, finish, usage = collect_stream(c, **kw)
+    assert "".join(pieces) == whole.choices[0].text
+    assert finish == whole.choices[0].finish_reason
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert all("\ufffd" not in p for p in pieces) or "\ufffd" in whole.choices[0].text
+    for s in stop:
+        assert s not in whole.choices[0].text
+
+
+def test_n_seed_and_logprobs(server):
+    c = server.client()
+    r = c.completions.create(model=MODEL, prompt="春は", max_tokens=12, n=3, seed=5, temperature=1.0,
+                             extra_body={"ignore_eos": True})
+    texts = [ch.text for ch in r.choices]
+    assert len(set(texts)) == 3 and [ch.index for ch in r.choices] == [0, 1, 2]
+    again = c.completions.create(model=MODEL, prompt="春は", max_tokens=12, n=3, seed=5, temperature=1.0,
+                                 extra_body={"ignore_eos": True})
+    assert [ch.text for ch in again.choices] == texts
+    r = c.completions.create(model=MODEL, prompt="春は", max_tokens=4, temperature=0, logprobs=3,
+                             extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) <= 3 and chosen <= 0 and max(top.values()) == pytest.approx(chosen)  # greedy: the top one
+
+
+def test_chat_needs_a_template(server, guarded):
+    with pytest.raises(openai.BadRequestError, match="--chat-template"):
+        server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "こんにちは"}])
+    server.alive()
+    c = guarded.client(api_key="k2")
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "こんにちは"}], max_tokens=5,
+                                  temperature=0, logprobs=True, top_logprobs=2)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
+    rendered = httpx.post(guarded.url + "/v1/chat/render", headers={"Authorization": "Bearer k1"},
+                          json={"messages": [{"role": "user", "content": "こんにちは"}]}).json()
+    assert rendered["prompt"] == "user: こんにちは\nassistant: "
+    chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "こんにちは"}],
+                                            max_tokens=5, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == r.choices[0].message.content
+
+
+def test_errors_and_the_server_keeps_serving(server):
+    c = server.client()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+    server.alive()
+    with pytest.raises(openai.BadRequestError, match=r"250 in the prompt, 10 in the completion"):
+        c.completions.create(model=MODEL, prompt=[[5] * 250], max_tokens=10)
+    server.alive()
+    for body, needle in [(b'{"prompt": "x", ', "malformed JSON"), (b'{"prompt": "x", "suffix": "y"}', "suffix"),
+                         (b'{"prompt": "x", "stream_options": {"include_usage": true}}', "stream_options"),
+                         (b'{"prompt": "x", "temperature": "hot"}', "temperature"),
+                         (b'{"prompt": "x", "max_tokens": -1}', "max_tokens"),
+                         (b'{"prompt": "x", "bogus": 1}', "bogus"), (b'{"prompt": [99999]}', "vocabulary")]:
+        r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert needle in err["message"] + str(err["param"]) and set(err) == {"message", "type", "param", "code"}
+        server.alive()
+
+
+def test_auth_body_limit_and_full_queue(guarded):
+    url = guarded.url + "/v1/completions"
+    assert httpx.post(url, json={"prompt": "x", "max_tokens": 1}).status_code == 401
+    assert httpx.post(url, json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer k3"}).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        guarded.client(api_key="wrong").completions.create(model=MODEL, prompt="x", max_tokens=1)
+    assert httpx.get(guarded.url + "/health").status_code == 200  # open without a key
+    ok = {"Authorization": "Bearer k1"}
+    r = httpx.post(url, content=b'{"prompt": "' + b"a" * 3000 + b'"}', headers={**ok, "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # one slot and a queue of one: a third concurrent request gets 429 with Retry-After
+    statuses = []
+
+    def long_request():
+        statuses.append(httpx.post(url, headers=ok, timeout=120,
+                                   json={"prompt": "猫", "max_tokens": 40, "ignore_eos": True}).status_code)
+
+    threads = [threading.Thread(target=long_request) for _ in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while guarded.metric("num_requests_running") + guarded.metric("num_requests_waiting") < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    r = httpx.post(url, headers=ok, json={"prompt": "x", "max_tokens": 1})
+    assert r.status_code == 429 and r.headers["retry-after"] and r.json()["error"]["code"] == "queue_full"
+    for t in threads:
+        t.join()
+    assert statuses == [200, 200]
+    assert httpx.post(url, headers=ok, json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def wait_idle(server, timeout=60):
+    deadline = time.monotonic() + timeout
+    while server.metric("num_requests_running") or server.metric("num_requests_waiting"):
+        assert time.monotonic() < deadline, "a slot leaked"
+        time.sleep(0.05)
+
+
+def test_disconnect_frees_the_slot(server):
+    body = {"prompt": "猫", "max_tokens": 200, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert server.metric("num_requests_running") == 1
+    wait_idle(server)  # streaming client gone: slot freed
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 250}, timeout=0.2)  # non-streaming client gives up
+    wait_idle(server)
+    server.alive()
+
+
+def test_sigterm_finishes_running_requests_then_exits_0(bundled_dir):
+    s = Server("--shutdown-timeout", "60")
+    try:
+        result = {}
+
+        def long_request():
+            result["r"] = httpx.post(s.url + "/v1/completions", timeout=120,
+                                     json={"prompt": "猫", "max_tokens": 250, "ignore_eos": True})
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        while s.metric("num_requests_running") < 1:
+            time.sleep(0.02)
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        late = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert late.status_code == 503
+        t.join()
+        assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 250
+        assert s.proc.wait(60) == 0
+    finally:
+        s.stop()

@@ -1,0 +1,213 @@
+"""The serving engine without HTTP: batch invariance, chunked prefill, aborts, slot reuse; the detokenizer."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from neoxja.streaming import IncrementalDetokenizer
+
+pytest.importorskip("fastapi")
+
+from neoxja.serving.engine import Engine, Request, RequestRefused  # noqa: E402
+from neoxja.serving.sampler import ParamError, SamplingParams  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundled(bundled_dir):
+    from neoxja.model import GPTNeoXJapaneseForCausalLM
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    torch.manual_seed(0)
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval()
+    return model, GPTNeoXJapaneseTokenizer.from_pretrained(bundled_dir)
+
+
+def run(engine: Engine, jobs: list[tuple[list[int], SamplingParams]], stagger: int = 0) -> list[dict]:
+    """Submit jobs (one every `stagger` steps, or all at once) and step until all are done."""
+    results = [dict(tokens=[], text="", finish=None) for _ in jobs]
+
+    def sink(i):
+        def on_output(out):
+            results[i]["tokens"] += out.token_ids
+            results[i]["text"] += out.text
+            if out.finish_reason:
+                results[i]["finish"] = out.finish_reason
+        return on_output
+
+    pending = list(enumerate(jobs))
+    steps = 0
+    while pending or engine.has_work():
+        if pending and (stagger == 0 or steps % stagger == 0):
+            for i, (ids, params) in pending[: len(pending) if stagger == 0 else 1]:
+                engine.add_request(Request(f"r{i}", list(ids), params, sink(i)))
+            pending = [] if stagger == 0 else pending[1:]
+        engine.step()
+        steps += 1
+    return results
+
+
+SAMPLES = ["吾輩は猫である。", "春はあけぼの。やうやう白くなりゆく山ぎは、", "メロスは激怒した。", "国境の長いトンネルを抜けると",
+           "親譲りの無鉄砲で小供の時から損ばかりしている。", "山路を登りながら、こう考えた。", "ある日の暮方の事である。"]
+
+
+def random_prompt(tok, rng: random.Random) -> list[int]:
+    text = "".join(rng.choice(SAMPLES) for _ in range(rng.randint(1, 4)))
+    ids = tok.encode(text)
+    return ids[: rng.randint(1, len(ids))]
+
+
+def test_greedy_under_load_equals_generate_alone(bundled):
+    """>= 32 concurrent requests of random prompts, lengths and parameters, joining a running batch at
+    staggered steps: every greedy one equals generate() on its prompt alone, every seeded sampled one
+    equals itself run alone."""
+    model, tok = bundled
+    rng = random.Random(1)
+    jobs = []
+    for i in range(32):
+        ids = random_prompt(tok, rng)
+        if i % 3 == 0:
+            params = SamplingParams(max_tokens=rng.randint(1, 12), temperature=rng.choice([0.7, 1.0, 1.3]),
+                                    top_k=rng.choice([0, 20]), top_p=rng.choice([1.0, 0.9]), seed=rng.randint(0, 99),
+                                    repetition_penalty=rng.choice([1.0, 1.2]))
+        else:
+            params = SamplingParams(max_tokens=rng.randint(1, 12), temperature=0.0)
+        jobs.append((ids, params))
+    engine = Engine(model, tok, max_num_seqs=12, prefill_chunk=32)
+    loaded = run(engine, jobs, stagger=2)
+    for (ids, params), got in zip(jobs, loaded):
+        if params.temperature == 0.0:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=params.max_tokens, do_sample=False)
+            expected = out[0, len(ids):].tolist()
+            assert got["tokens"] == expected, (ids, params)
+            assert got["finish"] == ("stop" if expected[-1] == model.config.eos_token_id else "length")
+        else:
+            alone = run(Engine(model, tok, max_num_seqs=1), [(ids, params)])[0]
+            assert got["tokens"] == alone["tokens"] and got["text"] == alone["text"]
+    assert engine.num_running == 0 and engine.num_waiting == 0 and not engine.requests
+
+
+def test_chunked_prefill_keeps_the_running_requests_decoding(bundled):
+    model, tok = bundled
+    engine = Engine(model, tok, max_num_seqs=4, prefill_chunk=16)
+    got = []
+    engine.add_request(Request("short", tok.encode("吾輩は猫である。"), SamplingParams(max_tokens=40, temperature=0,
+                                                                                   ignore_eos=True), got.append))
+    engine.step()
+    assert len(got) == 1  # its first token
+    long_prompt = (tok.encode("".join(SAMPLES)) * 4)[:150]
+    engine.add_request(Request("long", long_prompt, SamplingParams(max_tokens=5, temperature=0), lambda out: None))
+    for k in range(1, 5):
+        engine.step()
+        assert engine.requests["long"].num_prefilled == min(16 * k, 150)
+        assert len(got) == 1 + k  # a token every step while the long prompt is admitted
+    assert engine.requests["long"].slot == 1  # the lowest free slot
+
+
+def test_abort_frees_the_slot_at_the_next_step_and_it_is_reused(bundled):
+    model, tok = bundled
+    engine = Engine(model, tok, max_num_seqs=3)
+    outs = {k: [] for k in "abc"}
+    for k in "abc":
+        engine.add_request(Request(k, tok.encode("メロスは"), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True),
+                                   outs[k].append))
+    engine.step()
+    assert [r.request_id for r in engine.slots] == ["a", "b", "c"]
+    engine.abort("b")
+    engine.step()
+    assert engine.slots[1] is None and outs["b"][-1].finish_reason == "abort"
+    engine.add_request(Request("d", tok.encode("国境の"), SamplingParams(max_tokens=3, temperature=0), lambda o: None))
+    engine.step()
+    assert engine.slots[1].request_id == "d"  # the freed slot in the middle is reused
+    # the others were not disturbed: "a" still equals generate() alone
+    while engine.has_work():
+        engine.step()
+    ids = tok.encode("メロスは")
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=50, do_sample=False, eos_token_id=[])[0, len(ids):]
+    assert sum((o.token_ids for o in outs["a"]), []) == expected.tolist()
+
+
+def test_requests_that_cannot_run_are_refused_with_both_numbers(bundled):
+    model, tok = bundled
+    engine = Engine(model, tok, max_num_seqs=2)
+    with pytest.raises(RequestRefused, match=r"maximum context length is 256 .*250 in the prompt, 10 in the completion"):
+        engine.add_request(Request("x", [5] * 250, SamplingParams(max_tokens=10), lambda o: None))
+    with pytest.raises(RequestRefused, match="outside the vocabulary"):
+        engine.add_request(Request("y", [8000], SamplingParams(max_tokens=1), lambda o: None))
+    with pytest.raises(ParamError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ParamError, match="logprobs"):
+        SamplingParams(logprobs=21)
+    with pytest.raises(ParamError, match="min_tokens"):
+        SamplingParams(max_tokens=2, min_tokens=3)
+
+
+def test_min_tokens_and_stop_token_ids(bundled):
+    model, tok = bundled
+    eos = model.config.eos_token_id
+    ids = tok.encode("吾輩は猫である。")
+    first = run(Engine(model, tok), [(ids, SamplingParams(max_tokens=5, temperature=0))])[0]["tokens"][0]
+    res = run(Engine(model, tok), [(ids, SamplingParams(max_tokens=5, temperature=0, stop_token_ids=[first]))])[0]
+    assert res["tokens"] == [first] and res["finish"] == "stop" and res["text"] == ""
+    res = run(Engine(model, tok), [(ids, SamplingParams(max_tokens=5, temperature=0, stop_token_ids=[first],
+                                                         min_tokens=3))])[0]
+    assert first not in res["tokens"][:3] and eos not in res["tokens"][:3]
+
+
+# ---- the incremental detokenizer ----
+
+@pytest.fixture(scope="module")
+def tok(bundled_dir):
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    return GPTNeoXJapaneseTokenizer.from_pretrained(bundled_dir)
+
+
+TEXT = st.text(alphabet=st.sampled_from(list("あいうえお猫である。、 \n") + ["Ω", "😀", "龘", "𝔘", "a", "é"]), max_size=25)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=TEXT, stops=st.lists(st.text(alphabet=st.sampled_from(list("あい。 Ω😀龘a")), min_size=1, max_size=3),
+                                 max_size=3), cut=st.integers(0, 3))
+def test_detokenizer_releases_complete_text_and_no_stop_string(tok, text, stops, cut):
+    ids = tok.encode(text)
+    ids = ids[: max(len(ids) - cut, 0)]  # sometimes end inside a byte run
+    full = tok.decode(ids)
+    expected, stopped = full, False
+    hits = [(full.find(s), s) for s in stops if s in full]
+    if hits:
+        expected, stopped = full[: min(hits)[0]], True
+    detok = IncrementalDetokenizer(tok, stop=stops)
+    pieces = []
+    for j, i in enumerate(ids):
+        pieces.append(detok.add(i))
+        emitted = "".join(pieces)
+        assert expected.startswith(emitted)
+        if not detok.stopped:  # no released character belongs to a suffix that could still grow into a stop string
+            known = tok.decode(ids[: j + 1]).rstrip("\ufffd")
+            assert not any(known.endswith(s[:k]) and len(known) - k < len(emitted)
+                           for s in stops for k in range(1, len(s)))
+    pieces.append(detok.finish())
+    assert "".join(pieces) == expected and detok.stopped == stopped
+    assert all("\ufffd" not in p for p in pieces[:-1]) or "\ufffd" in full
+
+
+def test_detokenizer_holds_a_possible_stop_prefix_until_it_cannot_be_one(tok):
+    detok = IncrementalDetokenizer(tok, stop=["である。"])
+    assert "".join(detok.add(i) for i in tok.encode("猫であ")) == "猫"  # "であ" may still become the stop
+    assert "".join(detok.add(i) for i in tok.encode("りたい")) + detok.finish() == "でありたい"
+    detok = IncrementalDetokenizer(tok, stop=["である。"])
+    text = "".join(detok.add(i) for i in tok.encode("猫である。名前")) + detok.finish()
+    assert text == "猫" and detok.stop_string == "である。"
+
+
+def test_detokenizer_holds_byte_fallback_runs_until_whole(tok):
+    ids = tok.encode("Ω😀")
+    assert len(ids) > 2  # byte fallback
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.add(i) for i in ids] + [detok.finish()]
+    assert "".join(pieces) == "Ω😀" and all(p in ("", "Ω", "😀", "Ω😀") for p in pieces)
