@@ -15,6 +15,8 @@ _EXPORTS = {
     "TextStreamer": "neoxja.streaming",
     "TextIteratorStreamer": "neoxja.streaming",
     "quantize": "neoxja.quantization",
+    "preferred_dtype": "neoxja.hardware",
+    "choose_linear_kernels": "neoxja.kernels",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
