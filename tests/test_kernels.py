@@ -234,3 +234,19 @@ def test_nothing_eligible_is_a_no_op(tmp_path):
     model = neoxja.quantize(tiny_model(), "int8")
     assert choose_linear_kernels(model, cache=tmp_path / "k.json") is model
     assert not (tmp_path / "k.json").exists()
+
+
+def test_a_tall_weight_is_timed_on_a_slice_but_planned_for_the_whole(monkeypatch):
+    """Weights taller than MEASURE_ROWS are timed on their first rows; a kernel the whole weight cannot take
+    (bmm16 with out % 16 != 0) is never planned."""
+    monkeypatch.setattr(kernels, "MEASURE_ROWS", 32)
+    seen = []
+    real = dict(kernels.KERNELS)
+    monkeypatch.setattr(kernels, "KERNELS", {n: (lambda n, f: lambda x, w, b: (seen.append(w.shape[0]), f(x, w, b))[1])(n, f)
+                                             for n, f in real.items()})
+    plan = measure_plan(torch.randn(40, 8), repeats=1)  # 40 % 16 != 0
+    assert set(seen) == {32} and "bmm16" not in plan.values()
+    layer = SkinnyLinear.from_linear(nn.Linear(8, 40), plan)
+    with torch.no_grad():
+        x = torch.randn(5, 8)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
