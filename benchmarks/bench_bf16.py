@@ -15,7 +15,7 @@ reported, so a burst of load from other jobs on a shared machine cannot favour o
 Goals where the CPU has AMX-BF16 (issue 13): prefill >= 3.5x, batch-8 decode >= 2x, training >= 2.5x.
 Where it has neither AMX-BF16 nor AVX512-BF16, neoxja.preferred_dtype is float32 and nothing is checked.
 Prints the CPU flags it ran on. Training needs ~10 GB of memory at the default shape (float32 weights,
-gradients and AdamW state of 480M parameters).
+gradients and AdamW state of 480M parameters); `--skip-inference --layers 1` needs ~4.5 GB.
 
     python benchmarks/bench_bf16.py [--rounds 3] [--layers 4] [--skip-train] [--skip-checks]
 """
