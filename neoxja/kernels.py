@@ -258,7 +258,7 @@ def plans_for(shapes: list[tuple[torch.Tensor, torch.Tensor | None]], cache: Pat
 
 
 def _eligible(module: nn.Module) -> bool:
-    return (type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.is_floating_point()
+    return (type(module) in (nn.Linear, SkinnyLinear) and module.weight.device.type == "cpu" and module.weight.is_floating_point()
             and module.weight.dim() == 2)
 
 
@@ -266,7 +266,8 @@ def choose_linear_kernels(model: nn.Module, cache: Path | None | bool = None) ->
     """Give every CPU float nn.Linear of `model` the skinny-product kernels measured fastest on this machine
     (in place; returns the model). The first call per machine, dtype and weight shape times the kernels
     (seconds for the 2.7B shapes) and caches the result; later calls only read it. A model with nothing
-    eligible (on a GPU, or quantized) is returned unchanged."""
+    eligible (on a GPU, or quantized) is returned unchanged. Calling it again (say after `model.to(dtype)`)
+    re-plans the layers for their current dtype."""
     names = [name for name, module in model.named_modules() if _eligible(module)]
     if not names:
         return model
@@ -276,7 +277,10 @@ def choose_linear_kernels(model: nn.Module, cache: Path | None | bool = None) ->
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         shape = (linear.out_features, linear.in_features, str(linear.weight.dtype).removeprefix("torch."))
-        setattr(parent, child, SkinnyLinear.from_linear(linear, plans[shape]))
+        if isinstance(linear, SkinnyLinear):
+            linear.plan = dict(plans[shape])
+        else:
+            setattr(parent, child, SkinnyLinear.from_linear(linear, plans[shape]))
     return model
 
 

@@ -250,3 +250,13 @@ def test_a_tall_weight_is_timed_on_a_slice_but_planned_for_the_whole(monkeypatch
     with torch.no_grad():
         x = torch.randn(5, 8)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_a_second_call_replans_for_the_current_dtype(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "measure_plan",
+                        lambda weight, bias: fixed_plan("bmm16" if weight.dtype == torch.float32 else "linear"))
+    model = choose_linear_kernels(tiny_model(), cache=tmp_path / "k.json")
+    first = model.embed_out
+    assert first.plan == fixed_plan("bmm16")
+    choose_linear_kernels(model.to(torch.bfloat16), cache=tmp_path / "k.json")
+    assert model.embed_out is first and first.plan == fixed_plan("linear")
