@@ -17,7 +17,8 @@ Where it has neither AMX-BF16 nor AVX512-BF16, neoxja.preferred_dtype is float32
 Prints the CPU flags it ran on. Training needs ~10 GB of memory at the default shape (float32 weights,
 gradients and AdamW state of 480M parameters); `--skip-inference --layers 1` needs ~4.5 GB.
 
-    python benchmarks/bench_bf16.py [--rounds 3] [--layers 4] [--skip-train] [--skip-checks]
+    python benchmarks/bench_bf16.py [--rounds 3] [--layers 4] [--threads N] [--skip-train] [--skip-inference]
+                                    [--skip-checks]
 """
 
 from __future__ import annotations
@@ -160,10 +161,13 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=32, help="new tokens per decoded sequence (default 32)")
     p.add_argument("--train-batch", type=int, default=2)
     p.add_argument("--train-seq", type=int, default=256)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for both sides (default: torch's choice)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-inference", action="store_true")
     p.add_argument("--skip-checks", action="store_true", help="print numbers without checking the goals")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     dtype, reason = dtype_choice("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}; "
