@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 from neoxja.config import GPTNeoXJapaneseConfig  # noqa: E402
 from neoxja.model import GPTNeoXJapaneseForCausalLM  # noqa: E402
+from neoxja.kernels import choose_linear_kernels  # noqa: E402
 from neoxja.quantization import Int4WeightOnlyLinear, Int8DynamicLinear, quantize  # noqa: E402
 
 
@@ -160,6 +161,7 @@ def build_side_by_side(args):
     ref = transformers.GPTNeoXJapaneseForCausalLM(transformers.GPTNeoXJapaneseConfig(**cfg)).eval()
     ref.load_state_dict(ours.state_dict())
     ours_int8 = quantize(copy.deepcopy(ours), "int8")
+    choose_linear_kernels(ours)  # the skinny-product kernels `neoxja generate` applies for batches
     ours_int4 = quantize(copy.deepcopy(ours).to(torch.bfloat16), "int4", group_size=args.group_size)
     return ours, ref, ours_int8, ours_int4
 

@@ -10,10 +10,12 @@ kernel alike, on the weight shapes of the 2.7B model:
   bmm/16         torch.bmm of the rows against 16-row slices of the weight, (N/16, B, K) x (N/16, K, 16):
                  MKL's batched small products, which read the weight once without packing a copy of it
 
-and prints the median of each, the best, and its speed-up over F.linear. neoxja.model.Linear dispatches by
-row count on what this measures.
+and prints the median of each, the best, and its speed-up over F.linear. `neoxja.kernels.choose_linear_kernels`
+(applied by `neoxja generate` when a decoding step has several rows) makes this measurement itself, once per
+machine, dtype and weight shape, and caches it; with --plan this script also prints the table it measures
+(a row count's kernel holds up to the next grid point).
 
-    python benchmarks/bench_skinny_linear.py [--rows 1 2 4 8 12 16 32 64] [--rounds 15]
+    python benchmarks/bench_skinny_linear.py [--rows 1 2 4 8 12 16 32 64] [--rounds 15] [--dtype bfloat16] [--plan]
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = [(7680, 2560), (2560, 2560), (10240, 2560), (2560, 10240), (32000, 2560)]  # (out, in) of the 2.7B model
 
@@ -45,18 +50,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 32, 64])
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--plan", action="store_true", help="also print neoxja.kernels.measure_plan per shape")
     args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}")
     with torch.no_grad():
         for rows in args.rows:
             totals: dict[str, float] = {}
             for n, k in SHAPES:
-                w, x = torch.randn(n, k), torch.randn(rows, k)
+                w, x = torch.randn(n, k).to(dtype), torch.randn(rows, k).to(dtype)
                 fns = kernels(x, w)
                 expected = F.linear(x, w)
                 for name, fn in fns.items():
-                    torch.testing.assert_close(fn(), expected, rtol=1e-4, atol=1e-3, msg=name)
+                    tol = 1e-3 if dtype == torch.float32 else 5e-2
+                    torch.testing.assert_close(fn(), expected, rtol=tol, atol=tol * k ** 0.5, msg=name)
                 times: dict[str, list] = {name: [] for name in fns}
                 for _ in range(args.rounds):
                     for name, fn in fns.items():
@@ -68,11 +77,17 @@ def main(argv=None) -> int:
                     totals[name] = totals.get(name, 0.0) + t
                 best = min(med, key=med.get)
                 print(f"rows {rows:>3}  {n:>5}x{k:<5} " + "  ".join(
-                    f"{name} {t * 1e3:6.2f} ms ({n * k * 4 / t / 1e9:4.1f} GB/s)" for name, t in med.items())
+                    f"{name} {t * 1e3:6.2f} ms ({n * k * w.element_size() / t / 1e9:4.1f} GB/s)" for name, t in med.items())
                     + f"  best {best}, {med['F.linear'] / med[best]:.2f}x F.linear", flush=True)
             best = min(totals, key=totals.get)
             print(f"rows {rows:>3}  all five shapes: best {best}, {totals['F.linear'] / totals[best]:.2f}x F.linear\n",
                   flush=True)
+        if args.plan:
+            from neoxja.kernels import measure_plan
+
+            for n, k in SHAPES:
+                plan = measure_plan(torch.randn(n, k).to(dtype))
+                print(f"plan {n:>5}x{k:<5} " + " ".join(f"{r}:{name}" for r, name in plan.items()), flush=True)
     return 0
 
 

@@ -16,6 +16,8 @@ _EXPORTS = {
     "TextIteratorStreamer": "neoxja.streaming",
     "quantize": "neoxja.quantization",
     "export": "neoxja.exporters",
+    "preferred_dtype": "neoxja.hardware",
+    "choose_linear_kernels": "neoxja.kernels",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

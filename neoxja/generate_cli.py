@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, metavar="S", help="random seed, for reproducible sampling (default: none, a different draw each run)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling (default: off, sampling)")
     p.add_argument("--num-return-sequences", type=int, default=1, metavar="N", help="sequences per prompt, sampling only (default 1)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights' dtype; auto (the default): the device's fast precision, bfloat16 on a CPU with "
+                        "AMX-BF16 or AVX512-BF16 or a GPU that supports it, else float32 (float32 with --quantize); "
+                        "float32 gives transformers' numbers")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default cpu)")
     p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
                    help="int8: int8 weights, CPU only; int4: 4-bit weights (groups of 128), quantized layer by layer "
@@ -153,6 +156,20 @@ def row_results(new: "torch.Tensor", eos_ids: list[int], room: list[int]) -> lis
     return results
 
 
+def resolve_dtype(name: str, device, quantize: str) -> tuple:
+    """(torch dtype, why) for --dtype: auto asks neoxja.hardware for the device's fast precision."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name), "--dtype"
+    if quantize != "none":
+        return torch.float32, f"auto: the {quantize} layers take float32 activations"
+    from neoxja.hardware import dtype_choice
+
+    dtype, reason = dtype_choice(device)
+    return dtype, f"auto: {reason}"
+
+
 def label(number: int | None) -> str:
     return "PROMPT" if number is None else f"stdin line {number}"
 
@@ -195,15 +212,21 @@ def _main(argv: list[str] | None = None) -> int:
     t_load = time.perf_counter()
     try:
         tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(model_path)
+        dtype, dtype_reason = resolve_dtype(args.dtype, device, args.quantize)
         if args.quantize == "int4":  # quantized as it loads: the float model never exists whole
-            model = load_quantized(model_path, "int4", dtype=getattr(torch, args.dtype), device=device)
+            model = load_quantized(model_path, "int4", dtype=dtype, device=device)
         else:
-            model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype), device=device)
+            model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_path, dtype=dtype, device=device)
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         return _fail(f"cannot load the model from {model_path!r}: {e}", 1)
     model.eval()
     if args.quantize == "int8":
         quantize(model, args.quantize)
+    streaming = args.stream if args.stream is not None else args.num_return_sequences == 1
+    if args.num_return_sequences * (1 if streaming else min(args.batch_size, len(prompts))) > 1:
+        from neoxja.kernels import choose_linear_kernels  # several rows per decoding step
+
+        choose_linear_kernels(model)  # measured once per machine, then cached; CPU float layers only
     tokenizer.padding_side = "left"
     load_seconds = time.perf_counter() - t_load
     # every prompt is checked before any is generated, so a bad line costs no output of the others
@@ -274,7 +297,8 @@ def _main(argv: list[str] | None = None) -> int:
         return 130
     seconds = time.perf_counter() - t_gen
     print(f"prompt tokens {prompt_tokens}, new tokens {new_tokens}, {seconds:.2f} s, "
-          f"{new_tokens / max(seconds, 1e-9):.1f} tokens/s (model loaded in {load_seconds:.2f} s)", file=sys.stderr)
+          f"{new_tokens / max(seconds, 1e-9):.1f} tokens/s (model loaded in {load_seconds:.2f} s), "
+          f"{str(dtype).removeprefix('torch.')} ({dtype_reason})", file=sys.stderr)
     return 0
 
 

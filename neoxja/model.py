@@ -15,7 +15,6 @@ Two ways in:
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass, fields
@@ -79,49 +78,6 @@ class LayerNorm(nn.LayerNorm):
                             self.eps).to(x.dtype)
 
 
-class Linear(nn.Linear):
-    """nn.Linear that sends skinny float32 inference products on the CPU to faster kernels than MKL's sgemm.
-
-    Decoding a batch multiplies a few rows (one per sequence) by every weight. F.linear (MKL sgemm) is slow
-    at that shape: above 3 rows it runs at a third of the memory bandwidth these products are bound by.
-    `benchmarks/bench_skinny_linear.py` times the candidates on the 2.7B weight shapes; on this project's
-    2-core AVX-512 machine, summed over those shapes and relative to F.linear:
-      4-12 rows: torch.bmm against 16-row slices of the weight is 1.5-2.0x faster (MKL's batched small
-                 products read the weight once, without packing a copy of it); oneDNN is second.
-      13-64 rows: oneDNN's linear (the op torch.compile uses on CPU) on the same plain weight, 1.7-2.7x.
-    1-3 rows (MKL's gemv path, batch-1 decoding) and more than 64 (prefill, training) stay with F.linear.
-    Every path reads the weight in place: no packed copy, no extra memory.
-    """
-
-    BMM_ROWS = (4, 12)
-    ONEDNN_ROWS = (13, 64)
-    SLICE = 16  # weight rows per batched product
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if (self.BMM_ROWS[0] <= rows <= self.ONEDNN_ROWS[1] and x.dtype == self.weight.dtype == torch.float32
-                and x.device.type == "cpu" and not torch.is_grad_enabled() and self.weight.is_contiguous()):
-            x2 = x.reshape(rows, self.in_features)  # (rows, in)
-            if rows <= self.BMM_ROWS[1] and self.out_features % self.SLICE == 0:
-                w = self.weight.view(-1, self.SLICE, self.in_features)  # (out/16, 16, in)
-                y = torch.bmm(x2.expand(w.shape[0], rows, self.in_features), w.transpose(1, 2))  # (out/16, rows, 16)
-                y = y.transpose(0, 1).reshape(rows, self.out_features)  # (rows, out)
-                if self.bias is not None:
-                    y = y + self.bias
-                return y.view(*x.shape[:-1], self.out_features)
-            if _has_onednn_linear():
-                y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.weight, self.bias,
-                                                       "none", [None], "")  # (rows, out)
-                return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
-
-
-@functools.cache
-def _has_onednn_linear() -> bool:
-    """Whether this PyTorch build has oneDNN's linear op (the one torch.compile uses on CPU)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
 class RotaryEmbedding(nn.Module):
     """cos/sin for the rotary dims of given position ids (float32); `forward(torch.arange(n))` is the table
     of positions 0..n-1 that the cached path gathers from."""
@@ -169,8 +125,8 @@ class GPTNeoXJapaneseAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_size = config.head_size
         self.attention_dropout = config.attention_dropout
-        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
-        self.dense = Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         # the last layer adds a bias after the attention output (applied by the layer)
         self.dense_bias = nn.Parameter(torch.zeros(config.hidden_size)) if use_bias else None
         self.kv_cache: KVCache | None = None  # set by setup_caches, used by forward_cached
@@ -220,8 +176,8 @@ class GPTNeoXJapaneseAttention(nn.Module):
 class GPTNeoXJapaneseMLP(nn.Module):
     def __init__(self, config: GPTNeoXJapaneseConfig):
         super().__init__()
-        self.dense_h_to_4h = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.dense_4h_to_h = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.hidden_act = config.hidden_act
 
     def forward(self, x):
@@ -456,7 +412,7 @@ class GPTNeoXJapaneseForCausalLM(GPTNeoXJapanesePreTrainedModel, GenerationMixin
     def __init__(self, config: GPTNeoXJapaneseConfig):
         super().__init__(config)
         self.gpt_neox_japanese = GPTNeoXJapaneseModel(config)
-        self.embed_out = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.init_weights(self.embed_out)
         self.tie_weights()
 

@@ -36,3 +36,9 @@ def bundled_dir() -> Path:
     if not (path / "vocab.txt").is_file():
         pytest.skip(f"the bundled model files are absent from {path}")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_cache_in_a_temporary_directory(tmp_path_factory):
+    """neoxja.kernels caches its measurements; tests keep them out of the user's ~/.cache."""
+    os.environ.setdefault("NEOXJA_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels") / "linear_kernels.json"))

@@ -38,7 +38,8 @@ def model_dir(tmp_path_factory, abeja_dir) -> Path:
 
 def expected_texts(model_dir, prompts, **generate_kwargs) -> list[str]:
     tok = GPTNeoXJapaneseTokenizer.from_pretrained(model_dir)
-    model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_dir).eval()
+    dtype, _ = generate_cli.resolve_dtype("auto", torch.device("cpu"), "none")  # the CLI's default, --dtype auto
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     texts = []
     for prompt in prompts:  # one at a time: batching must not change greedy output
         ids = torch.tensor([tok.encode(prompt)])

@@ -238,32 +238,6 @@ def test_forward_cached_reads_only_each_rows_own_written_positions():
     ours.clear_caches()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 8, 12, 13, 64, 65])
-@pytest.mark.parametrize("out_features,bias", [(48, False), (48, True), (50, True)])
-def test_linear_kernels_for_few_rows_equal_f_linear(rows, out_features, bias, monkeypatch):
-    """Linear sends 4-12 rows to batched products over 16-row weight slices and 13-64 to oneDNN (see
-    benchmarks/bench_skinny_linear.py); every path must give F.linear's numbers, with or without autograd."""
-    from neoxja.model import Linear
-
-    torch.manual_seed(rows)
-    layer = Linear(40, out_features, bias=bias)
-    if bias:
-        torch.nn.init.normal_(layer.bias)
-    x = torch.randn(rows, 3, 40).transpose(0, 1)[:1]  # (1, rows, 40), not contiguous
-    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    bmm_calls = []
-    real_bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda *a: (bmm_calls.append(1), real_bmm(*a))[1])
-    with torch.no_grad():
-        got = layer(x)
-    assert got.shape == (1, rows, out_features)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert bool(bmm_calls) == (4 <= rows <= 12 and out_features % 16 == 0)
-    with_grad = layer(x)  # autograd: plain F.linear, so gradients flow as usual
-    assert with_grad.requires_grad
-    torch.testing.assert_close(with_grad, expected, atol=1e-5, rtol=1e-5)
-
-
 def test_bfloat16_relative_error_and_float16_stays_finite():
     ref, ours = make_pair("rot025-untied-3heads")
     ids, mask = make_batch(ref.config.vocab_size, "right")

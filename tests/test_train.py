@@ -90,7 +90,9 @@ def losses(out: Path) -> list[float]:
 
 def train_args(data: Path, out: Path, config: dict = TINY, **options) -> list[str]:
     """Arguments of `neoxja train` for a tiny run; options override (name_with_underscores=value)."""
-    values = {"batch_size": 4, "seq_len": 16, "steps": 6, "save_every": 0, "lr": 3e-3, **options}
+    # float32 unless a test asks otherwise: --dtype auto (the default) is bfloat16 on CPUs with AMX or AVX512-BF16,
+    # and these tests compare runs at float32's precision
+    values = {"batch_size": 4, "seq_len": 16, "steps": 6, "save_every": 0, "lr": 3e-3, "dtype": "float32", **options}
     values.setdefault("warmup_steps", min(2, values["steps"]))  # never more than the steps (refused)
     args = ["--data", str(data), "--out", str(out), "--model-config", json.dumps(config)]
     for name, value in values.items():

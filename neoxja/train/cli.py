@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 import torch
@@ -73,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear warm-up steps (default min(100, steps // 10))")
     p.add_argument("--weight-decay", type=_non_negative(float), default=0.1, help="AdamW weight decay (default 0.1)")
     p.add_argument("--grad-clip", type=_non_negative(float), default=1.0, help="max gradient norm; 0 disables (default 1.0)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="autocast dtype (default bfloat16 on GPUs that support it, else float32)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="autocast dtype, weights stay float32; auto (the default): bfloat16 on a CPU with AMX-BF16 "
+                        "or AVX512-BF16 and on GPUs that support it, else float32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations per layer in backward (default off)")
     p.add_argument("--eval-every", type=_non_negative(int), default=0,
                    help="validate every N steps (default 0: only at the end, if the validation split allows)")
@@ -104,10 +106,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.warmup_steps = min(100, args.steps // 10)
     if args.warmup_steps > args.steps:
         parser.error(f"--warmup-steps ({args.warmup_steps}) must not exceed --steps ({args.steps})")
-    if args.dtype is None:
-        on_cuda = args.device is None or torch.device(args.device).type == "cuda"
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and on_cuda
-        args.dtype = "bfloat16" if cuda_bf16 else "float32"
+    args.dtype_reason = "--dtype"
+    if args.dtype == "auto":
+        from neoxja.hardware import dtype_choice
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # what the loop will pick
+        dtype, reason = dtype_choice(device)
+        args.dtype, args.dtype_reason = str(dtype).removeprefix("torch."), f"auto: {reason}"
     return args
 
 
@@ -138,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["export-checkpoint"]:
         return export_main(argv[1:])
     args = parse_args(argv)
+    if os.environ.get("RANK", "0") == "0":
+        master = "" if args.dtype == "float32" else " autocast, float32 master weights"
+        print(f"dtype {args.dtype}{master} ({args.dtype_reason})", file=sys.stderr)
     try:
         train(args)
     except (TrainError, CheckpointError) as err:

@@ -1,0 +1,298 @@
+"""Faster kernels for skinny weight products on the CPU, chosen by measuring this machine once.
+
+    from neoxja.kernels import choose_linear_kernels
+    choose_linear_kernels(model)      # after from_pretrained (and before or instead of quantize)
+
+Decoding a batch multiplies a few rows (one per sequence) by every weight. F.linear (MKL's sgemm) is slow at
+that shape on some CPUs: on this project's 2-core AVX-512 machine, 4-12 rows ran at a third of the memory
+bandwidth those products are bound by, where a torch.bmm against 16-row slices of the weight (MKL's batched
+small products, which read the weight in place without packing a copy) was 1.5-2x faster and oneDNN's
+linear (the op torch.compile uses on CPU) 1.7-2.7x faster at 13-64 rows. Which kernel wins, and from how
+many rows, depends on the CPU, the thread count, the dtype and the weight's shape, so nothing here is a
+constant: the first call times the candidates on the model's own weights, for a grid of row counts, and
+caches the winners (a JSON file keyed by CPU, torch version, threads, dtype and shape; see `cache_path`).
+Later calls on the same machine read the table.
+
+The transform is applied from outside, like `quantize`: every CPU float `nn.Linear` of the model becomes a
+`SkinnyLinear` (a subclass, holding the same Parameter objects: state_dict, tied weights, save_pretrained
+and quantize are unaffected). Its forward takes the measured kernel only without autograd, on CPU inputs
+of the weight's dtype, for row counts the table covers; everything else (training, prefill longer than the
+grid, other devices) is F.linear, i.e. exactly nn.Linear. Every kernel computes the same product; the
+results differ from F.linear's in rounding only (the sums are ordered differently), which the measurement
+checks before it trusts a kernel. `benchmarks/bench_skinny_linear.py` prints the per-kernel timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SkinnyLinear", "choose_linear_kernels", "restore_linear", "measure_plan", "KERNELS", "ROW_GRID"]
+
+ROW_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # row counts timed; a count between uses the one below
+SLICE = 16  # weight rows per batched product of the bmm kernel
+MEASURE_ROWS = 4096  # output rows timed at most: a taller weight is timed on its first 4096 rows (a view),
+                     # which ranks the kernels as the whole does (each streams the rows alike) at a fraction
+                     # of the cost (the 2.7B LM head has 32000)
+CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the kernels: (rows, in) x (out, in)^T -> (rows, out), weight read in place
+
+
+def _linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x2, weight, bias)
+
+
+def _bmm16(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    rows, n_in = x2.shape
+    w = weight.view(-1, SLICE, n_in)  # (out/16, 16, in)
+    y = torch.bmm(x2.expand(w.shape[0], rows, n_in), w.transpose(1, 2))  # (out/16, rows, 16)
+    y = y.transpose(0, 1).reshape(rows, weight.shape[0])  # (rows, out)
+    return y if bias is None else y + bias
+
+
+def _onednn(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [None], "")  # (rows, out)
+
+
+KERNELS = {"linear": _linear, "bmm16": _bmm16, "onednn": _onednn}
+
+
+def candidates(weight: torch.Tensor) -> list[str]:
+    """The kernels that can take this weight: bmm16 needs out % 16 == 0, oneDNN's op must be in the build."""
+    names = ["linear"]
+    if weight.shape[0] % SLICE == 0:
+        names.append("bmm16")
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        names.append("onednn")
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the module
+
+
+class SkinnyLinear(nn.Linear):
+    """nn.Linear whose inference products on few rows use the kernel measured fastest for them.
+
+    `plan` maps a row count of ROW_GRID to a kernel name; rows above the grid's top, autograd, other
+    devices and other dtypes take F.linear."""
+
+    plan: dict[int, str]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, plan: dict[int, str]) -> "SkinnyLinear":
+        with torch.device("meta"):  # no allocation: the Parameters are the original ones
+            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        new.plan = dict(plan)
+        return new
+
+    def kernel_for(self, rows: int) -> str:
+        """The plan's kernel for `rows`: that of the largest grid point <= rows; F.linear above the grid."""
+        if rows > ROW_GRID[-1] or rows < 1:
+            return "linear"
+        point = max(r for r in ROW_GRID if r <= rows)
+        return self.plan.get(point, "linear")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if (rows and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == self.weight.dtype
+                and self.weight.is_contiguous()):
+            name = self.kernel_for(rows)
+            if name != "linear":
+                x2 = x.reshape(rows, self.in_features).contiguous()  # (rows, in)
+                y = KERNELS[name](x2, self.weight, self.bias)  # (rows, out)
+                return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        changes = [f"{r}:{k}" for r, k in sorted(self.plan.items()) if k != "linear"]
+        return super().extra_repr() + f", kernels={{{', '.join(changes)}}}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measuring
+
+
+def _same_product(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal up to the rounding of a reordered sum (bfloat16 keeps 8 bits, float32 24)."""
+    tol = 2e-2 if expected.dtype in (torch.bfloat16, torch.float16) else 1e-4
+    scale = expected.float().abs().max().item() + 1e-30
+    return bool(((got.float() - expected.float()).abs().max() <= tol * scale).item())
+
+
+@torch.no_grad()
+def measure_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, repeats: int = 2,
+                 rows_grid: tuple[int, ...] = ROW_GRID, timer=time.perf_counter) -> dict[int, str]:
+    """Time each candidate kernel on `weight` (out, in) for each row count of the grid; the fastest per count.
+
+    Each kernel is first checked against F.linear on random rows (a kernel that fails or disagrees is not
+    used; the check is also its warm-up). Timings are interleaved kernel by kernel, `repeats` rounds, the
+    best of each counts (other load only slows a call down). F.linear wins unless another kernel is over 10% faster: a change of kernel must pay."""
+    names = candidates(weight)  # of the whole weight (bmm16 needs its row count divisible by 16)
+    weight = weight.detach()[:MEASURE_ROWS]  # (min(out, 4096), in), a view
+    bias = None if bias is None else bias.detach()[:MEASURE_ROWS]
+    generator = torch.Generator().manual_seed(0)
+    plan: dict[int, str] = {}
+    for rows in rows_grid:
+        x = torch.randn(rows, weight.shape[1], generator=generator).to(weight.dtype)  # (rows, in)
+        expected = F.linear(x, weight, bias)
+        usable = []
+        for name in names:
+            try:
+                if _same_product(KERNELS[name](x, weight, bias), expected):
+                    usable.append(name)
+            except RuntimeError:  # e.g. a oneDNN build without this dtype
+                pass
+        best = {name: float("inf") for name in usable}
+        for _ in range(repeats):
+            for name in usable:
+                t = timer()
+                KERNELS[name](x, weight, bias)
+                best[name] = min(best[name], timer() - t)
+        winner = min(best, key=best.get)
+        plan[rows] = winner if best[winner] < 0.9 * best["linear"] else "linear"
+    return plan
+
+
+def machine_key() -> str:
+    """What the timings depend on besides the weight: CPU model, ISA level torch dispatches to, threads,
+    torch build."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:  # Linux: the CPU's marketing name, where known
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{model}|{torch.backends.cpu.get_cpu_capability()}|threads={torch.get_num_threads()}"
+            f"|cpus={os.cpu_count()}|torch={torch.__version__}")
+
+
+def cache_path() -> Path:
+    """$NEOXJA_KERNEL_CACHE, else $XDG_CACHE_HOME/neoxja/linear_kernels.json (~/.cache by default)."""
+    explicit = os.environ.get("NEOXJA_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "neoxja" / "linear_kernels.json"
+
+
+def _read_cache(path: Path) -> dict:
+    """The cached plans, or {} when the file is absent, unreadable or not this version's layout (then the
+    plans are measured again and the file rewritten)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("plans"), dict):
+        return {}
+    return data["plans"]
+
+
+def _valid_plan(entry) -> dict[int, str] | None:
+    if not isinstance(entry, dict):
+        return None
+    try:
+        plan = {int(rows): name for rows, name in entry.items()}
+    except (TypeError, ValueError):
+        return None
+    if set(plan) != set(ROW_GRID) or not all(name in KERNELS for name in plan.values()):
+        return None
+    return plan
+
+
+def _write_cache(path: Path, plans: dict) -> None:
+    """Atomically (a temporary file renamed into place); a cache that cannot be written is not an error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": CACHE_VERSION, "plans": plans}, indent=1, sort_keys=True),
+                       encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def plans_for(shapes: list[tuple[torch.Tensor, torch.Tensor | None]], cache: Path | None | bool = None,
+              measure=None) -> dict[tuple, dict[int, str]]:
+    """{(out, in, dtype name): plan} for the distinct weights given, from the cache or measured (once per
+    machine key, shape and dtype) and added to it. cache=False: measure, keep nothing."""
+    measure = measure or measure_plan
+    path = cache_path() if cache is None else cache
+    stored = _read_cache(path) if path else {}
+    machine = machine_key()
+    plans, measured = {}, False
+    for weight, bias in shapes:
+        shape = (weight.shape[0], weight.shape[1], str(weight.dtype).removeprefix("torch."))
+        if shape in plans:
+            continue
+        key = f"{machine}|{shape[2]}|{shape[0]}x{shape[1]}"
+        plan = _valid_plan(stored.get(key))
+        if plan is None:
+            plan = measure(weight, bias)
+            stored[key] = {str(rows): name for rows, name in plan.items()}
+            measured = True
+        plans[shape] = plan
+    if path and measured:
+        _write_cache(path, stored)
+    return plans
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the transform
+
+
+def _eligible(module: nn.Module) -> bool:
+    return (type(module) in (nn.Linear, SkinnyLinear) and module.weight.device.type == "cpu" and module.weight.is_floating_point()
+            and module.weight.dim() == 2)
+
+
+def choose_linear_kernels(model: nn.Module, cache: Path | None | bool = None) -> nn.Module:
+    """Give every CPU float nn.Linear of `model` the skinny-product kernels measured fastest on this machine
+    (in place; returns the model). The first call per machine, dtype and weight shape times the kernels
+    (seconds for the 2.7B shapes) and caches the result; later calls only read it. A model with nothing
+    eligible (on a GPU, or quantized) is returned unchanged. Calling it again (say after `model.to(dtype)`)
+    re-plans the layers for their current dtype."""
+    names = [name for name, module in model.named_modules() if _eligible(module)]
+    if not names:
+        return model
+    modules = [model.get_submodule(name) for name in names]
+    plans = plans_for([(m.weight, m.bias) for m in modules], cache=cache)
+    for name, linear in zip(names, modules):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        shape = (linear.out_features, linear.in_features, str(linear.weight.dtype).removeprefix("torch."))
+        if isinstance(linear, SkinnyLinear):
+            linear.plan = dict(plans[shape])
+        else:
+            setattr(parent, child, SkinnyLinear.from_linear(linear, plans[shape]))
+    return model
+
+
+def restore_linear(model: nn.Module) -> nn.Module:
+    """Undo choose_linear_kernels: every SkinnyLinear back to a plain nn.Linear (same Parameters)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SkinnyLinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            with torch.device("meta"):
+                plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            plain.weight, plain.bias = module.weight, module.bias
+            plain.train(module.training)
+            setattr(parent, child, plain)
+    return model

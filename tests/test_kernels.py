@@ -1,0 +1,262 @@
+"""neoxja.kernels: the skinny-product kernel choice, applied from outside the model and measured per machine.
+
+Every kernel must give F.linear's numbers (up to the rounding of a reordered sum); the transform must
+not change the model (same Parameters, same state_dict, plain F.linear under autograd); the plan is measured
+once per machine, dtype and shape and then read from the cache. Speed itself is benchmarks/' business."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import neoxja
+from neoxja import kernels
+from neoxja.config import GPTNeoXJapaneseConfig
+from neoxja.kernels import ROW_GRID, SkinnyLinear, choose_linear_kernels, measure_plan, restore_linear
+from neoxja.model import GPTNeoXJapaneseForCausalLM
+
+TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_multiple_size=4,
+            max_position_embeddings=64, bos_token_id=0, eos_token_id=1)
+
+
+def tiny_model(seed: int = 0) -> GPTNeoXJapaneseForCausalLM:
+    torch.manual_seed(seed)
+    model = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(**TINY)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+def fixed_plan(name: str) -> dict[int, str]:
+    return {rows: name for rows in ROW_GRID}
+
+
+def test_the_model_is_built_from_plain_linear_layers():
+    """The kernel choice left model.py: no Linear subclass there, every product is nn.Linear's."""
+    import neoxja.model
+
+    assert not hasattr(neoxja.model, "Linear")
+    model = tiny_model()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is nn.Linear for m in linears)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "bmm16", "onednn"])
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 12, 13, 64, 65])
+@pytest.mark.parametrize("out_features,bias", [(48, False), (48, True)])
+def test_every_kernel_gives_f_linear_numbers(kernel, rows, out_features, bias):
+    if kernel not in kernels.candidates(torch.empty(out_features, 40)):
+        pytest.skip(f"{kernel} is not available in this torch build")
+    torch.manual_seed(rows)
+    plain = nn.Linear(40, out_features, bias=bias)
+    if bias:
+        nn.init.normal_(plain.bias)
+    layer = SkinnyLinear.from_linear(plain, fixed_plan(kernel))
+    assert layer.weight is plain.weight and layer.bias is plain.bias
+    x = torch.randn(rows, 3, 40).transpose(0, 1)[:1]  # (1, rows, 40), not contiguous
+    expected = F.linear(x, plain.weight, plain.bias)
+    calls = []
+    real = kernels.KERNELS[kernel]
+    kernels.KERNELS[kernel] = lambda *a: (calls.append(1), real(*a))[1]
+    try:
+        with torch.no_grad():
+            got = layer(x)
+        with_grad = layer(x)  # autograd: plain F.linear, bit for bit
+    finally:
+        kernels.KERNELS[kernel] = real
+    assert got.shape == (1, rows, out_features)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert bool(calls) == (kernel != "linear" and rows <= ROW_GRID[-1])  # above the grid: F.linear
+    assert with_grad.requires_grad and torch.equal(with_grad, expected)
+
+
+def test_kernel_for_uses_the_grid_point_below():
+    plan = {rows: ("onednn" if rows >= 8 else "bmm16" if rows >= 4 else "linear") for rows in ROW_GRID}
+    layer = SkinnyLinear.from_linear(nn.Linear(8, 16), plan)
+    assert [layer.kernel_for(r) for r in (1, 3, 4, 7, 8, 11, 64, 65, 1000)] == \
+        ["linear", "linear", "bmm16", "bmm16", "onednn", "onednn", "onednn", "linear", "linear"]
+
+
+def test_a_mismatched_dtype_is_refused_as_nn_linear_refuses_it():
+    """Inputs of another dtype than the weight take F.linear, which raises the error nn.Linear raises."""
+    plain = nn.Linear(8, 16)
+    layer = SkinnyLinear.from_linear(plain, fixed_plan("bmm16"))
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with torch.no_grad(), pytest.raises(RuntimeError) as ours:
+        layer(x)
+    with torch.no_grad(), pytest.raises(RuntimeError) as theirs:
+        plain(x)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_transform_keeps_the_model(tmp_path):
+    """Same Parameters and state_dict; logits of a batch within rounding; gradients bit for bit."""
+    model = tiny_model()
+    reference = tiny_model()
+    params = {name: p for name, p in model.named_parameters()}
+    ids = torch.randint(0, TINY["vocab_size"], (6, 5), generator=torch.Generator().manual_seed(0))
+    plan = {rows: "bmm16" for rows in ROW_GRID}
+    choose_linear_kernels(model, cache=tmp_path / "k.json")
+    skinny = [m for m in model.modules() if isinstance(m, SkinnyLinear)]
+    assert len(skinny) == sum(isinstance(m, nn.Linear) for m in reference.modules())
+    for m in skinny:
+        m.plan = plan  # force the non-default kernel so the check means something
+    assert {name: p for name, p in model.named_parameters()} == params  # the very same objects
+    assert model.embed_out.weight is model.gpt_neox_japanese.embed_in.weight  # tied, as before
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+        last = ids[:, -1:]  # (6, 1): six rows per product, the decoding shape
+        torch.testing.assert_close(model(last).logits, reference(last).logits, atol=1e-5, rtol=1e-5)
+    model(ids, labels=ids).loss.backward()
+    reference(ids, labels=ids).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    restore_linear(model)
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    assert {name: p for name, p in model.named_parameters()} == params
+
+
+def test_quantize_and_save_after_the_transform(tmp_path):
+    model = choose_linear_kernels(tiny_model(), cache=tmp_path / "k.json")
+    model.save_pretrained(tmp_path / "saved")
+    again = GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    for (name, p), q in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name
+    quantized = neoxja.quantize(model, "int8")
+    assert not any(isinstance(m, SkinnyLinear) for m in quantized.modules())
+
+
+def test_plans_are_measured_once_and_cached(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_measure(weight, bias):
+        calls.append(tuple(weight.shape))
+        return fixed_plan("bmm16")
+
+    monkeypatch.setattr(kernels, "measure_plan", fake_measure)
+    cache = tmp_path / "cache" / "k.json"
+    model = choose_linear_kernels(tiny_model(), cache=cache)
+    shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert sorted(calls) == sorted(shapes)  # once per distinct shape, not per layer
+    assert all(m.plan == fixed_plan("bmm16") for m in model.modules() if isinstance(m, SkinnyLinear))
+    stored = json.loads(cache.read_text())
+    assert len(stored["plans"]) == len(shapes)
+    assert all(kernels.machine_key() in key and "|float32|" in key for key in stored["plans"])
+
+    calls.clear()
+    choose_linear_kernels(tiny_model(), cache=cache)
+    assert calls == []  # read from the cache
+    choose_linear_kernels(tiny_model().to(torch.bfloat16), cache=cache)
+    assert len(calls) == len(shapes)  # another dtype is another measurement
+
+    threads = torch.get_num_threads()
+    calls.clear()
+    torch.set_num_threads(threads + 1)  # the timings depend on the thread count: not reused
+    try:
+        choose_linear_kernels(tiny_model(), cache=cache)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == len(shapes)
+
+
+@pytest.mark.parametrize("content", ["not json", "[]", '{"version": 1, "plans": {"x": 3}}',
+                                     '{"version": 999, "plans": {}}'])
+def test_a_damaged_cache_is_measured_again_and_rewritten(tmp_path, monkeypatch, content):
+    monkeypatch.setattr(kernels, "measure_plan", lambda weight, bias: fixed_plan("linear"))
+    cache = tmp_path / "k.json"
+    cache.write_text(content)
+    choose_linear_kernels(tiny_model(), cache=cache)
+    stored = json.loads(cache.read_text())
+    assert stored["version"] == kernels.CACHE_VERSION and stored["plans"]
+    # a stored entry with a bad row set or kernel name is not trusted either
+    key = next(iter(stored["plans"]))
+    stored["plans"][key] = {"1": "warp-drive"}
+    cache.write_text(json.dumps(stored))
+    assert kernels._valid_plan(stored["plans"][key]) is None
+
+
+def test_an_unwritable_cache_is_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "measure_plan", lambda weight, bias: fixed_plan("linear"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    choose_linear_kernels(tiny_model(), cache=blocker / "sub" / "k.json")  # its parent is a file
+
+
+def test_cache_path_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEOXJA_KERNEL_CACHE", str(tmp_path / "x.json"))
+    assert kernels.cache_path() == tmp_path / "x.json"
+    monkeypatch.delenv("NEOXJA_KERNEL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert kernels.cache_path() == tmp_path / "neoxja" / "linear_kernels.json"
+
+
+def test_measure_plan_picks_the_fastest_correct_kernel(monkeypatch):
+    """A fake clock: each kernel advances it by its cost; a wrong or failing kernel is never chosen."""
+    clock = [0.0]
+    cost = {"linear": 1.0, "bmm16": 0.5, "onednn": 0.3}
+
+    def timed(name, fn):
+        def run(x, w, b):
+            clock[0] += cost[name] * (1 if x.shape[0] < 8 else 2 if name == "onednn" else 1)
+            return fn(x, w, b)
+        return run
+
+    real = dict(kernels.KERNELS)
+    monkeypatch.setattr(kernels, "KERNELS", {name: timed(name, fn) for name, fn in real.items()})
+    monkeypatch.setattr(kernels, "candidates", lambda w: ["linear", "bmm16", "onednn"])
+    weight = torch.randn(32, 16)
+    plan = measure_plan(weight, timer=lambda: clock[0])
+    assert set(plan) == set(ROW_GRID)
+    assert all(plan[r] == ("onednn" if r < 8 else "bmm16") for r in ROW_GRID)
+
+    cost["bmm16"] = 0.95  # within 10% of F.linear: not worth a change
+    monkeypatch.setitem(kernels.KERNELS, "onednn", lambda x, w, b: (_ for _ in ()).throw(RuntimeError("no")))
+    assert measure_plan(weight, timer=lambda: clock[0]) == fixed_plan("linear")
+
+    monkeypatch.setitem(kernels.KERNELS, "onednn", timed("onednn", lambda x, w, b: F.linear(x, w, b) + 1.0))
+    assert "onednn" not in measure_plan(weight, timer=lambda: clock[0]).values()  # wrong numbers: refused
+
+
+def test_measure_plan_on_this_machine_runs_every_kernel():
+    """Unmocked: a plan over the whole grid, naming only kernels this build has."""
+    weight = torch.randn(64, 32)
+    plan = measure_plan(weight, repeats=1)
+    assert set(plan) == set(ROW_GRID) and set(plan.values()) <= set(kernels.candidates(weight))
+
+
+def test_nothing_eligible_is_a_no_op(tmp_path):
+    model = neoxja.quantize(tiny_model(), "int8")
+    assert choose_linear_kernels(model, cache=tmp_path / "k.json") is model
+    assert not (tmp_path / "k.json").exists()
+
+
+def test_a_tall_weight_is_timed_on_a_slice_but_planned_for_the_whole(monkeypatch):
+    """Weights taller than MEASURE_ROWS are timed on their first rows; a kernel the whole weight cannot take
+    (bmm16 with out % 16 != 0) is never planned."""
+    monkeypatch.setattr(kernels, "MEASURE_ROWS", 32)
+    seen = []
+    real = dict(kernels.KERNELS)
+    monkeypatch.setattr(kernels, "KERNELS", {n: (lambda n, f: lambda x, w, b: (seen.append(w.shape[0]), f(x, w, b))[1])(n, f)
+                                             for n, f in real.items()})
+    plan = measure_plan(torch.randn(40, 8), repeats=1)  # 40 % 16 != 0
+    assert set(seen) == {32} and "bmm16" not in plan.values()
+    layer = SkinnyLinear.from_linear(nn.Linear(8, 40), plan)
+    with torch.no_grad():
+        x = torch.randn(5, 8)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_a_second_call_replans_for_the_current_dtype(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "measure_plan",
+                        lambda weight, bias: fixed_plan("bmm16" if weight.dtype == torch.float32 else "linear"))
+    model = choose_linear_kernels(tiny_model(), cache=tmp_path / "k.json")
+    first = model.embed_out
+    assert first.plan == fixed_plan("bmm16")
+    choose_linear_kernels(model.to(torch.bfloat16), cache=tmp_path / "k.json")
+    assert model.embed_out is first and first.plan == fixed_plan("linear")
