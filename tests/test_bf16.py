@@ -127,7 +127,7 @@ def test_bf16_autocast_loss_curve_stays_within_noise_of_float32(data, tmp_path, 
         out = tmp_path / dtype
         assert train_here(*train_args(data, out, config=config, dtype=dtype, steps=60, batch_size=8, seq_len=32,
                                       lr=3e-3, warmup_steps=5, seed=1)) == 0
-        assert f"dtype {dtype}" in capsys.readouterr().err
+        assert f"dtype {dtype}" in capsys.readouterr().out
         curves[dtype] = np.array(losses(out))
     fp32, bf16 = curves["float32"], curves["bfloat16"]
     smooth = np.convolve(fp32, np.ones(5) / 5, mode="valid")  # (56,)

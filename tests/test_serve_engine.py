@@ -178,9 +178,14 @@ def test_detokenizer_releases_complete_text_and_no_stop_string(tok, text, stops,
     ids = ids[: max(len(ids) - cut, 0)]  # sometimes end inside a byte run
     full = tok.decode(ids)
     expected, stopped = full, False
-    hits = [(full.find(s), s) for s in stops if s in full]
-    if hits:
-        expected, stopped = full[: min(hits)[0]], True
+    # stops are causal: generation ends at the first token after which some stop string is in the text, the
+    # text cut where the earliest of those starts (a stop that would complete only later never gets the chance)
+    for j in range(len(ids)):
+        known = tok.decode(ids[: j + 1])
+        hits = [known.find(s) for s in stops if s in known]
+        if hits:
+            expected, stopped = known[: min(hits)], True
+            break
     detok = IncrementalDetokenizer(tok, stop=stops)
     pieces = []
     for j, i in enumerate(ids):

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.environ.get("RANK", "0") == "0":
         master = "" if args.dtype == "float32" else " autocast, float32 master weights"
-        print(f"dtype {args.dtype}{master} ({args.dtype_reason})", file=sys.stderr)
+        print(f"dtype {args.dtype}{master} ({args.dtype_reason})")  # stdout, with the run's other progress; stderr stays for errors
     try:
         train(args)
     except (TrainError, CheckpointError) as err:
