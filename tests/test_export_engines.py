@@ -104,8 +104,6 @@ def test_complete_errors_are_clear(server, bundled_dir):
 
 
 def test_ctranslate2_and_gguf_exports_need_no_transformers(bundled_dir, tmp_path):
-    pytest.importorskip("ctranslate2")
-    pytest.importorskip("gguf")
     code = (
         "import sys; sys.modules['transformers'] = None\n"  # any import of transformers fails
         "import neoxja\n"
