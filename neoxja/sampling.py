@@ -240,6 +240,14 @@ def make_sampler(do_sample: bool, generator: torch.Generator | None = None) -> S
 MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs
 
 
+class ParamError(ValueError):
+    """An invalid SamplingParams field; `param` names it (the server's 400 reports it as `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -260,7 +268,8 @@ class SamplingParams:
     output), no_repeat_ngram_size (transformers). stop: strings, matched on text by the caller's detokenizer;
     stop_token_ids end the sequence like EOS; ignore_eos: EOS does not end it. seed: the row's own
     torch.Generator (see `make_generator`). logprobs: top-N log-probabilities to return (0..20; None: none).
-    n: completions per prompt (the caller fans them out).
+    n: completions per prompt (the caller fans them out). skip_special_tokens: the detokenizer's choice
+    (as vLLM's), for callers that turn tokens into text; sampling ignores it.
     """
 
     max_tokens: int | None = 16
@@ -279,10 +288,11 @@ class SamplingParams:
     n: int = 1
     no_repeat_ngram_size: int = 0
     do_sample: bool | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
         def bad(name, requirement):
-            raise ValueError(f"SamplingParams.{name} {requirement}, got {getattr(self, name)!r}")
+            raise ParamError(name, f"SamplingParams.{name} {requirement}, got {getattr(self, name)!r}")
 
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             bad("max_tokens", "must be an integer >= 1 or None")
@@ -324,6 +334,8 @@ class SamplingParams:
             bad("n", "must be an integer >= 1")
         if not _is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
             bad("no_repeat_ngram_size", "must be an integer >= 0")
+        if not isinstance(self.skip_special_tokens, bool):
+            bad("skip_special_tokens", "must be a bool")
         if self.do_sample is not None and not isinstance(self.do_sample, bool):
             bad("do_sample", "must be a bool or None")
         if self.do_sample and self.temperature == 0:
@@ -424,14 +436,21 @@ class SamplingBatch:
             self.top_p = as_col([0.0 if g else 1.0 - float(p.top_p) for p, g in zip(params, self.greedy)])
         self.num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
 
-    def process(self, logits: torch.Tensor, history: History) -> torch.Tensor:
+    @property
+    def needs_history(self) -> bool:
+        """Whether `process` reads the history (penalties, min_tokens, no_repeat_ngram); if not, it may be None."""
+        return (self.repetition is not None or self.presence is not None or self.min_tokens is not None
+                or bool(self.ngram_sizes))
+
+    def process(self, logits: torch.Tensor, history: History | None) -> torch.Tensor:
         """The processed scores (B, V) float32 that greedy rows take the argmax of and sampled rows draw from."""
         logits = logits.float()
         B, V = logits.shape
         device = logits.device
-        tokens = history.tokens
-        if self.repetition is not None or self.presence is not None or self.min_tokens is not None \
-                or self.ngram_sizes:  # only these read the history (built here: greedy rows pay nothing)
+        if self.needs_history:  # only these read the history (built here: greedy rows pay nothing)
+            if history is None:
+                raise ValueError("these sampling parameters read the history: pass a History")
+            tokens = history.tokens
             columns = torch.arange(tokens.shape[1], device=device)  # (L,)
             end = (history.end if isinstance(history.end, torch.Tensor)
                    else torch.full((B,), history.end, device=device))
@@ -497,7 +516,7 @@ class SamplingBatch:
         banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(0, V), V), True)
         return logits.masked_fill(banned[:, :V], float("-inf"))
 
-    def sample(self, logits: torch.Tensor, history: History) -> SampleOutput:
+    def sample(self, logits: torch.Tensor, history: History | None) -> SampleOutput:
         """Next tokens (B,) from raw logits (B, V), and the logprobs when some row asked for them."""
         scores = self.process(logits, history)
         if self.all_greedy:
@@ -515,11 +534,14 @@ class SamplingBatch:
             return SampleOutput(tokens)
         source = logits.float() if self.logprobs_mode == "raw" else scores
         logp = torch.log_softmax(source, dim=-1)  # (B, V)
-        top = torch.topk(logp, self.num_logprobs, dim=-1) if self.num_logprobs else None
         empty = logp.new_zeros(logp.shape[0], 0)
-        return SampleOutput(tokens, Logprobs(logp.gather(1, tokens[:, None]).squeeze(1),
-                                             top.indices if top is not None else empty.long(),
-                                             top.values if top is not None else empty))
+        top_ids, top = empty.long(), empty
+        if self.num_logprobs:
+            # always the top 20, then cut: a row's order among equal logprobs must not depend on the N that
+            # other rows of the batch asked for (topk(k) may order ties differently for different k)
+            best = torch.topk(logp, min(MAX_LOGPROBS, logp.shape[1]), dim=-1)
+            top_ids, top = best.indices[:, :self.num_logprobs], best.values[:, :self.num_logprobs]
+        return SampleOutput(tokens, Logprobs(logp.gather(1, tokens[:, None]).squeeze(1), top_ids, top))
 
 
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2

@@ -11,43 +11,50 @@ from hypothesis import strategies as st
 
 from neoxja.streaming import IncrementalDetokenizer
 
-pytest.importorskip("fastapi")
-
-from neoxja.serving.engine import Engine, Request, RequestRefused  # noqa: E402
-from neoxja.serving.sampler import ParamError, SamplingParams  # noqa: E402
+from neoxja.batch_invariant import make_batch_invariant
+from neoxja.config import GPTNeoXJapaneseConfig
+from neoxja.model import GPTNeoXJapaneseForCausalLM
+from neoxja.sampling import ParamError, SamplingParams
+from neoxja.serving.engine import Engine, Request, RequestRefused
+from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
 
 
 @pytest.fixture(scope="module")
 def bundled(bundled_dir):
-    from neoxja.model import GPTNeoXJapaneseForCausalLM
-    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
-
+    """The bundled model as `neoxja serve` runs it: float32, row-count-invariant products."""
     torch.manual_seed(0)
     model = GPTNeoXJapaneseForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval()
-    return model, GPTNeoXJapaneseTokenizer.from_pretrained(bundled_dir)
+    return make_batch_invariant(model), GPTNeoXJapaneseTokenizer.from_pretrained(bundled_dir)
 
 
-def run(engine: Engine, jobs: list[tuple[list[int], SamplingParams]], stagger: int = 0) -> list[dict]:
-    """Submit jobs (one every `stagger` steps, or all at once) and step until all are done."""
-    results = [dict(tokens=[], text="", finish=None) for _ in jobs]
+def run(engine: Engine, jobs: list[tuple[list[int], SamplingParams]], stagger: int = 0,
+        peak: list | None = None) -> list[dict]:
+    """Submit jobs (one every `stagger` steps, or all at once) and step until all are done; `peak` gets the
+    most requests that ran in one step."""
+    results = [dict(tokens=[], text="", finish=None, logprobs=[]) for _ in jobs]
 
     def sink(i):
         def on_output(out):
             results[i]["tokens"] += out.token_ids
             results[i]["text"] += out.text
+            results[i]["logprobs"] += out.logprobs or []
             if out.finish_reason:
                 results[i]["finish"] = out.finish_reason
         return on_output
 
     pending = list(enumerate(jobs))
     steps = 0
+    most = 0
     while pending or engine.has_work():
         if pending and (stagger == 0 or steps % stagger == 0):
             for i, (ids, params) in pending[: len(pending) if stagger == 0 else 1]:
                 engine.add_request(Request(f"r{i}", list(ids), params, sink(i)))
             pending = [] if stagger == 0 else pending[1:]
         engine.step()
+        most = max(most, engine.num_running)
         steps += 1
+    if peak is not None:
+        peak.append(most)
     return results
 
 
@@ -61,51 +68,89 @@ def random_prompt(tok, rng: random.Random) -> list[int]:
     return ids[: rng.randint(1, len(ids))]
 
 
-def test_greedy_under_load_equals_generate_alone(bundled):
-    """>= 32 concurrent requests of random prompts, lengths and parameters, joining a running batch at
-    staggered steps: every greedy one equals generate() on its prompt alone, every seeded sampled one
-    equals itself run alone."""
+def random_params(rng: random.Random, tok) -> SamplingParams:
+    kind = rng.randrange(4)
+    common = dict(max_tokens=rng.randint(1, 16), logprobs=rng.choice([None, None, 0, 3, 20]))
+    if kind == 0:
+        return SamplingParams(temperature=0.0, **common)
+    if kind == 1:  # greedy with penalties and a stop string
+        return SamplingParams(temperature=0.0, repetition_penalty=rng.choice([1.1, 1.3]),
+                              frequency_penalty=rng.choice([0.0, 0.5]), stop=[rng.choice(["。", "の", "た"])], **common)
+    if kind == 2:  # sampled and seeded
+        return SamplingParams(temperature=rng.choice([0.7, 1.0, 1.3]), top_k=rng.choice([0, 20]),
+                              top_p=rng.choice([1.0, 0.9]), seed=rng.randint(0, 2**40),
+                              presence_penalty=rng.choice([0.0, 0.3]), **common)
+    return SamplingParams(temperature=0.8, seed=rng.randint(0, 99), min_tokens=min(2, common["max_tokens"]),
+                          ignore_eos=rng.random() < 0.5, **common)
+
+
+def test_batch_invariance_under_load(bundled):
+    """40 requests of random prompts, lengths and parameters joining a running batch (all 32 slots full at
+    the peak): each one's tokens, text, finish reason and logprobs equal, bit for bit, those of the same
+    request run alone; the plain greedy ones also equal generate() on the prompt alone."""
     model, tok = bundled
     rng = random.Random(1)
-    jobs = []
-    for i in range(32):
-        ids = random_prompt(tok, rng)
-        if i % 3 == 0:
-            params = SamplingParams(max_tokens=rng.randint(1, 12), temperature=rng.choice([0.7, 1.0, 1.3]),
-                                    top_k=rng.choice([0, 20]), top_p=rng.choice([1.0, 0.9]), seed=rng.randint(0, 99),
-                                    repetition_penalty=rng.choice([1.0, 1.2]))
-        else:
-            params = SamplingParams(max_tokens=rng.randint(1, 12), temperature=0.0)
-        jobs.append((ids, params))
-    engine = Engine(model, tok, max_num_seqs=12, prefill_chunk=32)
-    loaded = run(engine, jobs, stagger=2)
+    jobs = [(random_prompt(tok, rng), random_params(rng, tok)) for _ in range(40)]
+    engine = Engine(model, tok, max_num_seqs=32, prefill_chunk=48)
+    peak = []
+    loaded = run(engine, jobs, peak=peak)  # 32 admitted at once (prefilled over steps), 8 join as slots free
+    assert peak == [32]
     for (ids, params), got in zip(jobs, loaded):
-        if params.temperature == 0.0:
+        alone = run(Engine(model, tok, max_num_seqs=1, prefill_chunk=48), [(ids, params)])[0]
+        assert got == alone, (ids, params)
+        assert got["finish"] in ("stop", "length")
+        if params.logprobs is not None:
+            assert len(got["logprobs"]) == len(got["tokens"])
+            assert all(len(lp.top) == params.logprobs for lp in got["logprobs"])
+        if params.temperature == 0.0 and params.repetition_penalty == 1.0:
             out = model.generate(torch.tensor([ids]), max_new_tokens=params.max_tokens, do_sample=False)
             expected = out[0, len(ids):].tolist()
             assert got["tokens"] == expected, (ids, params)
             assert got["finish"] == ("stop" if expected[-1] == model.config.eos_token_id else "length")
-        else:
-            alone = run(Engine(model, tok, max_num_seqs=1), [(ids, params)])[0]
-            assert got["tokens"] == alone["tokens"] and got["text"] == alone["text"]
     assert engine.num_running == 0 and engine.num_waiting == 0 and not engine.requests
 
 
 def test_chunked_prefill_keeps_the_running_requests_decoding(bundled):
     model, tok = bundled
-    engine = Engine(model, tok, max_num_seqs=4, prefill_chunk=16)
+    engine = Engine(model, tok, max_num_seqs=4, prefill_chunk=32)
     got = []
     engine.add_request(Request("short", tok.encode("吾輩は猫である。"), SamplingParams(max_tokens=40, temperature=0,
                                                                                    ignore_eos=True), got.append))
     engine.step()
     assert len(got) == 1  # its first token
-    long_prompt = (tok.encode("".join(SAMPLES)) * 4)[:150]
+    long_prompt = (tok.encode("".join(SAMPLES)) * 8)[:250]
     engine.add_request(Request("long", long_prompt, SamplingParams(max_tokens=5, temperature=0), lambda out: None))
-    for k in range(1, 5):
+    for k in range(1, 9):
         engine.step()
-        assert engine.requests["long"].num_prefilled == min(16 * k, 150)
+        assert engine.requests["long"].num_prefilled == min(32 * k, 250)
         assert len(got) == 1 + k  # a token every step while the long prompt is admitted
     assert engine.requests["long"].slot == 1  # the lowest free slot
+
+
+def test_a_2000_token_prompt_is_admitted_in_chunks_while_others_decode(tok):
+    """A tiny random model with 2,048 positions: a 2,000-token prompt takes 8 steps of 256 tokens, a running
+    request gets a token at each of them, and the long one's greedy tokens equal generate() alone."""
+    torch.manual_seed(0)
+    cfg = GPTNeoXJapaneseConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_multiple_size=2, max_position_embeddings=2048)
+    model = make_batch_invariant(GPTNeoXJapaneseForCausalLM(cfg).eval())
+    engine = Engine(model, tok, max_num_seqs=2, prefill_chunk=256)
+    got, long_out = [], []
+    engine.add_request(Request("short", [5, 6, 7], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+                               got.append))
+    engine.step()
+    long_prompt = torch.randint(10, len(tok), (2000,)).tolist()
+    engine.add_request(Request("long", long_prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                               long_out.append))
+    for k in range(1, 9):
+        engine.step()
+        assert engine.requests["long"].num_prefilled == min(256 * k, 2000)
+        assert len(got) == 1 + k
+    while engine.has_work():
+        engine.step()
+    expected = model.generate(torch.tensor([long_prompt]), max_new_tokens=6, do_sample=False, eos_token_id=[])
+    assert sum((o.token_ids for o in long_out), []) == expected[0, 2000:].tolist()
+    assert engine.num_running == 0
 
 
 def test_abort_frees_the_slot_at_the_next_step_and_it_is_reused(bundled):

@@ -14,7 +14,7 @@ import traceback
 from typing import AsyncIterator
 
 from neoxja.serving.engine import Engine, Request, RequestRefused, StepOutput
-from neoxja.serving.sampler import SamplingParams
+from neoxja.sampling import SamplingParams
 
 
 class QueueFull(RuntimeError):

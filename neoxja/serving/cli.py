@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body; larger ones get 413 (default 2 MB)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds to let running requests finish (default 30)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode step through torch.compile (compiles on the first requests; pays off "
+                        "for a long-running server)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
@@ -141,9 +144,13 @@ def main(argv: list[str] | None = None) -> int:
                 from neoxja.quantization import quantize
 
                 quantize(model, args.quantize)
+            if args.quantize == "none":
+                from neoxja.batch_invariant import make_batch_invariant
+
+                make_batch_invariant(model)  # a request's tokens do not depend on what shares its batch
             metrics = Metrics(name)
             engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                            metrics=metrics)
+                            metrics=metrics, compile=args.compile)
             state.tokenizer, state.metrics, state.max_model_len = tokenizer, metrics, engine.max_model_len
             state.engine = AsyncEngine(engine, max_queue=args.max_queue)
             print(f"neoxja serve: {name} ready ({device}, {dtype}, {args.max_num_seqs} slots of "

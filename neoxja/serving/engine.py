@@ -3,12 +3,19 @@
 Each `step()`:
 1. retires aborted requests (their slots are free from this step on);
 2. admits waiting requests into the lowest free slots;
-3. prefills: at most `prefill_chunk` prompt tokens in all per step, through `prefill(model, ids, slot,
-   start_pos)`, so a long prompt is admitted over several steps while the others keep decoding;
-4. decodes: one `decode_one_token(model, tokens, positions)` over slots 0..B-1, B = 1 + the highest
-   decoding slot (rows in that range that are not decoding get a dummy token at their current length);
-5. samples each row with its own parameters and generator, applies the stop rules (max_tokens, EOS,
-   stop_token_ids, stop strings through an IncrementalDetokenizer) and reports each request's new text.
+3. prefills: at most `prefill_chunk` prompt tokens in all per step (each request's chunks cut at multiples
+   of prefill_chunk from its own start), through neoxja.generation's `prefill(model, ids, slot, start_pos)`,
+   so a long prompt is admitted over several steps while the others keep decoding;
+4. decodes: one `decode_one_token(model, tokens, positions, kv_length)` (the same function generate() steps
+   with; `compile=True`: its torch.compile'd form) over slots 0..B-1, B = 1 + the highest decoding slot
+   (rows in that range that are not decoding get a dummy token at their current length);
+5. samples the rows with neoxja.sampling's `SamplingBatch` (each request its own parameters and its own
+   torch.Generator, so a row draws the same whatever shares its batch) and `StopRules` (EOS, stop_token_ids,
+   max_tokens, the context), matches stop strings through an IncrementalDetokenizer and reports each
+   request's new text.
+
+So generate() and the engine share the model steps, the logits pipeline, the sampler and the stop rules;
+the engine adds only scheduling, slots and text.
 
 The engine is synchronous and single-threaded; `AsyncEngine` (async_engine.py) runs it in a thread.
 """
@@ -20,15 +27,23 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-from neoxja.serving.steps import make_steps
-from neoxja.serving.sampler import SamplingParams, TokenLogprob, sample_row
+
+from neoxja.generation import PREFILL_CHUNK, compile_decode, decode_one_token, prefill
+from neoxja.sampling import (FINISH_REASONS, History, SamplingBatch, SamplingParams, StopRules,
+                             make_generator)
 from neoxja.streaming import IncrementalDetokenizer
 
-PREFILL_CHUNK = 256  # prompt tokens per step, over all prefilling requests
+KV_BUCKET = 64  # decode attends over the cache's first positions, rounded up to a multiple of this
+
+
+class TokenLogprob(NamedTuple):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
 class RequestRefused(ValueError):
@@ -66,6 +81,7 @@ class Request:
     finished: bool = False
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
+    serial: int = -1  # unique per add_request: keys the cached SamplingBatch
 
     @property
     def length(self) -> int:
@@ -77,7 +93,7 @@ class Engine:
     """Schedules requests onto `max_num_seqs` cache slots of `max_model_len` positions each."""
 
     def __init__(self, model, tokenizer, max_num_seqs: int = 16, max_model_len: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, metrics=None):
+                 prefill_chunk: int = PREFILL_CHUNK, metrics=None, compile: bool = False):
         cfg = model.config
         if max_model_len is None:
             max_model_len = cfg.max_position_embeddings
@@ -97,12 +113,17 @@ class Engine:
         self.eos_token_ids = _id_list(cfg.eos_token_id)
         self.bos_token_id = cfg.bos_token_id
         self.vocab_size = cfg.vocab_size
+        # a vocabulary padded past the tokenizer's is never sampled from (as `neoxja generate`)
+        self.vocab_limit = len(tokenizer) if 0 < len(tokenizer) < cfg.vocab_size else None
         self.device = model.device
         self.waiting: deque[Request] = deque()
         self.slots: list[Request | None] = [None] * max_num_seqs
         self.requests: dict[str, Request] = {}
+        self._serials = itertools.count()
         self._seed_source = itertools.count(int.from_bytes(os.urandom(6), "little"))
-        self.steps = make_steps(model, max_num_seqs, max_model_len)
+        self._decode_fn = compile_decode(model) if compile else decode_one_token
+        self._batch_key: tuple | None = None  # the rows the cached SamplingBatch / StopRules were built for
+        model.setup_caches(max_batch_size=max_num_seqs, max_seq_length=max_model_len)
 
     # ---- requests ----
 
@@ -130,10 +151,12 @@ class Engine:
             request.prompt_ids = [self.bos_token_id]
         request.params.max_tokens = self.check_prompt(request.prompt_ids, request.params.max_tokens)
         seed = request.params.seed
-        request.generator = torch.Generator(device=self.device)
-        request.generator.manual_seed(seed if seed is not None else next(self._seed_source) % (2**63))
+        # every request draws with its own generator (unseeded: a fresh seed), never a shared one
+        request.generator = make_generator(seed if seed is not None else next(self._seed_source) % 2**63,
+                                           self.device)
         request.detokenizer = IncrementalDetokenizer(self.tokenizer, stop=request.params.stop or (),
                                                      skip_special_tokens=request.params.skip_special_tokens)
+        request.serial = next(self._serials)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -184,18 +207,22 @@ class Engine:
                 self.metrics.queue_time(request.scheduled_time - request.arrival_time)
 
     def _prefill(self) -> set[int]:
-        """Up to `prefill_chunk` prompt tokens, oldest admitted requests first; returns the slots that
-        finished their prompt (and sampled their first token) in this step."""
+        """Prompt chunks, oldest admitted requests first, at most `prefill_chunk` tokens in all; returns the
+        slots that finished their prompt (and sampled their first token) in this step.
+
+        A request's chunks are cut at multiples of prefill_chunk from its own start, whatever else is
+        prefilling: the cut changes the products' shapes, hence a row's last bits, so it must be a function of
+        the request alone (batch invariance). A chunk that does not fit the step's remaining budget waits."""
         budget = self.prefill_chunk
         done = set()
         for request in sorted((r for r in self.slots if r is not None and r.num_prefilled < len(r.prompt_ids)),
                               key=lambda r: r.scheduled_time):
-            if budget == 0:
-                break
             start = request.num_prefilled
-            end = min(len(request.prompt_ids), start + budget)
+            end = min(len(request.prompt_ids), start + self.prefill_chunk)
+            if end - start > budget:
+                break
             ids = torch.tensor([request.prompt_ids[start:end]], dtype=torch.long, device=self.device)  # (1, T)
-            logits = self.steps.prefill(ids, request.slot, start)  # (1, V)
+            logits = prefill(self.model, ids, request.slot, start)  # (1, V)
             request.num_prefilled = end
             budget -= end - start
             if end == len(request.prompt_ids):
@@ -220,17 +247,43 @@ class Engine:
                 positions[slot] = request.length  # the newest token goes right after the written ones
             else:
                 positions[slot] = request.num_prefilled  # mid-prefill: written over by its next chunk
-        logits = self.steps.decode(tokens.to(self.device), positions.to(self.device))  # (B, V)
+        kv_length = min(self.max_model_len, -(-(int(positions.max()) + 1) // KV_BUCKET) * KV_BUCKET)
+        logits = self._decode_fn(self.model, tokens.to(self.device), positions.to(self.device), kv_length)  # (B, V)
         self._sample_and_emit(rows, logits[[r.slot for r in rows]] if len(rows) < B else logits)
+
+    def _sampling(self, rows: list[Request]) -> tuple[SamplingBatch, StopRules]:
+        """The SamplingBatch and StopRules of these rows, rebuilt only when the rows change."""
+        key = tuple(r.serial for r in rows)
+        if key != self._batch_key:
+            params = [r.params for r in rows]
+            self._sampler = SamplingBatch(params, self.eos_token_ids, generators=[r.generator for r in rows],
+                                          vocab_limit=self.vocab_limit, device=self.device)
+            self._stop_rules = StopRules(params, self.eos_token_ids, self.max_model_len, device=self.device)
+            self._batch_key = key
+        return self._sampler, self._stop_rules
+
+    def _history(self, rows: list[Request]) -> History:
+        """Each row's prompt + output tokens, for the penalties and min_tokens."""
+        texts = [r.prompt_ids + r.output_ids for r in rows]
+        width = max(len(t) for t in texts)
+        tokens = torch.tensor([t + [0] * (width - len(t)) for t in texts], dtype=torch.long, device=self.device)
+        return History(tokens, prompt_end=torch.tensor([len(r.prompt_ids) for r in rows], device=self.device),
+                       end=torch.tensor([len(t) for t in texts], device=self.device))
 
     def _sample_and_emit(self, rows: list[Request], logits: torch.Tensor) -> None:
         """logits (len(rows), V) in the order of `rows`: sample, apply stop rules, report."""
+        sampler, stop_rules = self._sampling(rows)
+        out = sampler.sample(logits, self._history(rows) if sampler.needs_history else None)
+        num_generated = torch.tensor([len(r.output_ids) + 1 for r in rows], device=self.device)
+        seq_lengths = torch.tensor([len(r.prompt_ids) + len(r.output_ids) + 1 for r in rows], device=self.device)
+        reasons = stop_rules.check(out.tokens, num_generated, seq_lengths).tolist()
+        tokens = out.tokens.tolist()  # the step's one host sync
+        logprobs = None
+        if out.logprobs is not None:
+            logprobs = (out.logprobs.token.tolist(), out.logprobs.top_ids.tolist(), out.logprobs.top.tolist())
         now = time.monotonic()
-        logits = logits.float()
         for i, request in enumerate(rows):
-            params = request.params
-            token, logprob = sample_row(logits[i], params, request.prompt_ids, request.output_ids,
-                                        request.generator, self._blocked_ids(request))
+            token = tokens[i]
             request.output_ids.append(token)
             if self.metrics is not None:
                 if request.first_token_time is None:
@@ -241,36 +294,27 @@ class Engine:
                 request.first_token_time = now
             request.last_token_time = now
 
-            finish = None
-            stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+            finish = FINISH_REASONS[reasons[i]]
             text = ""
-            if stop_token:
-                finish = "stop"  # the stopping token's text is not returned
-            else:
+            if finish != "stop":  # a stopping token's (EOS, stop_token_ids) text is not returned
                 text = request.detokenizer.add(token)
                 if request.detokenizer.stopped:
                     finish = "stop"
-            if finish is None and (len(request.output_ids) >= params.max_tokens
-                                   or request.length + 1 >= self.max_model_len):
-                finish = "length"
             if finish is not None and not request.detokenizer.stopped:
                 text += request.detokenizer.finish()
+            logprob = None
+            if logprobs is not None and request.params.logprobs is not None:
+                n = request.params.logprobs
+                logprob = TokenLogprob(token, logprobs[0][i], list(zip(logprobs[1][i][:n], logprobs[2][i][:n])))
             request.on_output(StepOutput(request.request_id, text, [token], [logprob] if logprob else None,
                                          finish, len(request.prompt_ids), len(request.output_ids)))
             if finish is not None:
                 self._finish(request, finish, notify=False)
 
-    def _blocked_ids(self, request: Request) -> list[int]:
-        """Tokens that may not be sampled yet: EOS and stop_token_ids before min_tokens."""
-        if len(request.output_ids) >= request.params.min_tokens:
-            return []
-        return list(request.params.stop_token_ids) + ([] if request.params.ignore_eos else self.eos_token_ids)
-
     def _finish(self, request: Request, reason: str, notify: bool = True) -> None:
         request.finished = True
         if request.slot is not None:
-            self.slots[request.slot] = None
-            self.steps.free(request.slot)
+            self.slots[request.slot] = None  # its cache row is written over by the next request
             request.slot = None
         self.requests.pop(request.request_id, None)
         if self.metrics is not None:
@@ -278,6 +322,10 @@ class Engine:
         if notify:
             request.on_output(StepOutput(request.request_id, "", [], None, reason, len(request.prompt_ids),
                                          len(request.output_ids)))
+
+    def close(self) -> None:
+        """Free the KV cache."""
+        self.model.clear_caches()
 
 
 def _id_list(value) -> list[int]:

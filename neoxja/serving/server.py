@@ -26,7 +26,7 @@ from neoxja.serving.async_engine import AsyncEngine, QueueFull
 from neoxja.serving.engine import RequestRefused
 from neoxja.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      TokenizeRequest)
-from neoxja.serving.sampler import ParamError, SamplingParams
+from neoxja.sampling import ParamError, SamplingParams
 
 PROTECTED = ("/v1/", "/tokenize", "/detokenize")
 
@@ -284,6 +284,8 @@ def _check_common(state: ServerState, body) -> None:
 
 def _sampling_params(body, max_tokens, logprobs) -> SamplingParams:
     stop = body.stop if body.stop is not None else []
+    if body.temperature is not None and not 0 <= body.temperature <= 2:  # OpenAI's range
+        raise APIError(400, f"temperature must be in [0, 2], got {body.temperature}", param="temperature")
     try:
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
