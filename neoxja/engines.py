@@ -96,7 +96,7 @@ def complete(url: str, prompt: str | list[int], *, tokenizer=None, model: str | 
         raise RuntimeError(f"{endpoint} answered without choices: {str(data)[:500]}") from None
     out_ids = choice.get("token_ids", choice.get("tokens"))
     if isinstance(out_ids, list) and all(isinstance(i, int) for i in out_ids):
-        text = tok.decode(out_ids)
+        text = tok.decode(out_ids, skip_special_tokens=True)  # an EOS among the ids is not text
     else:
         out_ids, text = None, choice.get("text", "")
     return Completion(text=text, token_ids=out_ids, finish_reason=choice.get("finish_reason"),

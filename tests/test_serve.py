@@ -269,3 +269,25 @@ def test_sigterm_finishes_running_requests_then_exits_0(bundled_dir):
         assert s.proc.wait(60) == 0
     finally:
         s.stop()
+
+
+def test_engines_complete_against_a_live_server(server, bundled_dir):
+    """neoxja.engines.complete: neoxja's ids in, the server's ids back (return_token_ids, vLLM's field), decoded
+    by neoxja; the text equals the server's own text for the same request, streamed ids equal non-streamed."""
+    from neoxja.engines import complete
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    tok = GPTNeoXJapaneseTokenizer.from_pretrained(bundled_dir)
+    prompt = "吾輩は猫である。名前はまだ無い。"
+    result = complete(server.url, prompt, tokenizer=tok, max_tokens=12, ignore_eos=True)
+    assert result.prompt_token_ids == tok.encode(prompt) == result.raw["choices"][0]["prompt_token_ids"]
+    assert len(result.token_ids) == 12 and result.finish_reason == "length"
+    served = server.client().completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                                extra_body={"ignore_eos": True})
+    assert result.text == served.choices[0].text == tok.decode(result.token_ids)
+    # the same ids come back streamed, spread over the chunks
+    stream = server.client().completions.create(model=MODEL, prompt=result.prompt_token_ids, max_tokens=12,
+                                                temperature=0, stream=True,
+                                                extra_body={"ignore_eos": True, "return_token_ids": True})
+    streamed = [i for chunk in stream for c in chunk.choices for i in (c.model_extra or {}).get("token_ids", [])]
+    assert streamed == result.token_ids

@@ -46,6 +46,10 @@ class CompletionRequest(_Common):
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
+    # token ids back, for clients that tokenize and detokenize themselves (neoxja.engines.complete):
+    # vLLM's name, and llama-server's for the same thing, so that one request body works on all three
+    return_token_ids: bool = False
+    return_tokens: bool = False
 
 
 class ChatMessage(BaseModel):

@@ -226,7 +226,8 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
             _check_context(state, ids, params.max_tokens)
         _check_capacity(state, len(prompts) * body.n)
         texts = [state.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
-        job = _Job(state, "cmpl", "text_completion", prompts, params, body.n, texts)
+        job = _Job(state, "cmpl", "text_completion", prompts, params, body.n, texts,
+                   return_token_ids=body.return_token_ids or body.return_tokens)
         if body.stream:
             return _stream(job, request, body.stream_options)
         return await _until_disconnect(request, job.complete())
@@ -394,8 +395,9 @@ class _Job:
     """The n choices of each prompt of one request, run on the engine; as one response or as SSE chunks."""
 
     def __init__(self, state: ServerState, id_prefix: str, object_: str, prompts: list[list[int]],
-                 params: SamplingParams, n: int, echo_texts: list[str]):
+                 params: SamplingParams, n: int, echo_texts: list[str], return_token_ids: bool = False):
         self.state = state
+        self.return_token_ids = return_token_ids  # each choice carries prompt_token_ids and token_ids (vLLM)
         self.chat = object_ == "chat.completion"
         self.object = object_
         self.id = f"{id_prefix}-{uuid.uuid4().hex}"
@@ -477,8 +479,9 @@ class _Job:
     async def complete(self) -> dict:
         results: dict[int, dict] = {}
         async def sink(index, out):
-            r = results.setdefault(index, {"text": "", "logprobs": [], "finish": None, "count": 0})
+            r = results.setdefault(index, {"text": "", "logprobs": [], "finish": None, "count": 0, "ids": []})
             r["text"] += out.text
+            r["ids"] += out.token_ids
             if out.logprobs:
                 r["logprobs"].extend(out.logprobs)
             r["count"] = out.num_generated_tokens
@@ -505,6 +508,8 @@ class _Job:
                                 "logprobs": lp, "finish_reason": r["finish"]})
             else:
                 choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": r["finish"]})
+            if self.return_token_ids:
+                choices[-1].update(prompt_token_ids=self.prompts[p], token_ids=r["ids"])
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.state.model_name,
                 "choices": choices, "usage": self.usage()}
 
@@ -517,11 +522,14 @@ class _Job:
             body["usage"] = self.usage() if usage else None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def choice_delta(self, index: int, text: str, logprobs, finish, first: bool) -> dict:
+    def choice_delta(self, index: int, text: str, logprobs, finish, first: bool, token_ids=None) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text or not finish else {})
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if token_ids is not None:
+            choice["token_ids"] = token_ids  # the ids generated since the previous chunk of this choice
+        return choice
 
 
 def _stream(job: _Job, request: Request, stream_options) -> StreamingResponse:
@@ -554,6 +562,7 @@ def _stream(job: _Job, request: Request, stream_options) -> StreamingResponse:
             remaining = len(tasks)
             counts: dict[int, int] = {}
             offsets: dict[int, int] = {}
+            held_ids: dict[int, list[int]] = {}  # return_token_ids: ids whose text is still held back
             while remaining:
                 index, item = await queue.get()
                 if item is done:
@@ -575,9 +584,11 @@ def _stream(job: _Job, request: Request, stream_options) -> StreamingResponse:
                 if job.params.logprobs is not None and out.logprobs:
                     lp = job.logprobs_json(out.logprobs, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + len(out.text)
+                held_ids.setdefault(index, []).extend(out.token_ids)
                 if not out.text and lp is None and out.finish_reason is None:
                     continue  # held-back text: nothing to send yet
-                yield job.chunk([job.choice_delta(index, out.text, lp, out.finish_reason, index not in started)],
+                ids = held_ids.pop(index) if job.return_token_ids else None
+                yield job.chunk([job.choice_delta(index, out.text, lp, out.finish_reason, index not in started, ids)],
                                 include_usage=include_usage)
                 started.add(index)
             job.completion_tokens = sum(counts.values())
