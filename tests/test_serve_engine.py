@@ -261,3 +261,20 @@ def test_detokenizer_holds_byte_fallback_runs_until_whole(tok):
     detok = IncrementalDetokenizer(tok)
     pieces = [detok.add(i) for i in ids] + [detok.finish()]
     assert "".join(pieces) == "Ω😀" and all(p in ("", "Ω", "😀", "Ω😀") for p in pieces)
+
+
+def test_int8_is_the_documented_exception_to_batch_invariance(bundled_dir):
+    """docs/serving.md: `--quantize int8` is not batch-invariant, because FBGEMM's dynamic int8 quantizes the
+    activations of the whole call with one scale. If this starts to hold, the docs should say so."""
+    from neoxja.generation import decode_one_token, prefill
+    from neoxja.quantization import quantize
+
+    torch.manual_seed(0)
+    model = quantize(GPTNeoXJapaneseForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval(), "int8")
+    model.setup_caches(max_batch_size=3, max_seq_length=64)
+    with torch.no_grad():
+        for slot in range(3):
+            prefill(model, torch.randint(10, 7000, (1, 20)), slot, 0)
+        alone = decode_one_token(model, torch.tensor([5]), torch.tensor([20]))
+        shared = decode_one_token(model, torch.tensor([5, 9, 800]), torch.tensor([20, 20, 20]))
+    assert not torch.equal(alone[0], shared[0])
