@@ -267,6 +267,12 @@ def test_sigterm_finishes_running_requests_then_exits_0(bundled_dir):
         t.join()
         assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 250
         assert s.proc.wait(60) == 0
+        log = s.proc.stdout.read()
+        # the ready line names the dtype --dtype auto chose and why
+        from neoxja.hardware import dtype_choice
+
+        dtype, reason = dtype_choice("cpu")
+        assert f"{str(dtype).removeprefix('torch.')} (auto: {reason})" in log, log
     finally:
         s.stop()
 

@@ -55,19 +55,6 @@ def _fail(message: str) -> int:
     return 2
 
 
-def resolve_dtype(name: str, device):
-    import torch
-
-    if name != "auto":
-        return getattr(torch, name)
-    import neoxja
-
-    preferred = getattr(neoxja, "preferred_dtype", None) if hasattr(neoxja, "preferred_dtype") else None
-    if preferred is None:
-        return torch.float32  # this neoxja has no preferred_dtype(device): float32 is right everywhere
-    return preferred(device)
-
-
 def load_chat_template(path: str):
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -101,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if any(not k for k in args.api_key):
         return _fail("--api-key must not be empty")
-    from neoxja.generate_cli import resolve_model
+    from neoxja.generate_cli import resolve_dtype, resolve_model
 
     try:
         model_path = resolve_model(args.model)
@@ -136,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             if args.quantize == "int8" and not device.startswith("cpu"):
                 raise ValueError("--quantize int8 runs on the CPU only; use --device cpu")
-            dtype = resolve_dtype(args.dtype, torch.device(device))
+            dtype, dtype_reason = resolve_dtype(args.dtype, torch.device(device), args.quantize)
             tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(model_path)
             model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_path, dtype=dtype, device=device)
             model.eval()
@@ -153,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                             metrics=metrics, compile=args.compile)
             state.tokenizer, state.metrics, state.max_model_len = tokenizer, metrics, engine.max_model_len
             state.engine = AsyncEngine(engine, max_queue=args.max_queue)
-            print(f"neoxja serve: {name} ready ({device}, {dtype}, {args.max_num_seqs} slots of "
+            print(f"neoxja serve: {name} ready ({device}, {str(dtype).removeprefix('torch.')} ({dtype_reason}), "
+                  f"{args.max_num_seqs} slots of "
                   f"{engine.max_model_len} positions)", file=sys.stderr, flush=True)
         except Exception as e:
             state.load_error = f"{type(e).__name__}: {e}"
