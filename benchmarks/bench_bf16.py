@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cpu import cpu_flags  # noqa: E402  (benchmarks/ is the script's directory)
 
 import torch  # noqa: E402
 
@@ -40,19 +42,6 @@ from neoxja.hardware import dtype_choice  # noqa: E402
 from neoxja.kernels import choose_linear_kernels  # noqa: E402
 from neoxja.model import GPTNeoXJapaneseForCausalLM  # noqa: E402
 
-FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
-
-
-def cpu_flags() -> str:
-    """The flags that decide the precision's speed, from /proc/cpuinfo (Linux), for the printout only."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                return " ".join(f"{f}{'+' if f in present else '-'}" for f in FLAGS)
-    except OSError:
-        pass
-    return "(no /proc/cpuinfo)"
 
 
 def config(layers: int) -> GPTNeoXJapaneseConfig:

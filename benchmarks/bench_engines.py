@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cpu import cpu_flag_set as cpu_flags  # noqa: E402  ({flag: present})
 
 import torch  # noqa: E402
 
@@ -40,18 +42,6 @@ from neoxja.config import GPTNeoXJapaneseConfig  # noqa: E402
 from neoxja.exporters import export  # noqa: E402
 from neoxja.model import GPTNeoXJapaneseForCausalLM  # noqa: E402
 from neoxja.quantization import quantize  # noqa: E402
-
-
-def cpu_flags() -> dict:
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    return {f: f in flags for f in ("amx_bf16", "avx512_bf16", "avx512_vnni", "avx2")}
 
 
 def size_on_disk(path: Path) -> int:

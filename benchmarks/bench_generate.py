@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cpu import cpu_flags  # noqa: E402  (benchmarks/ is the script's directory)
 
 import torch  # noqa: E402
 
@@ -41,15 +43,6 @@ from neoxja.model import GPTNeoXJapaneseForCausalLM  # noqa: E402
 from neoxja.kernels import choose_linear_kernels  # noqa: E402
 from neoxja.quantization import Int4WeightOnlyLinear, Int8DynamicLinear, quantize  # noqa: E402
 
-
-def cpu_flags() -> str:
-    """The CPU flags the speed of these kernels depends on, from /proc/cpuinfo (Linux)."""
-    try:
-        flags = next((set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), set())
-    except OSError:
-        flags = set()
-    return " ".join(f"{f}={int(f in flags)}" for f in ("amx_bf16", "avx512_bf16", "avx512_vnni", "avx2"))
 
 # the goals `make bench` enforces: name -> (numerator, denominator, minimum ratio of their tokens/s).
 # float32 >= 1.15x transformers is retired (issue 4): the float32 weight products alone stay under it.

@@ -31,14 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown (no /proc/cpuinfo)"
-    return " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in ("amx_bf16", "avx512_bf16", "avx512_vnni", "avx2"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cpu import cpu_flags  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 # ---- worker: one contender in its own process, driven over stdin/stdout ----

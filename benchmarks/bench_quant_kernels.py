@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from neoxja.quantization import Int4WeightOnlyLinear, Int8DynamicLinear  # noqa: E402
 
-from bench_generate import cpu_flags  # noqa: E402  (benchmarks/ is the script's directory)
+from _cpu import cpu_flags  # noqa: E402  (benchmarks/ is the script's directory)
 
 SHAPES = [(7680, 2560), (2560, 2560), (10240, 2560), (2560, 10240)] * 4 + [(32000, 2560)]
 
