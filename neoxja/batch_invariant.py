@@ -31,6 +31,32 @@ def _has_onednn_linear() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _onednn_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (rows, in) @ w.T + bias through oneDNN's linear, a single row as two equal ones; (rows, out)."""
+    rows = x.shape[0]
+    if rows == 1:
+        x = x.expand(2, x.shape[1])  # one row computed as two: oneDNN's M=1 path differs
+    y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), bias, "none", [None], "")
+    return y[:rows]
+
+
+@functools.cache
+def _row_invariant_op():
+    """`_onednn_rows` as a custom op (registered on first use, not at import), so that torch.compile calls this
+    very kernel as an opaque step instead of lowering the product to its own (row-count-dependent) one: a
+    compiled decode step gives the same bits as the eager one."""
+
+    @torch.library.custom_op("neoxja::row_invariant_linear", mutates_args=())
+    def row_invariant_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _onednn_rows(x, w, bias).clone()  # a fresh tensor: a custom op's output may not be a view
+
+    @row_invariant_linear.register_fake
+    def _(x, w, bias):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    return row_invariant_linear
+
+
 class RowInvariantLinear(nn.Linear):
     """nn.Linear whose CPU inference products give each row the same bits whatever the number of rows."""
 
@@ -41,18 +67,15 @@ class RowInvariantLinear(nn.Linear):
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight = linear.weight  # the same Parameter: tied weights stay tied
         new.bias = linear.bias
+        new.op = _row_invariant_op() if _has_onednn_linear() else None  # looked up once, not per call
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16)
-                and not torch.is_grad_enabled() and _has_onednn_linear()):
-            x2 = x.reshape(-1, self.in_features)  # (rows, in)
-            rows = x2.shape[0]
-            if rows == 1:
-                x2 = x2.expand(2, self.in_features)  # one row computed as two: oneDNN's M=1 path differs
-            y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w.contiguous(), self.bias, "none", [None], "")
-            return y[:rows].view(*x.shape[:-1], self.out_features)
+        if (self.op is not None and x.device.type == "cpu" and x.dtype == w.dtype
+                and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()):
+            y = self.op(x.reshape(-1, self.in_features), w, self.bias)  # (rows, out)
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, w, self.bias)
 
 

@@ -21,7 +21,7 @@ import json
 import random
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import pytest
@@ -31,7 +31,8 @@ from test_serve import MODEL, Server, wait_idle
 SENTENCES = [
     "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。",
     "国境の長いトンネルを抜けると雪国であった。夜の底が白くなった。",
-    "春はあけぼの。やうやう白くなりゆく山ぎは、すこしあかりて、紫だちたる雲のほそくたなびきたる。",
+    "春はあけぼの。やうやう白くなりゆく山ぎは、"
+    "すこしあかりて、紫だちたる雲のほそくたなびきたる。",
     "メロスは激怒した。必ず、かの邪智暴虐の王を除かなければならぬと決意した。",
     "山路を登りながら、こう考えた。智に働けば角が立つ。情に棹させば流される。",
 ]
@@ -181,10 +182,10 @@ def check_stream(raw: str, body: dict, n_prompt: int) -> list[tuple[str, int | N
 
 @dataclass
 class Tally:
-    statuses: Counter
+    statuses: Counter = field(default_factory=Counter)
     completed_choices: int = 0
     abandoned_choices: int = 0
-    greedy: dict = None
+    greedy: defaultdict = field(default_factory=lambda: defaultdict(list))  # greedy key -> (text, tokens)s
 
 
 async def send(client: httpx.AsyncClient, url: str, plan: Planned, n_prompt: int, tally: Tally) -> None:
@@ -260,7 +261,7 @@ def test_load_many_clients_random_requests_and_disconnects(server, bundled_dir):
     tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(bundled_dir)
     prompt_tokens = {p.body["prompt"]: len(tokenizer.encode(p.body["prompt"])) for p in warmup + plans}
 
-    tally = Tally(Counter(), greedy=defaultdict(list))
+    tally = Tally()
     asyncio.run(run_clients(server.url, warmup, prompt_tokens, tally))
     wait_idle(server)
     rss_before = rss_mib(server.proc.pid)
@@ -281,7 +282,7 @@ def test_load_many_clients_random_requests_and_disconnects(server, bundled_dir):
           f"server RSS {rss_before:.1f} MiB after warm-up, {rss_after:.1f} MiB at the end "
           f"({rss_after - rss_before:+.1f} MiB); {successes:.0f} choices counted as successes of {completed} "
           f"completed and {abandoned} abandoned; {len(tally.greedy)} greedy groups")
-    assert N_REQUESTS >= 500 and N_CLIENTS >= 32 and sum(p.abandon for p in plans) >= 0.05 * N_REQUESTS
+    assert sum(p.abandon for p in plans) >= 0.05 * N_REQUESTS
     assert set(tally.statuses) == {200}, tally.statuses  # no 5xx, and nothing refused either
     assert sum(tally.statuses.values()) == N_WARMUP + N_REQUESTS
     assert completed <= successes <= completed + abandoned, (completed, successes, abandoned)

@@ -121,6 +121,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._serials = itertools.count()
         self._seed_source = itertools.count(int.from_bytes(os.urandom(6), "little"))
+        self.compiled = compile
         self._decode_fn = compile_decode(model) if compile else decode_one_token
         self._batch_key: tuple | None = None  # the rows the cached SamplingBatch / StopRules were built for
         model.setup_caches(max_batch_size=max_num_seqs, max_seq_length=max_model_len)
@@ -247,7 +248,9 @@ class Engine:
                 positions[slot] = request.length  # the newest token goes right after the written ones
             else:
                 positions[slot] = request.num_prefilled  # mid-prefill: written over by its next chunk
-        kv_length = min(self.max_model_len, -(-(int(positions.max()) + 1) // KV_BUCKET) * KV_BUCKET)
+        kv_length = None  # compiled: the whole cache, one static shape (an int argument would recompile)
+        if not self.compiled:
+            kv_length = min(self.max_model_len, -(-(int(positions.max()) + 1) // KV_BUCKET) * KV_BUCKET)
         logits = self._decode_fn(self.model, tokens.to(self.device), positions.to(self.device), kv_length)  # (B, V)
         self._sample_and_emit(rows, logits[[r.slot for r in rows]] if len(rows) < B else logits)
 
