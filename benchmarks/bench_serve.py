@@ -66,7 +66,7 @@ import torch  # noqa: E402
 from neoxja.assets import default_model_dir  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import cpu_flags  # noqa: E402  (amx_bf16, avx512_bf16, avx512_vnni, avx2 from /proc/cpuinfo)
+from _cpu import cpu_flags  # noqa: E402  (amx_bf16, avx512_bf16, avx512_vnni, avx2 from /proc/cpuinfo)
 
 BASELINE = Path(__file__).resolve().parent / "serve_baseline.py"
 
@@ -238,12 +238,13 @@ class ServerProcess:
     """A server subprocess on `--port 0`: its stderr is read for "listening on http://...", then /health is
     polled until 200 (`neoxja serve` answers 503 while the model loads). `stop()` kills it."""
 
-    def __init__(self, name: str, cmd: list[str]):
+    def __init__(self, name: str, cmd: list[str], threads: int | None = None):
         self.name, self.cmd, self.url = name, cmd, None
         self.lines: list[str] = []
         self._urls: queue.Queue = queue.Queue()
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))  # torch's intra-op threads
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, env=env)
         threading.Thread(target=self._read_stderr, daemon=True).start()
 
     def _read_stderr(self):
@@ -317,7 +318,7 @@ def requests_per_load(args, model_key: str, concurrency: int | None) -> int:
     (the wide model's baseline takes seconds per request, so it gets the fewest)."""
     if args.num_prompts:
         return args.num_prompts
-    c = concurrency or 1
+    c = concurrency or 8  # Poisson arrivals: a few waves' worth
     if args.quick:
         return max(2, c)
     return max(2, c) if model_key == "wide" else max(4, 2 * c)
@@ -326,11 +327,10 @@ def requests_per_load(args, model_key: str, concurrency: int | None) -> int:
 def bench_model(key: str, label: str, model_dir: Path, args) -> dict:
     """Both sides on one checkpoint: loads in interleaved rounds, then the idle-TTFT comparison."""
     from neoxja.hardware import preferred_dtype
-    from neoxja.model import GPTNeoXJapaneseForCausalLM
     from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
 
     tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(model_dir)
-    max_tokens = args.max_tokens or (8 if args.quick else 16 if key == "wide" else 32)
+    max_tokens = args.max_tokens or (4 if args.quick else 32)
     if args.request_rate:
         loads = {f"rate {args.request_rate:g}/s": dict(request_rate=args.request_rate)}
     else:
@@ -346,13 +346,14 @@ def bench_model(key: str, label: str, model_dir: Path, args) -> dict:
     else:
         print(f"[{label}] --dtype auto resolves to {auto} here: the same server as --dtype float32, not run twice",
               flush=True)
-    result = {"label": label, "model_dir": str(model_dir), "max_tokens": max_tokens, "prompt_len": args.prompt_len,
+    result = {"label": label, "model_dir": str(model_dir), "dtype_auto": str(auto).replace("torch.", ""),
+              "max_tokens": max_tokens, "prompt_len": args.prompt_len,
               "requests_per_load_per_round": counts, "sides": {}, "rounds": []}
     pooled = {(side, name): ([], 0.0) for side in commands for name in loads}
     with ExitStack() as stack:
         servers = {}
         for side, cmd in commands.items():  # all start at once; each is stopped on the way out
-            servers[side] = ServerProcess(side, cmd)
+            servers[side] = ServerProcess(side, cmd, threads=args.threads)
             stack.callback(servers[side].stop)
         t = time.perf_counter()
         for s in servers.values():
@@ -384,19 +385,20 @@ def bench_model(key: str, label: str, model_dir: Path, args) -> dict:
         for (side, name), (records, duration) in pooled.items():
             result["sides"].setdefault(side, {})[name] = summarize(records, duration)
 
-        result["ttft_idle"] = idle_ttft(servers["neoxja"].url, model_dir, tokenizer, prompts[0], args.ttft_repeats,
-                                        GPTNeoXJapaneseForCausalLM)
+        result["ttft_idle"] = idle_ttft(servers["neoxja"].url, model_dir, tokenizer, prompts[0], args.ttft_repeats)
         t = result["ttft_idle"]
         print(f"[{label}] idle TTFT, {args.prompt_len}-token prompt, median of {args.ttft_repeats}: server "
               f"{t['server_ms']:.1f} ms, direct generate(max_new_tokens=1) {t['direct_ms']:.1f} ms", flush=True)
     return result
 
 
-def idle_ttft(url: str, model_dir: Path, tokenizer, prompt: list[int], repeats: int, model_class) -> dict:
+def idle_ttft(url: str, model_dir: Path, tokenizer, prompt: list[int], repeats: int) -> dict:
     """Median TTFT of `repeats` one-token requests, one at a time, on the idle server, and median time of
     the same number of in-process `model.generate(max_new_tokens=1)` calls on the same checkpoint (float32),
     alternately; one untimed warm-up of each first."""
-    model = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
+    from neoxja.model import GPTNeoXJapaneseForCausalLM
+
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = torch.tensor([prompt])
 
     def direct() -> float:
@@ -484,18 +486,23 @@ def main(argv=None) -> int:
     p.add_argument("--request-rate", type=float,
                    help="instead of fixed concurrencies: Poisson arrivals at this many requests/s")
     p.add_argument("--num-prompts", type=int, help="requests per load per round (default: by model and concurrency)")
-    p.add_argument("--max-tokens", type=int, help="output tokens per request (default 16 for wide, 32 for small)")
+    p.add_argument("--max-tokens", type=int, help="output tokens per request (default 32; --quick: 4)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (A,B then B,A ...; default 2)")
     p.add_argument("--ttft-repeats", type=int, default=10, help="idle TTFT: requests and direct calls (default 10)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads of every process (servers and the direct generate; default: torch's "
+                        "choice). On a machine shared with other jobs, 1 avoids waiting on a descheduled thread")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="the bundled model only, few requests, 8 tokens each")
+    p.add_argument("--quick", action="store_true", help="the bundled model only, few requests, 4 tokens each")
     p.add_argument("--json", metavar="PATH", help="write all results here")
     p.add_argument("--skip-checks", action="store_true", help="print the goals without failing on them")
     args = p.parse_args(argv)
     if args.quick:
         args.models = ["small"]
         args.ttft_repeats = min(args.ttft_repeats, 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"CPU flags: {cpu_flags()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; prompt {args.prompt_len} tokens, "
