@@ -130,3 +130,27 @@ def test_generate_batch_rows_equal_each_prompt_alone(model):
     for r, p in enumerate(prompts):
         alone = model.generate(p, max_new_tokens=15, eos_token_id=[])
         assert torch.equal(batch[r, width - p.shape[1]:], alone[0])
+
+
+def test_prepacked_weights_give_the_same_bits_and_follow_weight_changes():
+    """prepack=True (oneDNN-blocked copies of the weights) gives the unpacked path's bits at every row count, and
+    a weight changed in place, or replaced, is repacked before its next use (never a stale product)."""
+    torch.manual_seed(0)
+    plain = nn.Linear(64, 48)
+    packed = make_batch_invariant(nn.Sequential(nn.Linear(64, 48)), prepack=True)[0]
+    unpacked = make_batch_invariant(nn.Sequential(nn.Linear(64, 48)), prepack=False)[0]
+    for m in (packed, unpacked):
+        m.weight, m.bias = plain.weight, plain.bias
+    assert packed.prepack and not unpacked.prepack
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        for rows in (1, 2, 5, 9):
+            assert torch.equal(packed(x[:rows]), unpacked(x[:rows]))
+        before = packed(x)
+        plain.weight.mul_(2)  # in place: the version counter moves
+        assert torch.equal(packed(x), unpacked(x)) and not torch.equal(packed(x), before)
+        packed.weight = nn.Parameter(torch.randn(48, 64))  # replaced
+        assert torch.equal(packed(x), torch.ops.mkldnn._linear_pointwise(x, packed.weight, packed.bias, "none",
+                                                                           [None], ""))
+    with pytest.raises(ValueError, match="prepack"):
+        make_batch_invariant(nn.Linear(2, 2), prepack="yes")
