@@ -155,7 +155,9 @@ def run_invariance(args) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear):
-                swaps.append((parent, name, child, RowInvariantLinear.wrap(child)))
+                inv = RowInvariantLinear.wrap(child)
+                inv.prepack = inv.op is not None  # as make_batch_invariant(prepack=True): oneDNN-blocked weights
+                swaps.append((parent, name, child, inv))
 
     def use(invariant: bool):
         for parent, name, plain, inv in swaps:
