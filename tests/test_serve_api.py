@@ -254,3 +254,22 @@ def test_every_error_has_openais_shape(plain, configured):
     assert_error(r, 429, code="queue_full")
     assert r.headers["retry-after"].isdigit()
     configured.alive()
+
+
+def test_the_documented_differences_from_openai_and_vllm(plain, configured):
+    """docs/serving.md, "Differences from OpenAI/vLLM": each is a 400 that names the parameter."""
+    url = plain.url + "/v1/completions"
+    r = httpx.post(url, json={"prompt": "猫", "max_tokens": 2, "temprature": 0.5})  # a typo: vLLM would ignore it
+    assert "temprature" in assert_error(r, 400, param="temprature")["message"]
+    assert_error(httpx.post(url, json={"prompt": "猫", "logit_bias": {"5": 1.0}}), 400, param="logit_bias")
+    assert_error(httpx.post(url, json={"prompt": "猫", "echo": True, "logprobs": 1}), 400, param="echo")
+    assert_error(httpx.post(url, json={"prompt": "猫", "suffix": "。"}), 400, param="suffix")
+    chat = configured.url + "/v1/chat/completions"
+    messages = [{"role": "user", "content": "こんにちは"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert_error(httpx.post(chat, headers=AUTH, json={"model": NAME, "messages": messages, "tools": tools}), 400,
+                 param="tools")
+    assert_error(httpx.post(chat, headers=AUTH, json={"model": NAME, "messages": messages,
+                                                       "response_format": {"type": "json_object"}}),
+                 400, param="response_format")
+    assert httpx.get(plain.url + "/health").status_code == 200  # and the server keeps serving
