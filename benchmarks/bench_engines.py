@@ -2,7 +2,7 @@
 
 Same random weights at the 2.7B width (hidden 2560, 32 heads, vocab 32000) with 4 layers; prompt 32 tokens,
 64 new tokens, greedy, batch 1, EOS off. Contenders:
-  neoxja float32, int8 (FBGEMM), bfloat16 (where the CPU has AMX-BF16 or AVX512-BF16);
+  neoxja float32 (plain, and with `neoxja generate`'s measured kernels), int8 (FBGEMM), bfloat16 (where the CPU has AMX-BF16 or AVX512-BF16);
   CTranslate2 float32 and int8 (`neoxja.export(..., to="ctranslate2")`);
   llama.cpp F32, F16, Q8_0, Q4_0 (`to="gguf"`) through llama-cpp-python, where it is importable
   (it is not a dependency of this project: it compiles llama.cpp; see docs/engines.md).
@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from neoxja.config import GPTNeoXJapaneseConfig  # noqa: E402
 from neoxja.exporters import export  # noqa: E402
 from neoxja.model import GPTNeoXJapaneseForCausalLM  # noqa: E402
+from neoxja.kernels import choose_linear_kernels  # noqa: E402
 from neoxja.quantization import quantize  # noqa: E402
 
 
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
 
     fp32_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
     contenders["neoxja float32"] = (neoxja_run(model), fp32_bytes)
+    # what `neoxja generate` runs: the skinny-product kernels measured on this machine (neoxja.kernels)
+    contenders["neoxja float32 kernels"] = (neoxja_run(choose_linear_kernels(copy.deepcopy(model))), fp32_bytes)
     contenders["neoxja int8"] = (neoxja_run(quantize(copy.deepcopy(model), "int8")), None)
     if flags["amx_bf16"] or flags["avx512_bf16"]:
         contenders["neoxja bfloat16"] = (neoxja_run(copy.deepcopy(model).to(torch.bfloat16)), fp32_bytes // 2)
@@ -173,6 +176,7 @@ def main(argv=None) -> int:
         print(f"| {n} | {new / statistics.median(times[n]):.1f} | "
               f"{f'{size / 1e9:.2f} GB' if size else '-'} | {ratio(n, 'neoxja float32'):.2f}x |")
     pairs = [("neoxja int8", "CTranslate2 int8"), ("neoxja float32", "CTranslate2 float32"),
+             ("neoxja float32 kernels", "CTranslate2 float32"),
              ("neoxja int8", "llama.cpp Q8_0"), ("neoxja bfloat16", "llama.cpp F16"),
              ("neoxja float32", "llama.cpp F32")]
     print("\nratios (median of per-round ratios; >1 means neoxja is faster):")
