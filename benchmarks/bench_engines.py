@@ -113,10 +113,16 @@ def main(argv=None) -> int:
         except ImportError:
             llama_note = "llama.cpp: llama-cpp-python is not importable here; skipped"
         else:
+            # a llama.cpp built with AMX by GCC 12 crashes (SIGSEGV) evaluating a prompt in batches (docs/engines.md):
+            # with AMX in the build, prompts go one token per batch (slower prefill, the same tokens)
+            amx_build = "AMX" in llama_cpp.llama_print_system_info().decode()
+            safe = dict(n_batch=1, n_ubatch=1) if amx_build else {}
+            if amx_build:
+                print("llama.cpp was built with AMX: n_batch=1 (avoids GCC 12's AMX tile-config crash)")
             for kind in ("f32", "f16", "q8_0", "q4_0"):
                 path = export(model, work / f"model-{kind}.gguf", to="gguf", type=kind, force=True)
                 llm = llama_cpp.Llama(str(path), n_ctx=args.prompt + new + 8, n_threads=args.threads,
-                                      n_threads_batch=args.threads, verbose=False)
+                                      n_threads_batch=args.threads, verbose=False, **safe)
                 llama_f32 = llama_f32 or (kind == "f32")
 
                 def llama_run(llm=llm):
@@ -143,7 +149,7 @@ def main(argv=None) -> int:
         import numpy as np
 
         fresh = llama_cpp.Llama(str(work / "model-f32.gguf"), n_ctx=args.prompt + 8, n_threads=args.threads,
-                                verbose=False, logits_all=True)  # a fresh context: nothing cached
+                                verbose=False, logits_all=True, **safe)  # a fresh context: nothing cached
         fresh.eval(ids)
         theirs = np.array(fresh.scores[len(ids) - 1])
         del fresh
