@@ -31,7 +31,6 @@ from typing import Callable, NamedTuple
 
 import torch
 
-
 from neoxja.generation import PREFILL_CHUNK, compile_decode, decode_one_token, prefill
 from neoxja.sampling import (FINISH_REASONS, History, SamplingBatch, SamplingParams, StopRules,
                              make_generator)
