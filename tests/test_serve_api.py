@@ -264,6 +264,7 @@ def test_the_documented_differences_from_openai_and_vllm(plain, configured):
     assert_error(httpx.post(url, json={"prompt": "猫", "logit_bias": {"5": 1.0}}), 400, param="logit_bias")
     assert_error(httpx.post(url, json={"prompt": "猫", "echo": True, "logprobs": 1}), 400, param="echo")
     assert_error(httpx.post(url, json={"prompt": "猫", "suffix": "。"}), 400, param="suffix")
+    assert_error(httpx.post(url, json={"prompt": "猫", "temperature": 2.5}), 400, param="temperature")  # OpenAI's [0, 2]
     chat = configured.url + "/v1/chat/completions"
     messages = [{"role": "user", "content": "こんにちは"}]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]

@@ -584,7 +584,8 @@ def _stream(job: _Job, request: Request, stream_options) -> StreamingResponse:
                 if job.params.logprobs is not None and out.logprobs:
                     lp = job.logprobs_json(out.logprobs, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + len(out.text)
-                held_ids.setdefault(index, []).extend(out.token_ids)
+                if job.return_token_ids:
+                    held_ids.setdefault(index, []).extend(out.token_ids)
                 if not out.text and lp is None and out.finish_reason is None:
                     continue  # held-back text: nothing to send yet
                 ids = held_ids.pop(index) if job.return_token_ids else None
