@@ -10,7 +10,8 @@ reported, so a burst of load from other jobs on a shared machine cannot favour o
                              neoxja.kernels.choose_linear_kernels, as `neoxja generate` applies it)
   training tokens/s          the steps of `neoxja train` (CausalLMLoss, AdamW fused, gradient clipping) on
                              one float32 model: plain float32 against bf16 autocast with the same float32
-                             master weights, alternating step by step (batch 2 x 256 tokens by default)
+                             master weights, alternating step by step (batch 2 x 256 tokens by default),
+                             with glibc told to keep freed blocks, as `neoxja train` does (train/memory.py)
 
 Goals where the CPU has AMX-BF16 (issue 13): prefill >= 3.5x, batch-8 decode >= 2x, training >= 2.5x.
 Where it has neither AMX-BF16 nor AVX512-BF16, neoxja.preferred_dtype is float32 and nothing is checked.
@@ -114,8 +115,10 @@ def training(args) -> float:
     """One float32 model and optimizer; steps alternate between plain float32 and bf16 autocast, as the
     training loop runs them (its CausalLMLoss, fused AdamW, gradient clipping)."""
     from neoxja.train.loop import CausalLMLoss, _clip_gradients
+    from neoxja.train.memory import retain_freed_memory
     from neoxja.train.optim import make_optimizer
 
+    print(f"  retain_freed_memory() as `neoxja train` calls it: {retain_freed_memory()}", flush=True)
     torch.manual_seed(0)
     model = GPTNeoXJapaneseForCausalLM(config(args.layers)).float().train()
     loss_module = CausalLMLoss(model)

@@ -138,11 +138,13 @@ def export_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     from neoxja.train.checkpoint import CheckpointError
     from neoxja.train.loop import TrainError, train
+    from neoxja.train.memory import retain_freed_memory
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["export-checkpoint"]:
         return export_main(argv[1:])
     args = parse_args(argv)
+    retain_freed_memory()  # glibc: steps reuse freed blocks instead of faulting fresh pages in (train/memory.py)
     if os.environ.get("RANK", "0") == "0":
         master = "" if args.dtype == "float32" else " autocast, float32 master weights"
         print(f"dtype {args.dtype}{master} ({args.dtype_reason})")  # stdout, with the run's other progress; stderr stays for errors
