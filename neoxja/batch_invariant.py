@@ -28,16 +28,12 @@ machine's memory. Measured on a 2-core AMD EPYC (AVX2): 256x8000 at two rows 1.5
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@functools.cache
-def _has_onednn_linear() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+from neoxja.kernels import PackedWeight, onednn_linear_available, pack_fits
 
 
 def _onednn_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -76,18 +72,10 @@ class RowInvariantLinear(nn.Linear):
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight = linear.weight  # the same Parameter: tied weights stay tied
         new.bias = linear.bias
-        new.op = _row_invariant_op() if _has_onednn_linear() else None  # looked up once, not per call
+        new.op = _row_invariant_op() if onednn_linear_available() else None  # looked up once, not per call
         new.prepack = False
-        new._packed = None  # (blocked weight, the weight it was made from, that weight's version)
+        new.packed = PackedWeight()  # the blocked copy, made on first use and remade when the weight changes
         return new
-
-    def _packed_weight(self) -> torch.Tensor:
-        w = self.weight
-        packed = self._packed
-        if packed is None or packed[1] is not w or packed[2] != w._version:  # new or changed: (re)pack
-            with torch.no_grad():
-                self._packed = packed = (torch.ops.mkldnn._reorder_linear_weight(w.detach(), 2), w, w._version)
-        return packed[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -95,7 +83,7 @@ class RowInvariantLinear(nn.Linear):
                 and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()):
             x2 = x.reshape(-1, self.in_features)  # (rows, in)
             if self.prepack and not torch.compiler.is_compiling():
-                y = _onednn_rows(x2, self._packed_weight(), self.bias)
+                y = _onednn_rows(x2, self.packed.get(w), self.bias)
             else:  # compiled: the custom op (the same kernel and bits, opaque to inductor)
                 y = self.op(x2, w, self.bias)  # (rows, out)
             return y.view(*x.shape[:-1], self.out_features)
@@ -118,16 +106,8 @@ def make_batch_invariant(model: nn.Module, prepack: bool | str = "auto") -> nn.M
                     setattr(parent, name, child)
                 linears.append(child)
     if prepack == "auto":
-        weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in {id(m): m for m in linears}.values())
-        prepack = weight_bytes <= _memory_bytes() / 4
+        prepack = pack_fits(linears)
     for m in linears:
         m.prepack = bool(prepack) and m.op is not None and m.weight.device.type == "cpu"
-        m._packed = None
+        m.packed.clear()
     return model
-
-
-def _memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: assume little
-        return 0

@@ -34,14 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SkinnyLinear", "choose_linear_kernels", "restore_linear", "measure_plan", "KERNELS", "ROW_GRID"]
+__all__ = ["SkinnyLinear", "PackedWeight", "choose_linear_kernels", "restore_linear", "measure_plan", "KERNELS",
+           "ROW_GRID"]
 
 ROW_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # row counts timed; a count between uses the one below
 SLICE = 16  # weight rows per batched product of the bmm kernel
 MEASURE_ROWS = 4096  # output rows timed at most: a taller weight is timed on its first 4096 rows (a view),
                      # which ranks the kernels as the whole does (each streams the rows alike) at a fraction
                      # of the cost (the 2.7B LM head has 32000)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the "packed" kernel
+PACK_HINT = 2  # the row count oneDNN's blocked layout is made for (1, 2 and 64 measured alike at 1-256 rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -64,17 +66,64 @@ def _onednn(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [None], "")  # (rows, out)
 
 
-KERNELS = {"linear": _linear, "bmm16": _bmm16, "onednn": _onednn}
+# "packed" is oneDNN's linear on a blocked copy of the weight (PackedWeight): the caller passes that copy as
+# `weight`. Unpacked, oneDNN reorders the weight into its layout at every call, which at a few rows costs
+# as much as the product: on a 2-core Xeon with AMX, bfloat16 at 1-16 rows went from 25-27 GB/s (F.linear
+# and unpacked alike) to 36-45 GB/s on the 2.7B layers' weights.
+KERNELS = {"linear": _linear, "bmm16": _bmm16, "onednn": _onednn, "packed": _onednn}
 
 
-def candidates(weight: torch.Tensor) -> list[str]:
-    """The kernels that can take this weight: bmm16 needs out % 16 == 0, oneDNN's op must be in the build."""
+def onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def candidates(weight: torch.Tensor, pack: bool = False) -> list[str]:
+    """The kernels that can take this weight: bmm16 needs out % 16 == 0, oneDNN's op must be in the build,
+    packed also needs leave to keep a second copy of the weight (pack)."""
     names = ["linear"]
     if weight.shape[0] % SLICE == 0:
         names.append("bmm16")
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if onednn_linear_available():
         names.append("onednn")
+        if pack and weight.dtype in (torch.float32, torch.bfloat16):
+            names.append("packed")
     return names
+
+
+class PackedWeight:
+    """A oneDNN-blocked copy of a weight (`torch.ops.mkldnn._reorder_linear_weight`: the same values in
+    oneDNN's layout, products equal to the unpacked op's bit for bit), made on first use and remade when the
+    weight changes (another tensor, or its version counter moved: an optimizer step, load_state_dict)."""
+
+    __slots__ = ("_entry",)
+
+    def __init__(self):
+        self._entry = None  # (blocked copy, the weight it was made from, that weight's version)
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor:
+        entry = self._entry
+        if entry is None or entry[1] is not weight or entry[2] != weight._version:
+            with torch.no_grad():
+                self._entry = entry = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_HINT),
+                                       weight, weight._version)
+        return entry[0]
+
+    def clear(self) -> None:
+        self._entry = None
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory (0 where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume little
+        return 0
+
+
+def pack_fits(modules) -> bool:
+    """prepack="auto": blocked copies of these modules' weights take at most a quarter of the memory."""
+    unique = {id(m.weight): m.weight for m in modules}.values()
+    return sum(w.numel() * w.element_size() for w in unique) <= memory_bytes() / 4
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -85,9 +134,11 @@ class SkinnyLinear(nn.Linear):
     """nn.Linear whose inference products on few rows use the kernel measured fastest for them.
 
     `plan` maps a row count of ROW_GRID to a kernel name; rows above the grid's top, autograd, other
-    devices and other dtypes take F.linear."""
+    devices and other dtypes take F.linear. "packed" keeps a blocked copy of the weight (`packed`), made the
+    first time a row count uses it; under torch.compile it runs as "onednn" (the same op on the plain weight)."""
 
     plan: dict[int, str]
+    packed: PackedWeight
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, plan: dict[int, str]) -> "SkinnyLinear":
@@ -97,6 +148,7 @@ class SkinnyLinear(nn.Linear):
         new.bias = linear.bias
         new.train(linear.training)
         new.plan = dict(plan)
+        new.packed = PackedWeight()
         return new
 
     def kernel_for(self, rows: int) -> str:
@@ -113,7 +165,13 @@ class SkinnyLinear(nn.Linear):
             name = self.kernel_for(rows)
             if name != "linear":
                 x2 = x.reshape(rows, self.in_features).contiguous()  # (rows, in)
-                y = KERNELS[name](x2, self.weight, self.bias)  # (rows, out)
+                w = self.weight
+                if name == "packed":
+                    if torch.compiler.is_compiling():
+                        name = "onednn"
+                    else:
+                        w = self.packed.get(w)
+                y = KERNELS[name](x2, w, self.bias)  # (rows, out)
                 return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -134,16 +192,31 @@ def _same_product(got: torch.Tensor, expected: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def measure_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, repeats: int = 2,
-                 rows_grid: tuple[int, ...] = ROW_GRID, timer=time.perf_counter) -> dict[int, str]:
+def measure_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, repeats: int = 5,
+                 rows_grid: tuple[int, ...] = ROW_GRID, timer=time.perf_counter, pack: bool = False,
+                 working_set: int = 0) -> dict[int, str]:
     """Time each candidate kernel on `weight` (out, in) for each row count of the grid; the fastest per count.
 
     Each kernel is first checked against F.linear on random rows (a kernel that fails or disagrees is not
     used; the check is also its warm-up). Timings are interleaved kernel by kernel, `repeats` rounds, the
-    best of each counts (other load only slows a call down). F.linear wins unless another kernel is over 10% faster: a change of kernel must pay."""
-    names = candidates(weight)  # of the whole weight (bmm16 needs its row count divisible by 16)
+    best of each counts (other load only slows a call down). F.linear wins unless another kernel is over 10% faster: a change of kernel must pay.
+    pack: also time "packed" (oneDNN on a blocked copy, which the caller will have to keep).
+
+    working_set: the bytes of weight a decoding step streams (the model's; plans_for passes it, capped). The
+    timed calls rotate over enough copies of the weight to cover it, so that a kernel is timed reading its
+    weight from memory, as in a step, and not from a cache that held the previous call's: the 2.7B layers'
+    weights fit this project's Xeon's 480 MB L3 one at a time, where the ranking of kernels differs."""
+    names = candidates(weight, pack)  # of the whole weight (bmm16 needs its row count divisible by 16)
     weight = weight.detach()[:MEASURE_ROWS]  # (min(out, 4096), in), a view
     bias = None if bias is None else bias.detach()[:MEASURE_ROWS]
+    copies = [weight] + [weight.clone() for _ in range(min(64, -(-working_set // _nbytes(weight))) - 1)]
+    operands = {name: copies for name in names}
+    if "packed" in names:
+        try:
+            operands["packed"] = [PackedWeight().get(w) for w in copies]
+        except RuntimeError:  # a oneDNN build that cannot block this dtype
+            names.remove("packed")
+    turn = 0
     generator = torch.Generator().manual_seed(0)
     plan: dict[int, str] = {}
     for rows in rows_grid:
@@ -152,19 +225,29 @@ def measure_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, repeats
         usable = []
         for name in names:
             try:
-                if _same_product(KERNELS[name](x, weight, bias), expected):
+                if _same_product(KERNELS[name](x, operands[name][0], bias), expected):
+                    KERNELS[name](x, operands[name][0], bias)  # a second untimed call: oneDNN's first ones are slower
                     usable.append(name)
             except RuntimeError:  # e.g. a oneDNN build without this dtype
                 pass
         best = {name: float("inf") for name in usable}
         for _ in range(repeats):
             for name in usable:
+                operand = operands[name][turn % len(copies)]  # the copy read least recently
+                turn += 1
                 t = timer()
-                KERNELS[name](x, weight, bias)
+                KERNELS[name](x, operand, bias)
                 best[name] = min(best[name], timer() - t)
         winner = min(best, key=best.get)
         plan[rows] = winner if best[winner] < 0.9 * best["linear"] else "linear"
     return plan
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+WORKING_SET_CAP = 1 << 30  # bytes of weight copies measure_plan rotates over at most (and an eighth of memory)
 
 
 def machine_key() -> str:
@@ -229,22 +312,24 @@ def _write_cache(path: Path, plans: dict) -> None:
 
 
 def plans_for(shapes: list[tuple[torch.Tensor, torch.Tensor | None]], cache: Path | None | bool = None,
-              measure=None) -> dict[tuple, dict[int, str]]:
+              measure=None, pack: bool = False) -> dict[tuple, dict[int, str]]:
     """{(out, in, dtype name): plan} for the distinct weights given, from the cache or measured (once per
-    machine key, shape and dtype) and added to it. cache=False: measure, keep nothing."""
+    machine key, shape, dtype and leave to pack) and added to it. cache=False: measure, keep nothing."""
     measure = measure or measure_plan
     path = cache_path() if cache is None else cache
     stored = _read_cache(path) if path else {}
     machine = machine_key()
     plans, measured = {}, False
+    working_set = min(sum(_nbytes(w) for w in {id(w): w for w, _ in shapes}.values()), WORKING_SET_CAP,
+                      memory_bytes() // 8)
     for weight, bias in shapes:
         shape = (weight.shape[0], weight.shape[1], str(weight.dtype).removeprefix("torch."))
         if shape in plans:
             continue
-        key = f"{machine}|{shape[2]}|{shape[0]}x{shape[1]}"
+        key = f"{machine}|{shape[2]}|{shape[0]}x{shape[1]}" + ("|pack" if pack else "")
         plan = _valid_plan(stored.get(key))
         if plan is None:
-            plan = measure(weight, bias)
+            plan = measure(weight, bias, pack=pack, working_set=working_set)
             stored[key] = {str(rows): name for rows, name in plan.items()}
             measured = True
         plans[shape] = plan
@@ -262,23 +347,32 @@ def _eligible(module: nn.Module) -> bool:
             and module.weight.dim() == 2)
 
 
-def choose_linear_kernels(model: nn.Module, cache: Path | None | bool = None) -> nn.Module:
+def choose_linear_kernels(model: nn.Module, cache: Path | None | bool = None, pack: bool | str = "auto") -> nn.Module:
     """Give every CPU float nn.Linear of `model` the skinny-product kernels measured fastest on this machine
     (in place; returns the model). The first call per machine, dtype and weight shape times the kernels
     (seconds for the 2.7B shapes) and caches the result; later calls only read it. A model with nothing
     eligible (on a GPU, or quantized) is returned unchanged. Calling it again (say after `model.to(dtype)`)
-    re-plans the layers for their current dtype."""
+    re-plans the layers for their current dtype.
+
+    pack: whether the "packed" kernel may be chosen, which keeps a oneDNN-blocked copy of each weight that
+    uses it (up to twice the weights' memory); "auto": when the copies take at most a quarter of this
+    machine's memory (a 2.7B model in bfloat16, 5.4 GB, packs on a 24 GB machine; in float32 it does not)."""
+    if pack not in (True, False, "auto"):
+        raise ValueError(f"pack must be True, False or 'auto', got {pack!r}")
     names = [name for name, module in model.named_modules() if _eligible(module)]
     if not names:
         return model
     modules = [model.get_submodule(name) for name in names]
-    plans = plans_for([(m.weight, m.bias) for m in modules], cache=cache)
+    if pack == "auto":
+        pack = pack_fits(modules)
+    plans = plans_for([(m.weight, m.bias) for m in modules], cache=cache, pack=pack)
     for name, linear in zip(names, modules):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         shape = (linear.out_features, linear.in_features, str(linear.weight.dtype).removeprefix("torch."))
         if isinstance(linear, SkinnyLinear):
             linear.plan = dict(plans[shape])
+            linear.packed.clear()
         else:
             setattr(parent, child, SkinnyLinear.from_linear(linear, plans[shape]))
     return model

@@ -46,11 +46,11 @@ def test_the_model_is_built_from_plain_linear_layers():
     assert linears and all(type(m) is nn.Linear for m in linears)
 
 
-@pytest.mark.parametrize("kernel", ["linear", "bmm16", "onednn"])
+@pytest.mark.parametrize("kernel", ["linear", "bmm16", "onednn", "packed"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 8, 12, 13, 64, 65])
 @pytest.mark.parametrize("out_features,bias", [(48, False), (48, True)])
 def test_every_kernel_gives_f_linear_numbers(kernel, rows, out_features, bias):
-    if kernel not in kernels.candidates(torch.empty(out_features, 40)):
+    if kernel not in kernels.candidates(torch.empty(out_features, 40), pack=True):
         pytest.skip(f"{kernel} is not available in this torch build")
     torch.manual_seed(rows)
     plain = nn.Linear(40, out_features, bias=bias)
@@ -135,7 +135,7 @@ def test_quantize_and_save_after_the_transform(tmp_path):
 def test_plans_are_measured_once_and_cached(tmp_path, monkeypatch):
     calls = []
 
-    def fake_measure(weight, bias):
+    def fake_measure(weight, bias, pack=False, working_set=0):
         calls.append(tuple(weight.shape))
         return fixed_plan("bmm16")
 
@@ -168,7 +168,7 @@ def test_plans_are_measured_once_and_cached(tmp_path, monkeypatch):
 @pytest.mark.parametrize("content", ["not json", "[]", '{"version": 1, "plans": {"x": 3}}',
                                      '{"version": 999, "plans": {}}'])
 def test_a_damaged_cache_is_measured_again_and_rewritten(tmp_path, monkeypatch, content):
-    monkeypatch.setattr(kernels, "measure_plan", lambda weight, bias: fixed_plan("linear"))
+    monkeypatch.setattr(kernels, "measure_plan", lambda weight, bias, pack=False, working_set=0: fixed_plan("linear"))
     cache = tmp_path / "k.json"
     cache.write_text(content)
     choose_linear_kernels(tiny_model(), cache=cache)
@@ -182,7 +182,7 @@ def test_a_damaged_cache_is_measured_again_and_rewritten(tmp_path, monkeypatch, 
 
 
 def test_an_unwritable_cache_is_not_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(kernels, "measure_plan", lambda weight, bias: fixed_plan("linear"))
+    monkeypatch.setattr(kernels, "measure_plan", lambda weight, bias, pack=False, working_set=0: fixed_plan("linear"))
     blocker = tmp_path / "file"
     blocker.write_text("")
     choose_linear_kernels(tiny_model(), cache=blocker / "sub" / "k.json")  # its parent is a file
@@ -209,7 +209,7 @@ def test_measure_plan_picks_the_fastest_correct_kernel(monkeypatch):
 
     real = dict(kernels.KERNELS)
     monkeypatch.setattr(kernels, "KERNELS", {name: timed(name, fn) for name, fn in real.items()})
-    monkeypatch.setattr(kernels, "candidates", lambda w: ["linear", "bmm16", "onednn"])
+    monkeypatch.setattr(kernels, "candidates", lambda w, pack=False: ["linear", "bmm16", "onednn"])
     weight = torch.randn(32, 16)
     plan = measure_plan(weight, timer=lambda: clock[0])
     assert set(plan) == set(ROW_GRID)
@@ -254,9 +254,44 @@ def test_a_tall_weight_is_timed_on_a_slice_but_planned_for_the_whole(monkeypatch
 
 def test_a_second_call_replans_for_the_current_dtype(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "measure_plan",
-                        lambda weight, bias: fixed_plan("bmm16" if weight.dtype == torch.float32 else "linear"))
+                        lambda weight, bias, pack=False, working_set=0: fixed_plan("bmm16" if weight.dtype == torch.float32 else "linear"))
     model = choose_linear_kernels(tiny_model(), cache=tmp_path / "k.json")
     first = model.embed_out
     assert first.plan == fixed_plan("bmm16")
     choose_linear_kernels(model.to(torch.bfloat16), cache=tmp_path / "k.json")
     assert model.embed_out is first and first.plan == fixed_plan("linear")
+
+
+@pytest.mark.skipif("packed" not in kernels.candidates(torch.empty(16, 8), pack=True), reason="no oneDNN linear")
+def test_the_packed_kernel_keeps_a_blocked_copy_that_follows_the_weight(tmp_path, monkeypatch):
+    """"packed" multiplies by a oneDNN-blocked copy of the weight, made on first use and remade when the weight
+    changes in place (an optimizer step, load_state_dict); it is planned only with leave to pack."""
+    torch.manual_seed(0)
+    layer = SkinnyLinear.from_linear(nn.Linear(40, 48), fixed_plan("packed"))
+    x = torch.randn(4, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        first = layer.packed.get(layer.weight)
+        assert layer.packed.get(layer.weight) is first  # kept, not remade per call
+        layer.weight.mul_(2.0)  # in place: the version counter moves
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        assert layer.packed.get(layer.weight) is not first
+
+    seen = []
+    monkeypatch.setattr(kernels, "measure_plan",
+                        lambda weight, bias, pack=False, working_set=0: (seen.append(pack), fixed_plan("packed" if pack else "onednn"))[1])
+    model = choose_linear_kernels(tiny_model(), cache=tmp_path / "k.json", pack=False)
+    assert set(seen) == {False} and all(m.plan == fixed_plan("onednn") for m in model.modules()
+                                        if isinstance(m, SkinnyLinear))
+    seen.clear()
+    model = choose_linear_kernels(tiny_model(), cache=tmp_path / "k.json")  # auto: a tiny model fits
+    assert set(seen) == {True} and all(m.plan == fixed_plan("packed") for m in model.modules()
+                                       if isinstance(m, SkinnyLinear))
+    assert all(key.endswith("|pack") == ("packed" in plan.values())
+               for key, plan in json.loads((tmp_path / "k.json").read_text())["plans"].items())
+    monkeypatch.setattr(kernels, "memory_bytes", lambda: 1000)  # "auto" on a machine too small for the copies
+    seen.clear()
+    choose_linear_kernels(tiny_model(), cache=False)
+    assert set(seen) == {False}
+    with pytest.raises(ValueError, match="pack must be"):
+        choose_linear_kernels(tiny_model(), pack="yes")
