@@ -7,6 +7,7 @@ Modules, top-down:
   checkpoint  atomic, keep-last-K checkpoints (plain or torch.distributed.checkpoint)
   distributed process-group set-up, DDP / FSDP2 wrapping
   metrics     metrics.jsonl and the loss-curve PNG
+  memory      glibc keeps freed blocks, so steps do not fault fresh pages in (`neoxja train` sets it)
   loop        the training loop itself
   cli         argument parsing for `neoxja train`
 
