@@ -43,6 +43,7 @@ MEASURE_ROWS = 4096  # output rows timed at most: a taller weight is timed on it
                      # which ranks the kernels as the whole does (each streams the rows alike) at a fraction
                      # of the cost (the 2.7B LM head has 32000)
 CACHE_VERSION = 2  # 2: the "packed" kernel
+WORKING_SET_CAP = 1 << 30  # bytes of weight copies measure_plan rotates over at most (and an eighth of memory)
 PACK_HINT = 2  # the row count oneDNN's blocked layout is made for (1, 2 and 64 measured alike at 1-256 rows)
 
 
@@ -68,8 +69,9 @@ def _onednn(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 # "packed" is oneDNN's linear on a blocked copy of the weight (PackedWeight): the caller passes that copy as
 # `weight`. Unpacked, oneDNN reorders the weight into its layout at every call, which at a few rows costs
-# as much as the product: on a 2-core Xeon with AMX, bfloat16 at 1-16 rows went from 25-27 GB/s (F.linear
-# and unpacked alike) to 36-45 GB/s on the 2.7B layers' weights.
+# as much as the product. On a 2-core Xeon with AMX it won from 2-4 rows on in bfloat16 and from 4 rows on in
+# float32, and batch-8 greedy decoding of the 2.7B width went 108-117 -> 133 tok/s (bf16), 53-60 -> 65
+# (float32); at one row, read from memory, it was ~1.1x F.linear, under the 10% a change must pay.
 KERNELS = {"linear": _linear, "bmm16": _bmm16, "onednn": _onednn, "packed": _onednn}
 
 
@@ -123,7 +125,11 @@ def memory_bytes() -> int:
 def pack_fits(modules) -> bool:
     """prepack="auto": blocked copies of these modules' weights take at most a quarter of the memory."""
     unique = {id(m.weight): m.weight for m in modules}.values()
-    return sum(w.numel() * w.element_size() for w in unique) <= memory_bytes() / 4
+    return sum(_nbytes(w) for w in unique) <= memory_bytes() / 4
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,13 +247,6 @@ def measure_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, repeats
         winner = min(best, key=best.get)
         plan[rows] = winner if best[winner] < 0.9 * best["linear"] else "linear"
     return plan
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-WORKING_SET_CAP = 1 << 30  # bytes of weight copies measure_plan rotates over at most (and an eighth of memory)
 
 
 def machine_key() -> str:

@@ -295,3 +295,18 @@ def test_the_packed_kernel_keeps_a_blocked_copy_that_follows_the_weight(tmp_path
     assert set(seen) == {False}
     with pytest.raises(ValueError, match="pack must be"):
         choose_linear_kernels(tiny_model(), pack="yes")
+
+
+def test_timed_calls_rotate_over_copies_covering_the_working_set(monkeypatch):
+    """A step reads every weight from memory: the timings read copies of the weight in turn (as many as the
+    working set asks for), not one weight a cache keeps after its first call."""
+    weight = torch.randn(48, 16)
+    seen = []
+    real = dict(kernels.KERNELS)
+    monkeypatch.setattr(kernels, "KERNELS", {n: (lambda f: lambda x, w, b: (seen.append(w.data_ptr()), f(x, w, b))[1])(f)
+                                             for n, f in real.items()})
+    measure_plan(weight, rows_grid=(2,), repeats=4, working_set=3 * weight.numel() * weight.element_size())
+    assert len(set(seen)) == 3  # the weight and two copies, shared by the kernels that read it plain
+    seen.clear()
+    measure_plan(weight, rows_grid=(2,), repeats=4)  # no working set given: the weight itself
+    assert set(seen) == {weight.data_ptr()}
