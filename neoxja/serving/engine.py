@@ -8,9 +8,8 @@ Each `step()`:
    kv_length)`, so a long prompt is admitted over several steps while the others keep decoding;
 4. decodes: one `decode_one_token(model, tokens, positions, kv_length)` (the same function generate() steps
    with; `compile=True`: its torch.compile'd form) over slots 0..B-1, B = 1 + the highest decoding slot
-   (rows in that range that are not decoding get a dummy token at their current length); both (decode when
-   eager) attend over
-   the cache's first positions rounded up to a multiple of KV_BUCKET, not the whole context (`_kv_length`);
+   (rows in that range that are not decoding get a dummy token at their current length); prefill, and decode
+   when eager, attend over the cache's first positions rounded up to a multiple of KV_BUCKET (`_kv_length`);
 5. samples the rows with neoxja.sampling's `SamplingBatch` (each request its own parameters and its own
    torch.Generator, so a row draws the same whatever shares its batch) and `StopRules` (EOS, stop_token_ids,
    max_tokens, the context), matches stop strings through an IncrementalDetokenizer and reports each
