@@ -95,19 +95,21 @@ def candidates(weight: torch.Tensor, pack: bool = False) -> list[str]:
 class PackedWeight:
     """A oneDNN-blocked copy of a weight (`torch.ops.mkldnn._reorder_linear_weight`: the same values in
     oneDNN's layout, products equal to the unpacked op's bit for bit), made on first use and remade when the
-    weight changes (another tensor, or its version counter moved: an optimizer step, load_state_dict)."""
+    weight changes: another tensor, its version counter moved (an optimizer step, load_state_dict), or its
+    data replaced (`model.to(dtype)` swaps a Parameter's data without moving its version)."""
 
     __slots__ = ("_entry",)
 
     def __init__(self):
-        self._entry = None  # (blocked copy, the weight it was made from, that weight's version)
+        self._entry = None  # (blocked copy, the weight it was made from, what identifies that weight's data)
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
         entry = self._entry
-        if entry is None or entry[1] is not weight or entry[2] != weight._version:
+        state = (weight._version, weight.data_ptr(), weight.dtype, weight.shape)
+        if entry is None or entry[1] is not weight or entry[2] != state:
             with torch.no_grad():
                 self._entry = entry = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_HINT),
-                                       weight, weight._version)
+                                       weight, state)
         return entry[0]
 
     def clear(self) -> None:

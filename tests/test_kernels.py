@@ -310,3 +310,23 @@ def test_timed_calls_rotate_over_copies_covering_the_working_set(monkeypatch):
     seen.clear()
     measure_plan(weight, rows_grid=(2,), repeats=4)  # no working set given: the weight itself
     assert set(seen) == {weight.data_ptr()}
+
+
+@pytest.mark.skipif("packed" not in kernels.candidates(torch.empty(16, 8), pack=True), reason="no oneDNN linear")
+def test_a_blocked_copy_is_remade_after_model_to_dtype():
+    """model.to(dtype) replaces a Parameter's data without moving its version counter: the blocked copies
+    (SkinnyLinear's "packed", RowInvariantLinear's prepack) must follow it all the same."""
+    from neoxja.batch_invariant import RowInvariantLinear
+
+    torch.manual_seed(0)
+    skinny = SkinnyLinear.from_linear(nn.Linear(64, 48), fixed_plan("packed"))
+    invariant = RowInvariantLinear.wrap(nn.Linear(64, 48))
+    invariant.prepack = invariant.op is not None
+    for layer in (skinny, invariant):
+        with torch.no_grad():
+            layer(torch.randn(4, 64))  # the float32 copy is made
+            layer.to(torch.bfloat16)
+            x = torch.randn(4, 64, dtype=torch.bfloat16)
+            got = layer(x)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), F.linear(x, layer.weight, layer.bias).float(), atol=2e-2, rtol=2e-2)
