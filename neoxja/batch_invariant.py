@@ -5,7 +5,10 @@ Why: the CPU kernels behind F.linear pick their algorithm by the number of rows 
 every weight shape of the bundled model and of the 2.7B width): MKL's F.linear gives a row different bits
 at M=1 (its matrix-vector path) than at M>=2, and different bits again above M=10..15; the skinny-product
 kernels (batched products over weight slices) agree with it on 2..10 only. oneDNN's linear gives a row the
-same bits for every M >= 2 (checked for M = 2..69 and at any position of the row in the batch).
+same bits for every M >= 2 in float32 (checked for M = 2..69 and at any position of the row in the batch, and
+on a Xeon with AMX up to M = 512). In bfloat16 on that Xeon it does so for M = 2..32 only: from 33 rows, with
+2,560 or more inputs, oneDNN blocks the sum differently. So bfloat16 and float16 products are computed in
+blocks of at most 32 rows (BLOCK_ROWS), each block as any call of 2..32 rows would compute it.
 
 So the transform replaces each float nn.Linear (and subclasses such as model.Linear; not the quantized
 modules) by `RowInvariantLinear`, which shares its weight and bias (ties survive) and computes inference
@@ -36,9 +39,16 @@ from torch import nn
 from neoxja.kernels import PackedWeight, onednn_linear_available, pack_fits
 
 
+BLOCK_ROWS = {torch.bfloat16: 32, torch.float16: 32}  # rows per oneDNN call at most, where M changes the bits
+
+
 def _onednn_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (rows, in) @ w.T + bias through oneDNN's linear, a single row as two equal ones; (rows, out)."""
+    """x (rows, in) @ w.T + bias through oneDNN's linear, a single row as two equal ones, at most
+    BLOCK_ROWS[dtype] rows per call; (rows, out)."""
     rows = x.shape[0]
+    block = BLOCK_ROWS.get(x.dtype)
+    if block is not None and rows > block:
+        return torch.cat([_onednn_rows(x[i:i + block], w, bias) for i in range(0, rows, block)])  # (rows, out)
     if rows == 1:
         x = x.expand(2, x.shape[1])  # one row computed as two: oneDNN's M=1 path differs
     y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), bias, "none", [None], "")
