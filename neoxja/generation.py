@@ -57,6 +57,21 @@ def prefill(model, input_ids: torch.Tensor, slot: int, start_pos: int, kv_length
     return model.forward_cached(input_ids, input_pos, first_row=slot, kv_length=kv_length)[:, -1]  # (1, V)
 
 
+def prefill_segments(model, chunks: list[tuple[torch.Tensor, int, int, int]]) -> torch.Tensor:
+    """Several prefill calls in one: each (input_ids (1, T_i), slot, start_pos, kv_length) as
+    prefill(model, input_ids, slot, start_pos, kv_length) would do it, with the weight products of all the
+    chunks' tokens at once; logits (len(chunks), V) of each chunk's last token."""
+    segments, start = [], 0
+    for ids, slot, start_pos, kv_length in chunks:
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise ValueError(f"prefill_segments: each chunk must be (1, T) with T >= 1, got {tuple(ids.shape)}")
+        segments.append((slot, start, start + ids.shape[1], kv_length))
+        start += ids.shape[1]
+    input_ids = torch.cat([ids for ids, *_ in chunks], dim=1)  # (1, N)
+    input_pos = torch.cat([torch.arange(p, p + ids.shape[1], device=ids.device) for ids, _, p, _ in chunks])[None]
+    return model.forward_segments(input_ids, input_pos, segments)  # (len(chunks), V)
+
+
 def prefill_chunks(model, input_ids: torch.Tensor, slot: int, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """The whole prompt (1, T) into `slot` from position 0, `chunk` tokens per prefill call; logits (1, V)."""
     for start in range(0, input_ids.shape[1], chunk):

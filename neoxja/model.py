@@ -132,7 +132,7 @@ class GPTNeoXJapaneseAttention(nn.Module):
         self.kv_cache: KVCache | None = None  # set by setup_caches, used by forward_cached
 
     def forward(self, x, cos, sin, mask=None, is_causal=False, layer_past=None, input_pos=None, first_row=0,
-                kv_length=None, head_mask=None, output_attentions=False):
+                kv_length=None, head_mask=None, output_attentions=False, segments=None):
         B, T, C = x.size()
         nh, hs = self.num_heads, self.head_size
 
@@ -142,6 +142,15 @@ class GPTNeoXJapaneseAttention(nn.Module):
         q, k = qk.unbind(-2)  # each (B, nh, T, hs)
         v = qkv[..., 2, :]  # (B, nh, T, hs)
 
+        if segments is not None:  # several sequences side by side in one row (1, N): each its own cache slot
+            scale = 1.0 / math.sqrt(hs)
+            ys = []
+            for slot, start, end, seg_kv_length, seg_mask in segments:  # tokens [start, end) go to `slot`
+                k_seg, v_seg = self.kv_cache.update(input_pos[:, start:end], k[:, :, start:end], v[:, :, start:end],
+                                                    slot, seg_kv_length)  # (1, nh, seg_kv_length, hs)
+                ys.append(_cached_attention(q[:, :, start:end], k_seg, v_seg, seg_mask, scale))  # (1, nh, T_i, hs)
+            y = torch.cat(ys, dim=2).transpose(1, 2).reshape(B, T, C)  # (1, N, C)
+            return self.dense(y), None, None
         if input_pos is not None:  # static cache: write rows [first_row, first_row + B) at input_pos (B, T)
             k, v = self.kv_cache.update(input_pos, k, v, first_row, kv_length)  # (B, nh, kv_length, hs)
         elif layer_past is not None:  # dynamic cache: append to the past keys/values
@@ -407,6 +416,38 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
             x, _, _ = layer(x, cos, sin, mask, False, input_pos=input_pos, first_row=first_row, kv_length=kv_length)
         return self.final_layer_norm(x)  # (B, T, C)
 
+    def forward_segments(self, input_ids, input_pos, segments):
+        """Final hidden states (1, N, C) of several sequences' tokens laid side by side in one row: segment
+        (slot, start, end, kv_length) holds tokens [start, end) of input_ids (1, N), written to cache row
+        `slot` at input_pos[0, start:end] and attending over that row's first kv_length positions, exactly as
+        forward_cached(input_ids[:, start:end], input_pos[:, start:end], slot, kv_length) would; the weight
+        products take all N tokens at once."""
+        cache = self.layers[0].attention.kv_cache
+        if cache is None:
+            raise RuntimeError("no KV caches: call setup_caches(max_batch_size, max_seq_length) first")
+        N = input_ids.shape[1]
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_pos.shape != input_ids.shape:
+            raise ValueError(f"forward_segments: input_ids and input_pos must both be (1, N), got "
+                             f"{tuple(input_ids.shape)} and {tuple(input_pos.shape)}")
+        covered, layered = 0, []
+        for slot, start, end, kv_length in segments:
+            if start != covered or end <= start or not 0 <= slot < cache.max_batch_size \
+                    or not 0 < kv_length <= cache.max_seq_length:
+                raise ValueError(f"forward_segments: segment {(slot, start, end, kv_length)} must continue at "
+                                 f"token {covered}, be non-empty, name a slot < {cache.max_batch_size} and a "
+                                 f"kv_length in [1, {cache.max_seq_length}]")
+            covered = end
+            allowed = self.key_positions[:kv_length] <= input_pos[:, start:end].unsqueeze(-1)  # (1, T_i, kv_length)
+            mask = torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf")).unsqueeze(1)
+            layered.append((slot, start, end, kv_length, mask))  # mask (1, 1, T_i, kv_length), as forward_cached's
+        if covered != N:
+            raise ValueError(f"forward_segments: the segments cover {covered} of the {N} tokens")
+        cos, sin = self.rotary_cos[input_pos], self.rotary_sin[input_pos]  # (1, N, rd)
+        x = self.embed_in(input_ids)  # (1, N, C)
+        for layer in self.layers:
+            x, _, _ = layer(x, cos, sin, None, False, input_pos=input_pos, segments=layered)
+        return self.final_layer_norm(x)  # (1, N, C)
+
 
 class GPTNeoXJapaneseForCausalLM(GPTNeoXJapanesePreTrainedModel, GenerationMixin):
     def __init__(self, config: GPTNeoXJapaneseConfig):
@@ -487,6 +528,13 @@ class GPTNeoXJapaneseForCausalLM(GPTNeoXJapanesePreTrainedModel, GenerationMixin
         if last_only:
             x = x[:, -1:]  # the LM head only where it is needed
         return self.embed_out(x)
+
+    def forward_segments(self, input_ids: torch.Tensor, input_pos: torch.Tensor, segments) -> torch.Tensor:
+        """Logits (S, V) of the last token of each of S segments (slot, start, end, kv_length) of input_ids
+        (1, N); see GPTNeoXJapaneseModel.forward_segments (several prompts' chunks in one call)."""
+        x = self.gpt_neox_japanese.forward_segments(input_ids, input_pos, segments)  # (1, N, C)
+        last = torch.tensor([end - 1 for _, _, end, _ in segments], device=x.device)  # (S,)
+        return self.embed_out(x[0, last])  # (S, V)
 
 
 # ----------------------------------------------------------------------------------------------------------

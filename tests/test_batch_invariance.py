@@ -168,3 +168,41 @@ def test_a_row_gets_the_same_bits_in_a_batch_of_forty(dtype):
         together = layer(x)
         for rows in (slice(0, 1), slice(0, 2), slice(5, 21), slice(33, 40), slice(0, 33)):
             assert torch.equal(layer(x[rows]), together[rows]), rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_segments_equals_one_prefill_per_chunk(bundled_dir, dtype):
+    """The engine prefills a step's chunks in one call: the same logits, bit for bit, and the same cache
+    contents as one prefill() per chunk, for chunks of different lengths, slots and start positions."""
+    from neoxja.generation import prefill_segments
+
+    model = make_batch_invariant(neoxja.GPTNeoXJapaneseForCausalLM.from_pretrained(bundled_dir, dtype=dtype).eval())
+    g = torch.Generator().manual_seed(3)
+    history = torch.randint(0, 7990, (1, 40), generator=g)
+    chunks = [(torch.randint(0, 7990, (1, n), generator=g), slot, start, kv)
+              for n, slot, start, kv in [(37, 2, 0, 64), (1, 0, 0, 64), (20, 5, 40, 64), (9, 1, 0, 16)]]
+    caches = []
+    with torch.no_grad():
+        for together in (False, True):
+            model.setup_caches(max_batch_size=6, max_seq_length=128)
+            prefill(model, history, 5, 0)  # slot 5 already holds 40 tokens: its chunk continues them
+            if together:
+                logits = prefill_segments(model, chunks)
+            else:
+                logits = torch.cat([prefill(model, ids, slot, start, kv) for ids, slot, start, kv in chunks])
+            caches.append((logits, [layer.attention.kv_cache.k_cache.clone()
+                                    for layer in model.gpt_neox_japanese.layers]))
+            model.clear_caches()
+    (alone, k_alone), (together, k_together) = caches
+    assert together.shape == (4, model.config.vocab_size)
+    assert torch.equal(alone, together)
+    assert all(torch.equal(a, b) for a, b in zip(k_alone, k_together))
+
+    model.setup_caches(max_batch_size=2, max_seq_length=16)
+    try:
+        with pytest.raises(ValueError, match="slot < 2"):
+            prefill_segments(model, [(torch.ones(1, 3, dtype=torch.long), 2, 0, 16)])
+        with pytest.raises(ValueError, match="must be \\(1, T\\)"):
+            prefill_segments(model, [(torch.ones(1, 0, dtype=torch.long), 0, 0, 16)])
+    finally:
+        model.clear_caches()

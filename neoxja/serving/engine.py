@@ -4,8 +4,10 @@ Each `step()`:
 1. retires aborted requests (their slots are free from this step on);
 2. admits waiting requests into the lowest free slots;
 3. prefills: at most `prefill_chunk` prompt tokens in all per step (each request's chunks cut at multiples
-   of prefill_chunk from its own start), through neoxja.generation's `prefill(model, ids, slot, start_pos,
-   kv_length)`, so a long prompt is admitted over several steps while the others keep decoding;
+   of prefill_chunk from its own start), all of a step's chunks in one neoxja.generation
+   `prefill_segments` call (each chunk as `prefill(model, ids, slot, start_pos, kv_length)` computes it; the
+   weight products take every chunk's tokens at once), so a long prompt is admitted over several steps while
+   the others keep decoding;
 4. decodes: one `decode_one_token(model, tokens, positions, kv_length)` (the same function generate() steps
    with; `compile=True`: its torch.compile'd form) over slots 0..B-1, B = 1 + the highest decoding slot
    (rows in that range that are not decoding get a dummy token at their current length); prefill, and decode
@@ -32,7 +34,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from neoxja.generation import PREFILL_CHUNK, compile_decode, decode_one_token, prefill
+from neoxja.generation import PREFILL_CHUNK, compile_decode, decode_one_token, prefill_segments
 from neoxja.sampling import (FINISH_REASONS, History, SamplingBatch, SamplingParams, StopRules,
                              make_generator)
 from neoxja.streaming import IncrementalDetokenizer
@@ -215,7 +217,7 @@ class Engine:
         prefilling: the cut changes the products' shapes, hence a row's last bits, so it must be a function of
         the request alone (batch invariance). A chunk that does not fit the step's remaining budget waits."""
         budget = self.prefill_chunk
-        done = set()
+        chosen, chunks = [], []
         for request in sorted((r for r in self.slots if r is not None and r.num_prefilled < len(r.prompt_ids)),
                               key=lambda r: r.scheduled_time):
             start = request.num_prefilled
@@ -223,11 +225,19 @@ class Engine:
             if end - start > budget:
                 break
             ids = torch.tensor([request.prompt_ids[start:end]], dtype=torch.long, device=self.device)  # (1, T)
-            logits = prefill(self.model, ids, request.slot, start, self._kv_length(end))  # (1, V)
-            request.num_prefilled = end
+            chosen.append((request, end))
+            chunks.append((ids, request.slot, start, self._kv_length(end)))
             budget -= end - start
+        if not chunks:
+            return set()
+        # the step's chunks in one call: the weight products take all their tokens at once (a row's bits do
+        # not depend on how many rows share a product: neoxja.batch_invariant), attention stays per chunk
+        logits = prefill_segments(self.model, chunks)  # (len(chunks), V)
+        done = set()
+        for i, (request, end) in enumerate(chosen):
+            request.num_prefilled = end
             if end == len(request.prompt_ids):
-                self._sample_and_emit([request], logits)
+                self._sample_and_emit([request], logits[i:i + 1])
                 done.add(request.slot)
         return done
 
