@@ -142,8 +142,8 @@ class GPTNeoXJapaneseAttention(nn.Module):
         q, k = qk.unbind(-2)  # each (B, nh, T, hs)
         v = qkv[..., 2, :]  # (B, nh, T, hs)
 
+        scale = 1.0 / math.sqrt(hs)
         if segments is not None:  # several sequences side by side in one row (1, N): each its own cache slot
-            scale = 1.0 / math.sqrt(hs)
             ys = []
             for slot, start, end, seg_kv_length, seg_mask in segments:  # tokens [start, end) go to `slot`
                 k_seg, v_seg = self.kv_cache.update(input_pos[:, start:end], k[:, :, start:end], v[:, :, start:end],
@@ -158,7 +158,6 @@ class GPTNeoXJapaneseAttention(nn.Module):
             v = torch.cat((layer_past[1], v), dim=2)
         present = (k, v)
 
-        scale = 1.0 / math.sqrt(hs)
         dropout_p = self.attention_dropout if self.training else 0.0
         weights = None
         if input_pos is not None:  # the cached path: explicit products, the same bits whatever the cache size
@@ -406,15 +405,18 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         if not isinstance(kv_length, int) or isinstance(kv_length, bool) or not 0 < kv_length <= T_max:
             raise ValueError(f"forward_cached: kv_length must be an int in [1, {T_max}], got {kv_length!r}")
 
-        # a query at position p reads keys 0..p of its own row: what this sequence wrote, itself included;
-        # as an additive mask (B, 1, T, kv_length), 0 or -inf, shared by every layer
-        allowed = self.key_positions[:kv_length] <= input_pos.unsqueeze(-1)  # (B, T, kv_length)
-        mask = torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf")).unsqueeze(1)
+        mask = self._cache_mask(input_pos, kv_length)  # (B, 1, T, kv_length), shared by every layer
         cos, sin = self.rotary_cos[input_pos], self.rotary_sin[input_pos]  # (B, T, rd): rotary = cache position
         x = self.embed_in(input_ids)  # (B, T, C)
         for layer in self.layers:
             x, _, _ = layer(x, cos, sin, mask, False, input_pos=input_pos, first_row=first_row, kv_length=kv_length)
         return self.final_layer_norm(x)  # (B, T, C)
+
+    def _cache_mask(self, input_pos: torch.Tensor, kv_length: int) -> torch.Tensor:
+        """A query at position p reads keys 0..p of its own row (what its sequence wrote, itself included): as
+        an additive mask (B, 1, T, kv_length), 0 or -inf, for queries at input_pos (B, T)."""
+        allowed = self.key_positions[:kv_length] <= input_pos.unsqueeze(-1)  # (B, T, kv_length)
+        return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf")).unsqueeze(1)
 
     def forward_segments(self, input_ids, input_pos, segments):
         """Final hidden states (1, N, C) of several sequences' tokens laid side by side in one row: segment
@@ -437,9 +439,7 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
                                  f"token {covered}, be non-empty, name a slot < {cache.max_batch_size} and a "
                                  f"kv_length in [1, {cache.max_seq_length}]")
             covered = end
-            allowed = self.key_positions[:kv_length] <= input_pos[:, start:end].unsqueeze(-1)  # (1, T_i, kv_length)
-            mask = torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf")).unsqueeze(1)
-            layered.append((slot, start, end, kv_length, mask))  # mask (1, 1, T_i, kv_length), as forward_cached's
+            layered.append((slot, start, end, kv_length, self._cache_mask(input_pos[:, start:end], kv_length)))
         if covered != N:
             raise ValueError(f"forward_segments: the segments cover {covered} of the {N} tokens")
         cos, sin = self.rotary_cos[input_pos], self.rotary_sin[input_pos]  # (1, N, rd)
