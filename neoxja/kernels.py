@@ -7,11 +7,13 @@ Decoding a batch multiplies a few rows (one per sequence) by every weight. F.lin
 that shape on some CPUs: on this project's 2-core AVX-512 machine, 4-12 rows ran at a third of the memory
 bandwidth those products are bound by, where a torch.bmm against 16-row slices of the weight (MKL's batched
 small products, which read the weight in place without packing a copy) was 1.5-2x faster and oneDNN's
-linear (the op torch.compile uses on CPU) 1.7-2.7x faster at 13-64 rows. Which kernel wins, and from how
-many rows, depends on the CPU, the thread count, the dtype and the weight's shape, so nothing here is a
-constant: the first call times the candidates on the model's own weights, for a grid of row counts, and
-caches the winners (a JSON file keyed by CPU, torch version, threads, dtype and shape; see `cache_path`).
-Later calls on the same machine read the table.
+linear (the op torch.compile uses on CPU) 1.7-2.7x faster at 13-64 rows; on a Xeon with AMX, oneDNN's linear
+on a blocked copy of the weight ("packed", which costs that copy's memory) won from 2-4 rows on. Which kernel
+wins, and from how many rows, depends on the CPU, the thread count, the dtype and the weight's shape, so
+nothing here is a constant: the first call times the candidates on the model's own weights, read from memory
+as a decoding step reads them, for a grid of row counts, and caches the winners (a JSON file keyed by CPU,
+torch version, threads, dtype, shape and leave to pack; see `cache_path`). Later calls on the same machine
+read the table.
 
 The transform is applied from outside, like `quantize`: every CPU float `nn.Linear` of the model becomes a
 `SkinnyLinear` (a subclass, holding the same Parameter objects: state_dict, tied weights, save_pretrained
