@@ -222,11 +222,9 @@ def _main(argv: list[str] | None = None) -> int:
     model.eval()
     if args.quantize == "int8":
         quantize(model, args.quantize)
-    streaming = args.stream if args.stream is not None else args.num_return_sequences == 1
-    if args.num_return_sequences * (1 if streaming else min(args.batch_size, len(prompts))) > 1:
-        from neoxja.kernels import choose_linear_kernels  # several rows per decoding step
+    from neoxja.kernels import choose_linear_kernels
 
-        choose_linear_kernels(model)  # measured once per machine, then cached; CPU float layers only
+    choose_linear_kernels(model)  # measured once per machine, then cached; CPU float layers only
     tokenizer.padding_side = "left"
     load_seconds = time.perf_counter() - t_load
     # every prompt is checked before any is generated, so a bad line costs no output of the others

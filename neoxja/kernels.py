@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -44,7 +45,7 @@ SLICE = 16  # weight rows per batched product of the bmm kernel
 MEASURE_ROWS = 4096  # output rows timed at most: a taller weight is timed on its first 4096 rows (a view),
                      # which ranks the kernels as the whole does (each streams the rows alike) at a fraction
                      # of the cost (the 2.7B LM head has 32000)
-CACHE_VERSION = 2  # 2: the "packed" kernel
+CACHE_VERSION = 3  # 2: the "packed" kernel; 3: medians of calls read from memory
 WORKING_SET_CAP = 1 << 30  # bytes of weight copies measure_plan rotates over at most (and an eighth of memory)
 PACK_HINT = 2  # the row count oneDNN's blocked layout is made for (1, 2 and 64 measured alike at 1-256 rows)
 
@@ -208,8 +209,11 @@ def measure_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, repeats
     """Time each candidate kernel on `weight` (out, in) for each row count of the grid; the fastest per count.
 
     Each kernel is first checked against F.linear on random rows (a kernel that fails or disagrees is not
-    used; the check is also its warm-up). Timings are interleaved kernel by kernel, `repeats` rounds, the
-    best of each counts (other load only slows a call down). F.linear wins unless another kernel is over 10% faster: a change of kernel must pay.
+    used; the check is also its warm-up). Timings are interleaved kernel by kernel, `repeats` rounds, and the
+    median of each counts: read from memory, a kernel's calls vary (F.linear's bf16 one-row product on the AMX
+    Xeon took 0.72-1.12 ms on the same weight), and its luckiest call ranked it first where its typical one,
+    and the 2.7B decode that uses it, were 10-20% slower. F.linear wins unless another kernel is over 10%
+    faster: a change of kernel must pay.
     pack: also time "packed" (oneDNN on a blocked copy, which the caller will have to keep).
 
     working_set: the bytes of weight a decoding step streams (the model's; plans_for passes it, capped). The
@@ -240,14 +244,15 @@ def measure_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, repeats
                     usable.append(name)
             except RuntimeError:  # e.g. a oneDNN build without this dtype
                 pass
-        best = {name: float("inf") for name in usable}
+        times = {name: [] for name in usable}
         for _ in range(repeats):
             for name in usable:
                 operand = operands[name][turn % len(copies)]  # the copy read least recently
                 turn += 1
                 t = timer()
                 KERNELS[name](x, operand, bias)
-                best[name] = min(best[name], timer() - t)
+                times[name].append(timer() - t)
+        best = {name: statistics.median(ts) for name, ts in times.items()}
         winner = min(best, key=best.get)
         plan[rows] = winner if best[winner] < 0.9 * best["linear"] else "linear"
     return plan
