@@ -61,6 +61,8 @@ def prefill_segments(model, chunks: list[tuple[torch.Tensor, int, int, int]]) ->
     """Several prefill calls in one: each (input_ids (1, T_i), slot, start_pos, kv_length) as
     prefill(model, input_ids, slot, start_pos, kv_length) would do it, with the weight products of all the
     chunks' tokens at once; logits (len(chunks), V) of each chunk's last token."""
+    if not chunks:
+        raise ValueError("prefill_segments: no chunks given")
     segments, start = [], 0
     for ids, slot, start_pos, kv_length in chunks:
         if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:

@@ -204,5 +204,7 @@ def test_prefill_segments_equals_one_prefill_per_chunk(bundled_dir, dtype):
             prefill_segments(model, [(torch.ones(1, 3, dtype=torch.long), 2, 0, 16)])
         with pytest.raises(ValueError, match="must be \\(1, T\\)"):
             prefill_segments(model, [(torch.ones(1, 0, dtype=torch.long), 0, 0, 16)])
+        with pytest.raises(ValueError, match="no chunks"):
+            prefill_segments(model, [])
     finally:
         model.clear_caches()
