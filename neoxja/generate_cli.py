@@ -224,7 +224,9 @@ def _main(argv: list[str] | None = None) -> int:
         quantize(model, args.quantize)
     from neoxja.kernels import choose_linear_kernels
 
-    choose_linear_kernels(model)  # measured once per machine, then cached; CPU float layers only
+    choose_linear_kernels(model, on_measure=lambda path: print(  # measured once per machine, then cached
+        f"neoxja generate: note: timing the weight-product kernels on this CPU, once"
+        f"{f' (cached in {path})' if path else ''}", file=sys.stderr, flush=True))
     tokenizer.padding_side = "left"
     load_seconds = time.perf_counter() - t_load
     # every prompt is checked before any is generated, so a bad line costs no output of the others

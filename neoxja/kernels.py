@@ -74,7 +74,7 @@ def _onednn(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 # `weight`. Unpacked, oneDNN reorders the weight into its layout at every call, which at a few rows costs
 # as much as the product. On a 2-core Xeon with AMX it won from 2-4 rows on in bfloat16 and from 4 rows on in
 # float32, and batch-8 greedy decoding of the 2.7B width went 108-117 -> 133 tok/s (bf16), 53-60 -> 65
-# (float32); at one row, read from memory, it was ~1.1x F.linear, under the 10% a change must pay.
+# (float32); at one row in bfloat16 its median call was 1.11-1.28x F.linear's (batch-1 decode 21.3 -> 24.1).
 KERNELS = {"linear": _linear, "bmm16": _bmm16, "onednn": _onednn, "packed": _onednn}
 
 
@@ -320,9 +320,10 @@ def _write_cache(path: Path, plans: dict) -> None:
 
 
 def plans_for(shapes: list[tuple[torch.Tensor, torch.Tensor | None]], cache: Path | None | bool = None,
-              measure=None, pack: bool = False) -> dict[tuple, dict[int, str]]:
+              measure=None, pack: bool = False, on_measure=None) -> dict[tuple, dict[int, str]]:
     """{(out, in, dtype name): plan} for the distinct weights given, from the cache or measured (once per
-    machine key, shape, dtype and leave to pack) and added to it. cache=False: measure, keep nothing."""
+    machine key, shape, dtype and leave to pack) and added to it. cache=False: measure, keep nothing.
+    on_measure(path): called once before the first measurement (path: where the result will be cached, or None)."""
     measure = measure or measure_plan
     path = cache_path() if cache is None else cache
     stored = _read_cache(path) if path else {}
@@ -337,6 +338,8 @@ def plans_for(shapes: list[tuple[torch.Tensor, torch.Tensor | None]], cache: Pat
         key = f"{machine}|{shape[2]}|{shape[0]}x{shape[1]}" + ("|pack" if pack else "")
         plan = _valid_plan(stored.get(key))
         if plan is None:
+            if not measured and on_measure is not None:
+                on_measure(path or None)
             plan = measure(weight, bias, pack=pack, working_set=working_set)
             stored[key] = {str(rows): name for rows, name in plan.items()}
             measured = True
@@ -355,7 +358,8 @@ def _eligible(module: nn.Module) -> bool:
             and module.weight.dim() == 2)
 
 
-def choose_linear_kernels(model: nn.Module, cache: Path | None | bool = None, pack: bool | str = "auto") -> nn.Module:
+def choose_linear_kernels(model: nn.Module, cache: Path | None | bool = None, pack: bool | str = "auto",
+                          on_measure=None) -> nn.Module:
     """Give every CPU float nn.Linear of `model` the skinny-product kernels measured fastest on this machine
     (in place; returns the model). The first call per machine, dtype and weight shape times the kernels
     (seconds for the 2.7B shapes) and caches the result; later calls only read it. A model with nothing
@@ -364,7 +368,9 @@ def choose_linear_kernels(model: nn.Module, cache: Path | None | bool = None, pa
 
     pack: whether the "packed" kernel may be chosen, which keeps a oneDNN-blocked copy of each weight that
     uses it (up to twice the weights' memory); "auto": when the copies take at most a quarter of this
-    machine's memory (a 2.7B model in bfloat16, 5.4 GB, packs on a 24 GB machine; in float32 it does not)."""
+    machine's memory (a 2.7B model in bfloat16, 5.4 GB, packs on a 24 GB machine; in float32 it does not).
+    on_measure(path): called before a measurement starts (11-15 s at the 2.7B shapes on a 2-core Xeon), so a
+    command can say why it waits."""
     if pack not in (True, False, "auto"):
         raise ValueError(f"pack must be True, False or 'auto', got {pack!r}")
     names = [name for name, module in model.named_modules() if _eligible(module)]
@@ -373,7 +379,7 @@ def choose_linear_kernels(model: nn.Module, cache: Path | None | bool = None, pa
     modules = [model.get_submodule(name) for name in names]
     if pack == "auto":
         pack = pack_fits(modules)
-    plans = plans_for([(m.weight, m.bias) for m in modules], cache=cache, pack=pack)
+    plans = plans_for([(m.weight, m.bias) for m in modules], cache=cache, pack=pack, on_measure=on_measure)
     for name, linear in zip(names, modules):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

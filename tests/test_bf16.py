@@ -77,7 +77,7 @@ def test_generate_applies_the_measured_kernel_choice_at_any_row_count(capsys, mo
     import neoxja.kernels
 
     applied = []
-    monkeypatch.setattr(neoxja.kernels, "choose_linear_kernels", lambda model: applied.append(model) or model)
+    monkeypatch.setattr(neoxja.kernels, "choose_linear_kernels", lambda model, **kw: applied.append(model) or model)
     generate(["猫", "--greedy", "--max-new-tokens", "2"], capsys)  # streaming, one row a step
     assert len(applied) == 1
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("猫\n犬\n"))

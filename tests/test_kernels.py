@@ -330,3 +330,26 @@ def test_a_blocked_copy_is_remade_after_model_to_dtype():
             got = layer(x)
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), F.linear(x, layer.weight, layer.bias).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_measurement_is_announced_once_and_a_cached_plan_is_not(tmp_path, monkeypatch, capsys):
+    """A first run on a machine waits for the measurement (seconds at the 2.7B shapes): on_measure says so
+    once, with the cache path; `neoxja generate` prints it as a note."""
+    monkeypatch.setattr(kernels, "measure_plan", lambda weight, bias, pack=False, working_set=0: fixed_plan("linear"))
+    said = []
+    cache = tmp_path / "k.json"
+    choose_linear_kernels(tiny_model(), cache=cache, on_measure=said.append)
+    assert said == [cache]  # once, though several shapes were measured
+    choose_linear_kernels(tiny_model(), cache=cache, on_measure=said.append)
+    assert said == [cache]  # read from the cache: nothing to say
+    choose_linear_kernels(tiny_model(), cache=False, on_measure=said.append)
+    assert said == [cache, None]
+
+    from neoxja.generate_cli import main
+
+    monkeypatch.setenv("NEOXJA_KERNEL_CACHE", str(tmp_path / "cli.json"))
+    assert main(["猫", "--greedy", "--max-new-tokens", "2", "--dtype", "float32"]) == 0
+    assert f"timing the weight-product kernels on this CPU, once (cached in {tmp_path / 'cli.json'})" \
+        in capsys.readouterr().err
+    assert main(["猫", "--greedy", "--max-new-tokens", "2", "--dtype", "float32"]) == 0
+    assert "timing the weight-product kernels" not in capsys.readouterr().err
