@@ -14,7 +14,9 @@ reported, so a burst of load from other jobs on a shared machine cannot favour o
                              with glibc told to keep freed blocks, as `neoxja train` does (train/memory.py)
 
 Goals where the CPU has AMX-BF16 (issue 13): prefill >= 3.5x, batch-8 decode >= 2x, training >= 2.5x.
-Where it has neither AMX-BF16 nor AVX512-BF16, neoxja.preferred_dtype is float32 and nothing is checked.
+Where it has AVX512-BF16 without AMX, preferred_dtype is still bfloat16, so the check is that the choice
+costs nothing: each of the three >= 1.0x (measured on an AMD EPYC with AVX512-BF16: 3.87x, 1.70x, 3.54x).
+Where it has neither, neoxja.preferred_dtype is float32 and nothing is checked.
 Prints the CPU flags it ran on. Training needs ~10 GB of memory at the default shape (float32 weights,
 gradients and AdamW state of 480M parameters); `--skip-inference --layers 1` needs ~4.5 GB.
 
@@ -39,7 +41,7 @@ from _cpu import cpu_flags  # noqa: E402  (benchmarks/ is the script's directory
 import torch  # noqa: E402
 
 from neoxja.config import GPTNeoXJapaneseConfig  # noqa: E402
-from neoxja.hardware import dtype_choice  # noqa: E402
+from neoxja.hardware import cpu_bf16_feature, dtype_choice  # noqa: E402
 from neoxja.kernels import choose_linear_kernels  # noqa: E402
 from neoxja.model import GPTNeoXJapaneseForCausalLM  # noqa: E402
 
@@ -174,11 +176,16 @@ def main(argv=None) -> int:
         results["train"] = training(args)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}", flush=True)
 
-    goals = {"prefill": ("prefill >= 3.5x", 3.5), "decode8": ("batch-8 decode >= 2x", 2.0),
-             "train": ("training tokens/s >= 2.5x", 2.5)}
     if dtype != torch.bfloat16:
         print("this CPU has no fast bfloat16: auto is float32 here, the goals do not apply")
         return 0
+    if cpu_bf16_feature() == "AMX-BF16":
+        goals = {"prefill": ("prefill >= 3.5x", 3.5), "decode8": ("batch-8 decode >= 2x", 2.0),
+                 "train": ("training tokens/s >= 2.5x", 2.5)}
+    else:  # AVX512-BF16 only: the issue's goals are AMX's; auto picks bfloat16 here too, so it must not lose
+        print(f"no AMX here ({reason}): the AMX goals do not apply; auto picks bfloat16, so it must not be slower")
+        goals = {key: (f"{what} >= 1.0x (no regression)", 1.0)
+                 for key, what in (("prefill", "prefill"), ("decode8", "batch-8 decode"), ("train", "training tokens/s"))}
     failed = False
     for key, value in results.items():
         name, goal = goals[key]
