@@ -171,17 +171,16 @@ class SkinnyLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if (rows and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == self.weight.dtype
+        # under torch.compile the product is inductor's to choose (its lowering of oneDNN's linear wants a
+        # frozen weight): the plan is an eager-mode choice
+        if (rows and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == self.weight.dtype
                 and self.weight.is_contiguous()):
             name = self.kernel_for(rows)
             if name != "linear":
                 x2 = x.reshape(rows, self.in_features).contiguous()  # (rows, in)
                 w = self.weight
                 if name == "packed":
-                    if torch.compiler.is_compiling():
-                        name = "onednn"
-                    else:
-                        w = self.packed.get(w)
+                    w = self.packed.get(w)
                 y = KERNELS[name](x2, w, self.bias)  # (rows, out)
                 return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)

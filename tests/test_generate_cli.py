@@ -135,6 +135,18 @@ def test_int8_and_bfloat16(model_dir, capsys, monkeypatch):
         assert out.startswith("テスト")
 
 
+def test_compile_gives_the_eager_tokens_in_float32(model_dir, capsys, monkeypatch):
+    """--compile runs the decode step through torch.compile; in float32 its greedy text equals the eager one
+    (tests/test_compile.py checks the same tokens in generate() itself), and the summary says so."""
+    argv = ["吾輩は猫である。", "--model", str(model_dir), "--greedy", "--max-new-tokens", "16", "--dtype", "float32"]
+    code, eager, _ = run(argv, capsys, monkeypatch)
+    assert code == 0
+    code, compiled, err = run([*argv, "--compile"], capsys, monkeypatch)
+    assert code == 0, err
+    assert compiled == eager
+    assert "compiled decode step" in err
+
+
 def test_dispatch_from_the_neoxja_command(model_dir, capsys):
     assert neoxja_main(["generate", "猫", "--model", str(model_dir), "--greedy", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.startswith("猫")
