@@ -303,8 +303,8 @@ def _main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t_gen
     print(f"prompt tokens {prompt_tokens}, new tokens {new_tokens}, {seconds:.2f} s, "
           f"{new_tokens / max(seconds, 1e-9):.1f} tokens/s (model loaded in {load_seconds:.2f} s), "
-          f"{str(dtype).removeprefix('torch.')} ({dtype_reason}){', compiled decode step (compiling counted in the time)' if args.compile else ''}",
-          file=sys.stderr)
+          f"{str(dtype).removeprefix('torch.')} ({dtype_reason})"
+          f"{', compiled decode step (compiling counted in the time)' if args.compile else ''}", file=sys.stderr)
     return 0
 
 

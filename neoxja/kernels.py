@@ -173,8 +173,8 @@ class SkinnyLinear(nn.Linear):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         # under torch.compile the product is inductor's to choose (its lowering of oneDNN's linear wants a
         # frozen weight): the plan is an eager-mode choice
-        if (rows and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == self.weight.dtype
-                and self.weight.is_contiguous()):
+        if (rows and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and x.device.type == "cpu"
+                and x.dtype == self.weight.dtype and self.weight.is_contiguous()):
             name = self.kernel_for(rows)
             if name != "linear":
                 x2 = x.reshape(rows, self.in_features).contiguous()  # (rows, in)
