@@ -91,8 +91,8 @@ def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor,
 # decomposition of memory-bound products (its CPU rule: one row, weights of at most 2048 x 2048) turns a
 # one-row product with a small weight into a fused multiply-and-sum that inductor generates itself, instead
 # of a call into oneDNN/MKL whose fixed cost (15-20 us in bfloat16) exceeds the arithmetic. The bundled
-# model's compiled decode runs 1.7-2x faster with it; weights above 2048 (the 2.7B width, the LM heads) keep the library
-# call. Inductor leaves CUDA products of one row alone.
+# model's compiled decode runs 1.7-2x faster with it; weights above 2048 (the 2.7B width, the LM heads)
+# keep the library call. Inductor leaves CUDA products of one row alone.
 DECODE_COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 
