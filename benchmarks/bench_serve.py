@@ -51,6 +51,7 @@ import queue
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -529,6 +530,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH", help="write all results here")
     p.add_argument("--skip-checks", action="store_true", help="print the goals without failing on them")
     args = p.parse_args(argv)
+    # a SIGTERM (timeout, kill) unwinds like Ctrl-C, so that the ExitStacks stop the servers this started
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.quick:
         args.models = ["small"]
         args.ttft_repeats = min(args.ttft_repeats, 3)
