@@ -205,12 +205,14 @@ def test_auth_body_limit_and_full_queue(guarded):
     ok = {"Authorization": "Bearer k1"}
     r = httpx.post(url, content=b'{"prompt": "' + b"a" * 3000 + b'"}', headers={**ok, "content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
-    # one slot and a queue of one: a third concurrent request gets 429 with Retry-After
+    # one slot and a queue of one: a third concurrent request gets 429 with Retry-After. The two first ones are
+    # long (250 tokens, most of the bundled model's 256 positions: about a second each), so that the first is
+    # still running when the third arrives (with 40 tokens it could finish in between, and a slow CI run saw 200)
     statuses = []
 
     def long_request():
         statuses.append(httpx.post(url, headers=ok, timeout=120,
-                                   json={"prompt": "猫", "max_tokens": 40, "ignore_eos": True}).status_code)
+                                   json={"prompt": "猫", "max_tokens": 250, "ignore_eos": True}).status_code)
 
     threads = [threading.Thread(target=long_request) for _ in range(2)]
     for t in threads:
