@@ -414,7 +414,13 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(data, tm
 
 def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(data, tmp_path):
     out = tmp_path / "run"
-    process = start(neoxja_command("train", *train_args(data, out, steps=100000, save_every=2)))
+    # Ctrl-C's SIGINT must reach Python's handler: a test run started in the background by a shell (`make test
+    # &`, nohup) passes SIGINT on as ignored, and Python then leaves it ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = start(neoxja_command("train", *train_args(data, out, steps=100000, save_every=2)))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         _wait_for_steps(out / "metrics.jsonl", 5, process)
         process.send_signal(signal.SIGINT)
