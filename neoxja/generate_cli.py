@@ -300,6 +300,11 @@ def _main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except RuntimeError as e:  # torch.compile failing on this machine (no C++ compiler, ...): one clear line
+        if not (args.compile and isinstance(e, torch._dynamo.exc.TorchDynamoException)):
+            raise
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        return _fail(f"--compile: torch.compile failed on this machine ({first.strip()}); run without --compile", 1)
     seconds = time.perf_counter() - t_gen
     print(f"prompt tokens {prompt_tokens}, new tokens {new_tokens}, {seconds:.2f} s, "
           f"{new_tokens / max(seconds, 1e-9):.1f} tokens/s (model loaded in {load_seconds:.2f} s), "

@@ -147,6 +147,29 @@ def test_compile_gives_the_eager_tokens_in_float32(model_dir, capsys, monkeypatc
     assert "compiled decode step" in err
 
 
+def test_compile_failing_on_the_machine_is_one_clear_line(model_dir, capsys, monkeypatch):
+    """Where torch.compile cannot work (no C++ compiler: inductor raises InvalidCxxCompiler from the first
+    compiled step), --compile ends with one line that says so and how to go on, not a traceback."""
+    import torch._dynamo.exc
+
+    import neoxja.generation
+
+    def no_compiler(model, **kwargs):
+        def step(*args, **kw):
+            raise torch._dynamo.exc.TorchDynamoException(
+                "InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx")
+        return step
+
+    monkeypatch.setattr(neoxja.generation, "compile_decode", no_compiler)
+    code, out, err = run(["猫", "--model", str(model_dir), "--greedy", "--max-new-tokens", "4", "--compile"],
+                         capsys, monkeypatch)
+    assert code == 1
+    assert "--compile: torch.compile failed on this machine (InvalidCxxCompiler: No working C++ compiler" in err
+    assert "run without --compile" in err and "Traceback" not in err
+    code, out, _ = run(["猫", "--model", str(model_dir), "--greedy", "--max-new-tokens", "4"], capsys, monkeypatch)
+    assert code == 0 and out.startswith("猫")  # without --compile nothing calls it
+
+
 def test_dispatch_from_the_neoxja_command(model_dir, capsys):
     assert neoxja_main(["generate", "猫", "--model", str(model_dir), "--greedy", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.startswith("猫")
