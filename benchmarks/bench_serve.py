@@ -29,9 +29,9 @@ Goals (ratios within this run; PASS/FAIL each; exit status 1 if one fails):
   - A's p50 TPOT at concurrency 16 <= 3x A's own p50 TPOT at concurrency 1;
   - TTFT of one 32-token prompt on an idle A (median of --ttft-repeats sequential requests of one token) is
     within 10% of neoxja's own `model.generate(max_new_tokens=1)` in this process on the same checkpoint,
-    timed as many times (median), in blocks of 5 taking turns with the requests' blocks. Beside them, the same request to
-    serve_floor.py (an ASGI callable on uvicorn that answers at once, computing nothing) gives the
-    transport floor: a server's TTFT is at least the floor plus its first token's compute, so where the floor
+    timed as many times (median), in blocks of 5 taking turns with the requests' blocks. Beside them, the
+    same request to serve_floor.py (an ASGI callable on uvicorn that answers at once, computing nothing)
+    gives the transport floor: a server's TTFT is at least the floor plus its first token's compute, so where the floor
     alone exceeds 10% of the direct call the goal needs a first token computed faster than generate()
     computes it, and the check says so.
 
