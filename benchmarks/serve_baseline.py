@@ -202,20 +202,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import uvicorn
 
+    from neoxja.serving.cli import announce_port  # the same "listening on" line as neoxja serve
+
     app = create_app(args.model, getattr(torch, args.dtype))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            access_log=False))
 
-    def announce():
-        while not server.started and not server.should_exit:
-            time.sleep(0.02)
-        for s in getattr(server, "servers", []) or []:
-            for sock in s.sockets:
-                host, port = sock.getsockname()[:2]
-                print(f"serve_baseline: listening on http://{host}:{port}", file=sys.stderr, flush=True)
-                return
-
-    threading.Thread(target=announce, daemon=True).start()
+    announce_port(server, "serve_baseline")
     server.run()
     return 0
 

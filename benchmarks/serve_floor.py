@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 
 
@@ -61,6 +60,8 @@ async def app(scope, receive, send):
 def main(argv=None) -> int:
     import uvicorn
 
+    from neoxja.serving.cli import announce_port  # the same "listening on" line as neoxja serve
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8002, help="0: any free port (printed on stderr)")
@@ -68,16 +69,7 @@ def main(argv=None) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            access_log=False))
 
-    def announce():
-        while not server.started and not server.should_exit:
-            time.sleep(0.02)
-        for s in getattr(server, "servers", []) or []:
-            for sock in s.sockets:
-                host, port = sock.getsockname()[:2]
-                print(f"serve_floor: listening on http://{host}:{port}", file=sys.stderr, flush=True)
-                return
-
-    threading.Thread(target=announce, daemon=True).start()
+    announce_port(server, "serve_floor")
     server.run()
     return 0
 

@@ -171,15 +171,16 @@ def main(argv: list[str] | None = None) -> int:
                             timeout_graceful_shutdown=5, access_log=False)
     server = Server(config)
     threading.Thread(target=load, name="neoxja-load", daemon=True).start()
-    _announce_port(server, args)
+    announce_port(server)
     server.run()
     if state.engine is not None:
         state.engine.shutdown()
     return 1 if state.load_error else 0
 
 
-def _announce_port(server, args) -> None:
-    """Print the bound address once uvicorn listens (so --port 0 can be used)."""
+def announce_port(server, name: str = "neoxja serve") -> None:
+    """Print "NAME: listening on http://HOST:PORT" on stderr once uvicorn listens (so --port 0 can be used).
+    The benchmarks' servers (serve_baseline.py, serve_floor.py) announce themselves with it too."""
 
     def wait():
         while not server.started and not server.should_exit:
@@ -187,7 +188,7 @@ def _announce_port(server, args) -> None:
         for s in getattr(server, "servers", []) or []:
             for sock in s.sockets:
                 host, port = sock.getsockname()[:2]
-                print(f"neoxja serve: listening on http://{host}:{port}", file=sys.stderr, flush=True)
+                print(f"{name}: listening on http://{host}:{port}", file=sys.stderr, flush=True)
                 return
 
     threading.Thread(target=wait, daemon=True).start()
