@@ -6,6 +6,9 @@ Same random weights at the 2.7B width (hidden 2560, 32 heads, vocab 32000) with 
   CTranslate2 float32 and int8 (`neoxja.export(..., to="ctranslate2")`);
   llama.cpp F32, F16, Q8_0, Q4_0 (`to="gguf"`) through llama-cpp-python, where it is importable
   (it is not a dependency of this project: it compiles llama.cpp; see docs/engines.md).
+CTranslate2 and llama.cpp each run in a worker process of their own (benchmarks/_engine_worker.py: one
+process holding torch's OpenMP team and another engine's slows both), timed from here around the call
+(the pipe's round trip is well under a millisecond of a >1 s generation).
 Every round times each contender once, in a rotated order; each figure is the median over rounds, and
 each ratio the median of per-round ratios, so that load from other jobs on a shared machine cannot
 favour one side. Printed: tokens/s, size on disk, ratios, and the CPU flags.
@@ -35,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cpu import cpu_flag_set as cpu_flags  # noqa: E402  ({flag: present})
+from _engine_worker import EngineProcess  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -91,27 +95,27 @@ def main(argv=None) -> int:
         contenders["neoxja bfloat16"] = (neoxja_run(choose_linear_kernels(copy.deepcopy(model).to(torch.bfloat16))),
                                          fp32_bytes // 2)
 
-    import ctranslate2
+    # each engine in a worker process of its own (_engine_worker.py): in this process, its OpenMP team and
+    # torch's would slow each other down (libgomp stops its idle workers spinning once they outnumber the CPUs)
+    workers = []
+
+    def worker_run(spec):
+        worker = EngineProcess({**spec, "threads": args.threads, "new": new})
+        workers.append(worker)
+        return lambda: worker.generate()[0]
 
     for quant in ("float32", "int8"):
         out = export(model, work / f"ct2-{quant}", to="ctranslate2", quantization=quant, force=True)
         vocab = json.loads((out / "neoxja_vocabulary.json").read_text())
-        gen = ctranslate2.Generator(str(out), device="cpu", compute_type="float32" if quant == "float32" else "int8_float32",
-                                    intra_threads=args.threads, inter_threads=1)
-        tokens = [vocab[i] for i in ids]
-
-        def ct2_run(gen=gen, tokens=tokens):
-            r = gen.generate_batch([tokens], max_length=new, sampling_topk=1, include_prompt_in_result=False,
-                                   end_token=[])  # EOS off, as for neoxja
-            return r[0].sequences_ids[0]
-
-        contenders[f"CTranslate2 {quant}"] = (ct2_run, size_on_disk(out / "model.bin"))
+        run = worker_run({"engine": "ctranslate2", "path": str(out), "tokens": [vocab[i] for i in ids],
+                          "compute_type": "float32" if quant == "float32" else "int8_float32"})
+        contenders[f"CTranslate2 {quant}"] = (run, size_on_disk(out / "model.bin"))
 
     llama_note = None
-    llama_f32 = False
+    llama_f32 = None
     if not args.no_llama_cpp:
         try:
-            import llama_cpp
+            import llama_cpp  # only here, for its version and build flags: the workers run it
         except ImportError:
             llama_note = "llama.cpp: llama-cpp-python is not importable here; skipped"
         else:
@@ -123,19 +127,11 @@ def main(argv=None) -> int:
                 print("llama.cpp was built with AMX: n_batch=1 (avoids GCC 12's AMX tile-config crash)")
             for kind in ("f32", "f16", "q8_0", "q4_0"):
                 path = export(model, work / f"model-{kind}.gguf", to="gguf", type=kind, force=True)
-                llm = llama_cpp.Llama(str(path), n_ctx=args.prompt + new + 8, n_threads=args.threads,
-                                      n_threads_batch=args.threads, verbose=False, **safe)
-                llama_f32 = llama_f32 or (kind == "f32")
-
-                def llama_run(llm=llm):
-                    out = []
-                    for t in llm.generate(ids, top_k=1, temp=0.0, reset=True):
-                        out.append(t)
-                        if len(out) == new:
-                            break
-                    return out
-
-                contenders[f"llama.cpp {kind.upper()}"] = (llama_run, size_on_disk(path))
+                run = worker_run({"engine": "llama.cpp", "path": str(path), "ids": ids, "n_ctx": args.prompt + new + 8,
+                                  "safe": safe})
+                if kind == "f32":
+                    llama_f32 = workers[-1]
+                contenders[f"llama.cpp {kind.upper()}"] = (run, size_on_disk(path))
             llama_note = f"llama.cpp: llama-cpp-python {llama_cpp.__version__}"
 
     # correctness, once, before timing
@@ -147,14 +143,10 @@ def main(argv=None) -> int:
         print(f"  {name:<20} greedy tokens equal to neoxja float32: first {same} of {new}", flush=True)
     if results["CTranslate2 float32"] != reference:
         failures.append("CTranslate2 float32 greedy tokens differ from neoxja float32")
-    if llama_f32:
+    if llama_f32 is not None:
         import numpy as np
 
-        fresh = llama_cpp.Llama(str(work / "model-f32.gguf"), n_ctx=args.prompt + 8, n_threads=args.threads,
-                                verbose=False, logits_all=True, **safe)  # a fresh context: nothing cached
-        fresh.eval(ids)
-        theirs = np.array(fresh.scores[len(ids) - 1])
-        del fresh
+        theirs = np.array(llama_f32.first_logits())
         with torch.no_grad():
             ours = model(prompt).logits[0, -1].numpy()
         print(f"  llama.cpp F32 first-step logits: max |difference| {np.abs(theirs - ours).max():.4g} "
@@ -194,6 +186,8 @@ def main(argv=None) -> int:
     print("(taken on a shared machine: other jobs load the cores; treat the ratios as provisional)")
     for f in failures:
         print(f"FAILED: {f}")
+    for worker in workers:
+        worker.close()
     return 1 if failures else 0
 
 

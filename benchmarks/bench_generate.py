@@ -26,6 +26,7 @@ implementation on these kernels can reach on this machine, and the script prints
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import os
 import sys
@@ -182,27 +183,25 @@ def build_side_by_side(args):
 
 def ctranslate2_contenders(model, prompt, new: int, threads: int, workdir: Path) -> dict:
     """{"CTranslate2 float32": (run, model dir), "CTranslate2 int8": ...}: `run()` generates `new` greedy
-    tokens for the one-row `prompt` and returns their ids. Empty when ctranslate2 is not installed."""
+    tokens for the one-row `prompt` and returns their ids. Each runs in a worker process of its own
+    (_engine_worker.py: in this process its OpenMP team would slow torch's, and ours its). Empty when
+    ctranslate2 is not installed."""
     try:
-        import ctranslate2
+        import ctranslate2  # noqa: F401  (only to know it is there: the workers import it)
     except ImportError:
         return {}
+    from _engine_worker import EngineProcess
     from neoxja.engines import ctranslate2_tokens
     from neoxja.exporters import export
 
     out = {}
     for quantization, compute_type in (("float32", "float32"), ("int8", "int8_float32")):
         path = export(model, workdir / f"ct2-{quantization}", to="ctranslate2", quantization=quantization, force=True)
-        generator = ctranslate2.Generator(str(path), device="cpu", compute_type=compute_type,
-                                          intra_threads=threads, inter_threads=1)
-        tokens = ctranslate2_tokens(prompt[0].tolist(), path)
-
-        def run(generator=generator, tokens=tokens):
-            result = generator.generate_batch([tokens], max_length=new, sampling_topk=1,
-                                              include_prompt_in_result=False, end_token=[])  # EOS off, as ours
-            return result[0].sequences_ids[0]
-
-        out[f"CTranslate2 {quantization}"] = (run, path)
+        worker = EngineProcess({"engine": "ctranslate2", "path": str(path), "compute_type": compute_type,
+                                "threads": threads, "tokens": ctranslate2_tokens(prompt[0].tolist(), path),
+                                "new": new})
+        atexit.register(worker.close)
+        out[f"CTranslate2 {quantization}"] = (lambda worker=worker: worker.generate()[0], path)
     return out
 
 
