@@ -45,7 +45,7 @@ SLICE = 16  # weight rows per batched product of the bmm kernel
 MEASURE_ROWS = 4096  # output rows timed at most: a taller weight is timed on its first 4096 rows (a view),
                      # which ranks the kernels as the whole does (each streams the rows alike) at a fraction
                      # of the cost (the 2.7B LM head has 32000)
-CACHE_VERSION = 3  # 2: the "packed" kernel; 3: medians of calls read from memory
+CACHE_VERSION = 4  # 2: the "packed" kernel; 3: medians of calls read from memory; 4: the "mv" kernel
 WORKING_SET_CAP = 1 << 30  # bytes of weight copies measure_plan rotates over at most (and an eighth of memory)
 PACK_HINT = 2  # the row count oneDNN's blocked layout is made for (1, 2 and 64 measured alike at 1-256 rows)
 
@@ -66,6 +66,16 @@ def _bmm16(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return y if bias is None else y + bias
 
 
+def _mv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # for one row (ONE_ROW_KERNELS; more rows go to F.linear): torch's matrix-vector product, whose bfloat16
+    # kernel on CPU (ATen's reduced-precision gemv, float32 sums) streams the weight faster than oneDNN's
+    # one-row bfloat16 matmul
+    if x2.shape[0] != 1:
+        return F.linear(x2, weight, bias)
+    y = torch.mv(weight, x2[0]).unsqueeze(0)  # (1, out)
+    return y if bias is None else y + bias
+
+
 def _onednn(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [None], "")  # (rows, out)
 
@@ -75,7 +85,10 @@ def _onednn(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 # as much as the product. On a 2-core Xeon with AMX it won from 2-4 rows on in bfloat16 and from 4 rows on in
 # float32, and batch-8 greedy decoding of the 2.7B width went 108-117 -> 133 tok/s (bf16), 53-60 -> 65
 # (float32); at one row in bfloat16 its median call was 1.11-1.28x F.linear's (batch-1 decode 21.3 -> 24.1).
-KERNELS = {"linear": _linear, "bmm16": _bmm16, "onednn": _onednn, "packed": _onednn}
+# "mv" is torch.mv: on the 2-core Xeon with AMX, a one-row bfloat16 product streamed its weight at 24-27 GB/s
+# where F.linear (oneDNN) reached 16-21 (1.22-1.68x, the 2.7B shapes); in float32 the two were within 8%.
+KERNELS = {"linear": _linear, "bmm16": _bmm16, "onednn": _onednn, "packed": _onednn, "mv": _mv}
+ONE_ROW_KERNELS = {"mv"}  # kernels that take exactly one row: timed and planned for rows == 1 only
 
 
 def onednn_linear_available() -> bool:
@@ -85,7 +98,7 @@ def onednn_linear_available() -> bool:
 def candidates(weight: torch.Tensor, pack: bool = False) -> list[str]:
     """The kernels that can take this weight: bmm16 needs out % 16 == 0, oneDNN's op must be in the build,
     packed also needs leave to keep a second copy of the weight (pack)."""
-    names = ["linear"]
+    names = ["linear", "mv"]
     if weight.shape[0] % SLICE == 0:
         names.append("bmm16")
     if onednn_linear_available():
@@ -237,6 +250,8 @@ def measure_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, repeats
         expected = F.linear(x, weight, bias)
         usable = []
         for name in names:
+            if name in ONE_ROW_KERNELS and rows != 1:
+                continue
             try:
                 if _same_product(KERNELS[name](x, operands[name][0], bias), expected):
                     KERNELS[name](x, operands[name][0], bias)  # a second untimed call: oneDNN's first ones are slower
@@ -301,7 +316,8 @@ def _valid_plan(entry) -> dict[int, str] | None:
         plan = {int(rows): name for rows, name in entry.items()}
     except (TypeError, ValueError):
         return None
-    if set(plan) != set(ROW_GRID) or not all(name in KERNELS for name in plan.values()):
+    if set(plan) != set(ROW_GRID) or not all(name in KERNELS for name in plan.values()) \
+            or any(name in ONE_ROW_KERNELS and rows != 1 for rows, name in plan.items()):
         return None
     return plan
 

@@ -46,7 +46,7 @@ def test_the_model_is_built_from_plain_linear_layers():
     assert linears and all(type(m) is nn.Linear for m in linears)
 
 
-@pytest.mark.parametrize("kernel", ["linear", "bmm16", "onednn", "packed"])
+@pytest.mark.parametrize("kernel", ["linear", "bmm16", "onednn", "packed", "mv"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 8, 12, 13, 64, 65])
 @pytest.mark.parametrize("out_features,bias", [(48, False), (48, True)])
 def test_every_kernel_gives_f_linear_numbers(kernel, rows, out_features, bias):
@@ -236,6 +236,46 @@ def test_measure_plan_picks_the_fastest_correct_kernel(monkeypatch):
 
     monkeypatch.setitem(kernels.KERNELS, "onednn", timed("onednn", lambda x, w, b: F.linear(x, w, b) + 1.0))
     assert "onednn" not in measure_plan(weight, timer=lambda: clock[0]).values()  # wrong numbers: refused
+
+
+def test_one_row_kernels_are_planned_for_one_row_only(monkeypatch):
+    """"mv" (torch.mv) takes one row: however fast the clock says it is, it is timed and planned for rows == 1
+    only, and a cached plan that names it elsewhere is refused (measured again)."""
+    clock = [0.0]
+    cost = {"linear": 1.0, "mv": 0.1}
+    timed_rows = []
+
+    def timed(name, fn):
+        def run(x, w, b):
+            if name == "mv":
+                timed_rows.append(x.shape[0])
+            clock[0] += cost[name]
+            return fn(x, w, b)
+        return run
+
+    real = dict(kernels.KERNELS)
+    monkeypatch.setattr(kernels, "KERNELS", {name: timed(name, fn) for name, fn in real.items()})
+    monkeypatch.setattr(kernels, "candidates", lambda w, pack=False: ["linear", "mv"])
+    plan = measure_plan(torch.randn(32, 16), timer=lambda: clock[0])
+    assert plan == {**fixed_plan("linear"), 1: "mv"}
+    assert set(timed_rows) == {1}
+    assert kernels._valid_plan({str(r): k for r, k in plan.items()}) == plan
+    assert kernels._valid_plan({str(r): "mv" for r in ROW_GRID}) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mv_gives_f_linear_numbers_at_the_27b_width(dtype):
+    """torch.mv's reduced-precision gemv against F.linear on one row of the 2.7B width: the same product up
+    to the rounding of the sum (what measure_plan checks before it trusts a kernel)."""
+    torch.manual_seed(0)
+    weight = (torch.randn(512, 2560) * 0.02).to(dtype)
+    bias = torch.randn(512).to(dtype)
+    x = torch.randn(1, 2560).to(dtype)
+    got, expected = kernels.KERNELS["mv"](x, weight, bias), F.linear(x, weight, bias)
+    assert got.shape == expected.shape == (1, 512) and got.dtype == dtype
+    assert kernels._same_product(got, expected)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.float(), expected.float(), **tol)
 
 
 def test_measure_plan_on_this_machine_runs_every_kernel():
