@@ -213,12 +213,21 @@ class TextStreamer:
 
 
 class TextIteratorStreamer(TextStreamer):
-    """A streamer to iterate over from another thread while generate() runs:
+    """A streamer to iterate over from another thread while generate() runs. Keep generate() on the thread
+    that loaded the model and iterate on the other one:
 
     >>> streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
-    >>> thread = threading.Thread(target=model.generate, args=(input_ids,), kwargs=dict(streamer=streamer))
-    >>> thread.start()
-    >>> for piece in streamer: print(piece, end="")
+    >>> printer = threading.Thread(target=lambda: [print(piece, end="") for piece in streamer])
+    >>> printer.start()
+    >>> model.generate(input_ids, streamer=streamer)
+    >>> printer.join()
+
+    The other way round (transformers' example: generate() on a new thread, the caller iterating) gives the
+    same text, but torch runs 2-3x slower there whenever the caller's thread has run parallel torch work
+    (loading the model does): each thread that enters a parallel region gets its own OpenMP team, and once
+    libgomp manages more threads than CPUs its idle workers stop spinning, so every later parallel region
+    waits for the kernel to wake one. The bundled model, 200 greedy tokens on 2 cores: 163-178 tok/s that
+    way, 450-467 this way (docs/serving.md, "Performance").
 
     `timeout` (seconds) bounds each wait for the next piece; queue.Empty is raised when it passes.
     """

@@ -153,6 +153,27 @@ def test_iterator_streamer_from_another_thread():
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_iterator_streamer_documented_pattern_with_generate(bundled_dir):
+    """The docstring's pattern: generate() on the caller's thread, the iterating on another; the pieces add
+    up to the generated text (and never split a character)."""
+    from neoxja.model import GPTNeoXJapaneseForCausalLM
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    tok = GPTNeoXJapaneseTokenizer.from_pretrained(bundled_dir)
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode("吾輩は猫である。")])
+    expected = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, timeout=60)
+    pieces = []
+    printer = threading.Thread(target=lambda: pieces.extend(streamer))
+    printer.start()
+    model.generate(ids, max_new_tokens=24, do_sample=False, streamer=streamer)
+    printer.join(timeout=60)
+    assert not printer.is_alive()
+    assert "".join(pieces) == tok.decode(expected)
+    assert all("\ufffd" not in p for p in pieces)
+
+
 def test_real_tokenizer_byte_fallback_tokens_are_held_back(abeja_dir):
     """With the abeja vocabulary, characters outside it (here rare kanji, Hangul and a supplementary-plane
     character) become runs of byte tokens; streaming them token by token never emits a half character."""
