@@ -29,6 +29,7 @@ which the last row finished, so the result equals checking every step.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Iterable, Sequence
 
 import torch
@@ -102,7 +103,10 @@ def compile_decode(model, **compile_kwargs):
     twice. Extra keywords go to torch.compile (e.g. mode="reduce-overhead" for CUDA graphs on a GPU);
     without `mode` or `options`, DECODE_COMPILE_OPTIONS apply."""
     key = tuple(sorted(compile_kwargs.items()))
-    cache = model.__dict__.setdefault("_neoxja_compiled_decode", {})
+    owner, cache = model.__dict__.get("_neoxja_compiled_decode", (None, None))
+    if owner is None or owner() is not model:  # none yet, or copied along by copy.deepcopy(model): the
+        cache = {}                             # copy's steps must run the copy, not the original
+        model.__dict__["_neoxja_compiled_decode"] = (weakref.ref(model), cache)
     if key not in cache:
         kwargs = dict(compile_kwargs)
         if "mode" not in kwargs and "options" not in kwargs:

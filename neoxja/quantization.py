@@ -28,8 +28,10 @@ the whole model never exists (the 2.7B model is ~1.5 GB in int4 and 10.8 GB in f
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -45,6 +47,10 @@ class Int8DynamicLinear(nn.Module):
     Holds only FBGEMM's packed weight (int8 plus its per-channel scales), so it takes a quarter of the
     float32 memory. It has no parameters and no state_dict entries: a quantized model is for inference;
     save the float model instead.
+
+    Under torch.compile the product goes through the custom op `neoxja::int8_dynamic_linear`, which names
+    the packed weight by a key (`_PACKED`): dynamo cannot trace FBGEMM's packed-weight object, and called
+    directly it broke the graph at every layer (the compiled int8 decode step was no faster than eager).
     """
 
     def __init__(self, packed_params, in_features: int, out_features: int):
@@ -52,6 +58,16 @@ class Int8DynamicLinear(nn.Module):
         self._packed = packed_params  # torch.ops.quantized LinearPackedParams (opaque, CPU)
         self.in_features = in_features
         self.out_features = out_features
+        self._register()
+
+    def _register(self) -> None:
+        self._key = next(_PACKED_KEYS)
+        _PACKED[self._key] = (self._packed, self.out_features)
+        weakref.finalize(self, _PACKED.pop, self._key, None)  # the entry goes with the module
+
+    def __setstate__(self, state):  # copy.deepcopy and unpickling: a key of its own, not the original's
+        super().__setstate__(state)
+        self._register()
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "Int8DynamicLinear":
@@ -62,9 +78,12 @@ class Int8DynamicLinear(nn.Module):
         return cls(packed, linear.in_features, linear.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # reduce_range: activations use 7 bits, which keeps FBGEMM's AVX2 u8*s8 pair sums from
-        # saturating int16 (the same setting quantize_dynamic uses on x86).
-        y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, True)
+        if torch.compiler.is_compiling():
+            y = int8_dynamic_linear(x.float(), self._key)
+        else:
+            # reduce_range: activations use 7 bits, which keeps FBGEMM's AVX2 u8*s8 pair sums from
+            # saturating int16 (the same setting quantize_dynamic uses on x86).
+            y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, True)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -74,6 +93,25 @@ class Int8DynamicLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel (FBGEMM)"
+
+
+_PACKED: dict[int, tuple] = {}  # key -> (FBGEMM packed weight, out_features) of a live Int8DynamicLinear
+_PACKED_KEYS = itertools.count()
+
+
+@torch.library.custom_op("neoxja::int8_dynamic_linear", mutates_args=())
+def int8_dynamic_linear(x: torch.Tensor, key: int) -> torch.Tensor:
+    """FBGEMM's dynamic int8 linear (reduce_range, as Int8DynamicLinear.forward) on the packed weight `key`
+    names: an op torch.compile keeps whole in its graph."""
+    entry = _PACKED.get(key)
+    if entry is None:
+        raise RuntimeError(f"neoxja::int8_dynamic_linear: no int8 layer with key {key} (the module was freed)")
+    return torch.ops.quantized.linear_dynamic(x, entry[0], True)
+
+
+@int8_dynamic_linear.register_fake
+def _(x: torch.Tensor, key: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], _PACKED[key][1])
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

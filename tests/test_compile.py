@@ -85,3 +85,30 @@ def test_compiled_step_decomposes_small_products_and_keeps_the_numbers(bundled_d
         assert error < 1e-4
     else:
         assert error <= 1.5 * (step_logits(dtype, compiled=False) - reference).abs().max().item()
+
+
+def test_int8_step_compiles_whole_and_gives_the_eager_tokens(bundled_dir):
+    """Int8DynamicLinear under torch.compile goes through the custom op neoxja::int8_dynamic_linear: the
+    decode step is one graph (dynamo could not trace FBGEMM's packed-weight object and broke the graph at
+    every layer) and its greedy tokens equal eager int8's."""
+    import copy
+
+    import torch._dynamo
+
+    from neoxja.quantization import quantize
+
+    model = quantize(GPTNeoXJapaneseForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval(), "int8")
+    tok = GPTNeoXJapaneseTokenizer.from_pretrained(bundled_dir)
+    x = torch.tensor([tok.encode("吾輩は猫である。")])
+    eager = model.generate(x, max_new_tokens=16, do_sample=False, eos_token_id=[])
+    torch._dynamo.utils.counters.clear()
+    compiled = model.generate(x, max_new_tokens=16, do_sample=False, eos_token_id=[], compile=True)
+    assert torch.equal(eager, compiled)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    # a copy names its own packed weights: it still computes after the original is gone
+    twin = copy.deepcopy(model)
+    del model
+    import gc
+
+    gc.collect()
+    assert torch.equal(twin.generate(x, max_new_tokens=16, do_sample=False, eos_token_id=[], compile=True), eager)

@@ -417,3 +417,30 @@ def test_int4_packing_in_row_chunks_equals_packing_at_once(monkeypatch):
     assert torch.equal(whole.packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
     assert torch.equal(chunked.packed, whole.packed)
     assert torch.equal(chunked.scales_and_zeros, whole.scales_and_zeros)
+
+
+def test_int8_layers_name_their_packed_weights_by_key_for_the_custom_op():
+    """neoxja::int8_dynamic_linear (the op torch.compile sees) finds each layer's packed weight by its key:
+    equal to the eager product; copies and unpickled layers get keys of their own; a freed layer's key is
+    gone, and calling the op with it is a clear error."""
+    import io
+
+    from neoxja import quantization
+
+    layer = Int8DynamicLinear.from_float(nn.Linear(16, 8))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(quantization.int8_dynamic_linear(x, layer._key), layer(x), rtol=0, atol=0)
+    twin = copy.deepcopy(layer)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert len({layer._key, twin._key, loaded._key}) == 3
+    for other in (twin, loaded):
+        torch.testing.assert_close(quantization.int8_dynamic_linear(x, other._key), layer(x), rtol=0, atol=0)
+    key = layer._key
+    del layer
+    gc.collect()
+    assert key not in quantization._PACKED
+    with pytest.raises(RuntimeError, match="no int8 layer with key"):
+        quantization.int8_dynamic_linear(x, key)
