@@ -3,6 +3,7 @@
 Same random weights at the 2.7B width (hidden 2560, 32 heads, vocab 32000) with 4 layers; prompt 32 tokens,
 64 new tokens, greedy, batch 1, EOS off. Contenders:
   neoxja float32 (plain, and with `neoxja generate`'s measured kernels), int8 (FBGEMM), bfloat16 (where the CPU has AMX-BF16 or AVX512-BF16);
+  int8 and bfloat16 also compiled (`generate(compile=True)`, as `neoxja generate --compile` runs them);
   CTranslate2 float32 and int8 (`neoxja.export(..., to="ctranslate2")`);
   llama.cpp F32, F16, Q8_0, Q4_0 (`to="gguf"`) through llama-cpp-python, where it is importable
   (it is not a dependency of this project: it compiles llama.cpp; see docs/engines.md).
@@ -82,18 +83,23 @@ def main(argv=None) -> int:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-engines-"))
     contenders = {}  # name -> (run() -> list of new ids, size in bytes)
 
-    def neoxja_run(m):
-        return lambda: m.generate(prompt, max_new_tokens=new, do_sample=False)[0, args.prompt:].tolist()
+    def neoxja_run(m, compile=False):
+        return lambda: m.generate(prompt, max_new_tokens=new, do_sample=False,
+                                  compile=compile)[0, args.prompt:].tolist()
 
     fp32_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
     contenders["neoxja float32"] = (neoxja_run(model), fp32_bytes)
     # what `neoxja generate` runs: the skinny-product kernels measured on this machine (neoxja.kernels)
     contenders["neoxja float32 kernels"] = (neoxja_run(choose_linear_kernels(copy.deepcopy(model))), fp32_bytes)
-    contenders["neoxja int8"] = (neoxja_run(quantize(copy.deepcopy(model), "int8")), None)
+    int8 = quantize(copy.deepcopy(model), "int8")
+    contenders["neoxja int8"] = (neoxja_run(int8), None)
+    # as `neoxja generate --compile` runs them: the decode step through torch.compile (compiled on first use)
+    contenders["neoxja int8 compiled"] = (neoxja_run(int8, compile=True), None)
     if flags["amx_bf16"] or flags["avx512_bf16"]:
         # as `neoxja generate --dtype bfloat16` runs it: with the kernels measured on this machine
-        contenders["neoxja bfloat16"] = (neoxja_run(choose_linear_kernels(copy.deepcopy(model).to(torch.bfloat16))),
-                                         fp32_bytes // 2)
+        bf16 = choose_linear_kernels(copy.deepcopy(model).to(torch.bfloat16))
+        contenders["neoxja bfloat16"] = (neoxja_run(bf16), fp32_bytes // 2)
+        contenders["neoxja bfloat16 compiled"] = (neoxja_run(bf16, compile=True), fp32_bytes // 2)
 
     # each engine in a worker process of its own (_engine_worker.py): in this process, its OpenMP team and
     # torch's would slow each other down (libgomp stops its idle workers spinning once they outnumber the CPUs)
@@ -175,10 +181,10 @@ def main(argv=None) -> int:
         size = contenders[n][1]
         print(f"| {n} | {new / statistics.median(times[n]):.1f} | "
               f"{f'{size / 1e9:.2f} GB' if size else '-'} | {ratio(n, 'neoxja float32'):.2f}x |")
-    pairs = [("neoxja int8", "CTranslate2 int8"), ("neoxja float32", "CTranslate2 float32"),
-             ("neoxja float32 kernels", "CTranslate2 float32"),
+    pairs = [("neoxja int8", "CTranslate2 int8"), ("neoxja int8 compiled", "CTranslate2 int8"),
+             ("neoxja float32", "CTranslate2 float32"), ("neoxja float32 kernels", "CTranslate2 float32"),
              ("neoxja int8", "llama.cpp Q8_0"), ("neoxja bfloat16", "llama.cpp F16"),
-             ("neoxja float32", "llama.cpp F32")]
+             ("neoxja bfloat16 compiled", "llama.cpp F16"), ("neoxja float32", "llama.cpp F32")]
     print("\nratios (median of per-round ratios; >1 means neoxja is faster):")
     for a, b in pairs:
         if a in times and b in times:

@@ -45,8 +45,10 @@ SLICE = 16  # weight rows per batched product of the bmm kernel
 MEASURE_ROWS = 4096  # output rows timed at most: a taller weight is timed on its first 4096 rows (a view),
                      # which ranks the kernels as the whole does (each streams the rows alike) at a fraction
                      # of the cost (the 2.7B LM head has 32000)
-CACHE_VERSION = 4  # 2: the "packed" kernel; 3: medians of calls read from memory; 4: the "mv" kernel
+CACHE_VERSION = 5  # 2: the "packed" kernel; 3: medians of calls read from memory; 4: the "mv" kernel;
+                   # 5: timed in runs of BLOCK calls
 WORKING_SET_CAP = 1 << 30  # bytes of weight copies measure_plan rotates over at most (and an eighth of memory)
+BLOCK = 2  # consecutive calls of one kernel per timed sample (measure_plan)
 PACK_HINT = 2  # the row count oneDNN's blocked layout is made for (1, 2 and 64 measured alike at 1-256 rows)
 
 
@@ -88,7 +90,19 @@ def _onednn(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 # "mv" is torch.mv: on the 2-core Xeon with AMX, a one-row bfloat16 product streamed its weight at 24-27 GB/s
 # where F.linear (oneDNN) reached 16-21 (1.22-1.68x, the 2.7B shapes); in float32 the two were within 8%.
 KERNELS = {"linear": _linear, "bmm16": _bmm16, "onednn": _onednn, "packed": _onednn, "mv": _mv}
-ONE_ROW_KERNELS = {"mv"}  # kernels that take exactly one row: timed and planned for rows == 1 only
+ONE_ROW_KERNELS = {"mv"}
+ONEDNN_KERNELS = {"onednn", "packed"}  # left to inductor under torch.compile  # kernels that take exactly one row: timed and planned for rows == 1 only
+
+
+@torch.library.custom_op("neoxja::skinny_linear", mutates_args=())
+def skinny_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str) -> torch.Tensor:
+    """KERNELS[kernel](x2, weight, bias) as one opaque op: how a compiled SkinnyLinear calls its plan's kernel."""
+    return KERNELS[kernel](x2, weight, bias)
+
+
+@skinny_linear.register_fake
+def _(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str) -> torch.Tensor:
+    return x2.new_empty(x2.shape[0], weight.shape[0])
 
 
 def onednn_linear_available() -> bool:
@@ -184,17 +198,21 @@ class SkinnyLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        # under torch.compile the product is inductor's to choose (its lowering of oneDNN's linear wants a
-        # frozen weight): the plan is an eager-mode choice
-        if (rows and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and x.device.type == "cpu"
+        if (rows and not torch.is_grad_enabled() and x.device.type == "cpu"
                 and x.dtype == self.weight.dtype and self.weight.is_contiguous()):
             name = self.kernel_for(rows)
-            if name != "linear":
+            compiling = torch.compiler.is_compiling()
+            # under torch.compile, oneDNN's products are inductor's to choose (its lowering of oneDNN's linear
+            # wants a frozen weight, and the blocked copy cannot be made inside a graph); the plain ones run
+            # as the opaque op neoxja::skinny_linear, which inductor neither decomposes nor re-lowers (its own
+            # lowering of aten.mv made the 2.7B bf16 step 2x slower than with F.linear)
+            if name != "linear" and not (compiling and name in ONEDNN_KERNELS):
                 x2 = x.reshape(rows, self.in_features).contiguous()  # (rows, in)
-                w = self.weight
-                if name == "packed":
-                    w = self.packed.get(w)
-                y = KERNELS[name](x2, w, self.bias)  # (rows, out)
+                if compiling:
+                    y = skinny_linear(x2, self.weight, self.bias, name)  # (rows, out)
+                else:
+                    w = self.packed.get(self.weight) if name == "packed" else self.weight
+                    y = KERNELS[name](x2, w, self.bias)  # (rows, out)
                 return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -215,14 +233,16 @@ def _same_product(got: torch.Tensor, expected: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def measure_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, repeats: int = 5,
+def measure_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, repeats: int = 4,
                  rows_grid: tuple[int, ...] = ROW_GRID, timer=time.perf_counter, pack: bool = False,
                  working_set: int = 0) -> dict[int, str]:
     """Time each candidate kernel on `weight` (out, in) for each row count of the grid; the fastest per count.
 
     Each kernel is first checked against F.linear on random rows (a kernel that fails or disagrees is not
-    used; the check is also its warm-up). Timings are interleaved kernel by kernel, `repeats` rounds, and the
-    median of each counts: read from memory, a kernel's calls vary (F.linear's bf16 one-row product on the AMX
+    used; the check is also its warm-up). Timings are interleaved kernel by kernel, `repeats` rounds of BLOCK
+    consecutive calls each (a kernel's first call after another kernel's ran slower: torch.mv's one-row bf16
+    product 2.63 ms against 2.30 in a run of calls, on the AMX Xeon, which ranked oneDNN's 2.52 first where
+    a decoding step of mv calls was faster), and the median of each counts: read from memory, a kernel's calls vary (F.linear's bf16 one-row product on the AMX
     Xeon took 0.72-1.12 ms on the same weight), and its luckiest call ranked it first where its typical one,
     and the 2.7B decode that uses it, were 10-20% slower. F.linear wins unless another kernel is over 10%
     faster: a change of kernel must pay.
@@ -261,11 +281,11 @@ def measure_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, repeats
         times = {name: [] for name in usable}
         for _ in range(repeats):
             for name in usable:
-                operand = operands[name][turn % len(copies)]  # the copy read least recently
-                turn += 1
                 t = timer()
-                KERNELS[name](x, operand, bias)
-                times[name].append(timer() - t)
+                for _ in range(BLOCK):
+                    KERNELS[name](x, operands[name][turn % len(copies)], bias)  # the copy read least recently
+                    turn += 1
+                times[name].append((timer() - t) / BLOCK)
         best = {name: statistics.median(ts) for name, ts in times.items()}
         winner = min(best, key=best.get)
         plan[rows] = winner if best[winner] < 0.9 * best["linear"] else "linear"

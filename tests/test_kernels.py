@@ -75,19 +75,26 @@ def test_every_kernel_gives_f_linear_numbers(kernel, rows, out_features, bias):
     assert with_grad.requires_grad and torch.equal(with_grad, expected)
 
 
-@pytest.mark.parametrize("kernel", ["onednn", "packed", "bmm16"])
-def test_a_planned_layer_compiles(kernel):
-    """Under torch.compile the product is inductor's (its lowering of oneDNN's linear asserts a frozen weight,
-    so a plan's oneDNN kernel used to fail `generate(compile=True)` and `neoxja generate --compile`)."""
+@pytest.mark.parametrize("kernel", ["onednn", "packed", "bmm16", "mv"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_planned_layer_compiles(kernel, rows, monkeypatch):
+    """Under torch.compile oneDNN's products are inductor's (its lowering of oneDNN's linear asserts a frozen
+    weight, so a plan's oneDNN kernel used to fail `generate(compile=True)` and `neoxja generate --compile`);
+    the plain kernels (mv, bmm16) run inside the graph as the opaque op neoxja::skinny_linear."""
     if kernel not in kernels.candidates(torch.empty(48, 40), pack=True):
         pytest.skip(f"{kernel} is not available in this torch build")
     torch.manual_seed(0)
     plain = nn.Linear(40, 48)
     layer = SkinnyLinear.from_linear(plain, fixed_plan(kernel))
-    x = torch.randn(1, 2, 40)
+    x = torch.randn(1, rows, 40)
+    calls = []
+    real = kernels.KERNELS[kernel]
+    monkeypatch.setitem(kernels.KERNELS, kernel, lambda *a: (calls.append(1), real(*a))[1])
+    torch._dynamo.reset()
     with torch.no_grad():
         compiled = torch.compile(layer, fullgraph=True)(x)
     torch.testing.assert_close(compiled, F.linear(x, plain.weight, plain.bias), atol=1e-5, rtol=1e-5)
+    assert bool(calls) == (kernel not in kernels.ONEDNN_KERNELS)
 
 
 def test_kernel_for_uses_the_grid_point_below():
