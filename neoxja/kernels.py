@@ -203,10 +203,13 @@ class SkinnyLinear(nn.Linear):
             name = self.kernel_for(rows)
             compiling = torch.compiler.is_compiling()
             # under torch.compile, oneDNN's products are inductor's to choose (its lowering of oneDNN's linear
-            # wants a frozen weight, and the blocked copy cannot be made inside a graph); the plain ones run
-            # as the opaque op neoxja::skinny_linear, which inductor neither decomposes nor re-lowers (its own
-            # lowering of aten.mv made the 2.7B bf16 step 2x slower than with F.linear)
-            if name != "linear" and not (compiling and name in ONEDNN_KERNELS):
+            # wants a frozen weight, and the blocked copy cannot be made inside a graph), and so are one-row
+            # products with small weights, which inductor generates itself (its decompose_mm_pass, what makes
+            # compiled decoding of small models fast); the other plain ones run as the opaque op
+            # neoxja::skinny_linear, which inductor neither decomposes nor re-lowers (its own lowering of
+            # aten.mv made the 2.7B bf16 step 2x slower than with F.linear)
+            inductors = compiling and (name in ONEDNN_KERNELS or (rows == 1 and max(self.weight.shape) <= 2048))
+            if name != "linear" and not inductors:
                 x2 = x.reshape(rows, self.in_features).contiguous()  # (rows, in)
                 if compiling:
                     y = skinny_linear(x2, self.weight, self.bias, name)  # (rows, out)

@@ -94,7 +94,17 @@ def test_a_planned_layer_compiles(kernel, rows, monkeypatch):
     with torch.no_grad():
         compiled = torch.compile(layer, fullgraph=True)(x)
     torch.testing.assert_close(compiled, F.linear(x, plain.weight, plain.bias), atol=1e-5, rtol=1e-5)
-    assert bool(calls) == (kernel not in kernels.ONEDNN_KERNELS)
+    # one row of a small weight is inductor's to generate, and oneDNN's kernels are inductor's to choose
+    assert bool(calls) == (rows > 1 and kernel not in kernels.ONEDNN_KERNELS)
+    calls.clear()
+
+    big = SkinnyLinear.from_linear(nn.Linear(2560, 48), fixed_plan(kernel))  # above inductor's 2048 bound
+    x = torch.randn(1, rows, 2560)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(big, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, F.linear(x, big.weight, big.bias), atol=1e-4, rtol=1e-4)
+    assert bool(calls) == (kernel not in kernels.ONEDNN_KERNELS)  # the plain kernels: neoxja::skinny_linear
 
 
 def test_kernel_for_uses_the_grid_point_below():
