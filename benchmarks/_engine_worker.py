@@ -19,6 +19,7 @@ Parent side: `EngineProcess(spec)` starts `python _engine_worker.py`, sends the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -30,7 +31,17 @@ class EngineProcess:
         self.spec = spec
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
-        self.info = self._call(spec)  # the worker answers once the engine is loaded
+        try:
+            self.info = self._call(spec)  # the worker answers once the engine is loaded
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> "EngineProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _call(self, message: dict) -> dict:
         self.proc.stdin.write(json.dumps(message) + "\n")
@@ -52,11 +63,12 @@ class EngineProcess:
         return self._call({"cmd": "first_logits"})["logits"]
 
     def close(self) -> None:
+        """Stop the worker (end of its input; killed if it has not exited 30 s later). Idempotent."""
         if self.proc.poll() is None:
-            self.proc.stdin.close()
             try:
+                self.proc.stdin.close()
                 self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+            except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
 
@@ -99,13 +111,18 @@ def _llama_cpp(spec: dict):
 
 
 def main() -> int:
+    # replies go out on a copy of stdout; file descriptor 1 itself goes to stderr, so that whatever an engine's
+    # native code prints cannot land inside a reply
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     spec = json.loads(sys.stdin.readline())
     try:
         commands = {"ctranslate2": _ctranslate2, "llama.cpp": _llama_cpp}[spec["engine"]](spec)
         reply = {"ok": True}
     except Exception as e:  # report it to the parent rather than die silently
         commands, reply = {}, {"error": f"{type(e).__name__}: {e}"}
-    print(json.dumps(reply), flush=True)
+    print(json.dumps(reply), file=replies, flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)["cmd"]
         try:
@@ -117,7 +134,7 @@ def main() -> int:
                 reply = {"logits": commands[cmd]()}
         except Exception as e:
             reply = {"error": f"{type(e).__name__}: {e}"}
-        print(json.dumps(reply), flush=True)
+        print(json.dumps(reply), file=replies, flush=True)
     return 0
 
 

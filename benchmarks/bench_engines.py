@@ -55,6 +55,15 @@ def size_on_disk(path: Path) -> int:
 
 
 def main(argv=None) -> int:
+    workers = []  # the engines' worker processes: stopped however the run ends
+    try:
+        return side_by_side(argv, workers)
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+def side_by_side(argv, workers: list) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--prompt", type=int, default=32)
@@ -103,7 +112,6 @@ def main(argv=None) -> int:
 
     # each engine in a worker process of its own (_engine_worker.py): in this process, its OpenMP team and
     # torch's would slow each other down (libgomp stops its idle workers spinning once they outnumber the CPUs)
-    workers = []
 
     def worker_run(spec):
         worker = EngineProcess({**spec, "threads": args.threads, "new": new})
@@ -192,8 +200,6 @@ def main(argv=None) -> int:
     print("(taken on a shared machine: other jobs load the cores; treat the ratios as provisional)")
     for f in failures:
         print(f"FAILED: {f}")
-    for worker in workers:
-        worker.close()
     return 1 if failures else 0
 
 

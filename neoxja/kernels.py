@@ -8,7 +8,8 @@ that shape on some CPUs: on this project's 2-core AVX-512 machine, 4-12 rows ran
 bandwidth those products are bound by, where a torch.bmm against 16-row slices of the weight (MKL's batched
 small products, which read the weight in place without packing a copy) was 1.5-2x faster and oneDNN's
 linear (the op torch.compile uses on CPU) 1.7-2.7x faster at 13-64 rows; on a Xeon with AMX, oneDNN's linear
-on a blocked copy of the weight ("packed", which costs that copy's memory) won from 2-4 rows on. Which kernel
+on a blocked copy of the weight ("packed", which costs that copy's memory) won from 2-4 rows on, and at one
+row torch.mv (ATen's gemv) streamed a bfloat16 weight 1.2-1.7x faster than F.linear. Which kernel
 wins, and from how many rows, depends on the CPU, the thread count, the dtype and the weight's shape, so
 nothing here is a constant: the first call times the candidates on the model's own weights, read from memory
 as a decoding step reads them, for a grid of row counts, and caches the winners (a JSON file keyed by CPU,
@@ -21,7 +22,8 @@ and quantize are unaffected). Its forward takes the measured kernel only without
 of the weight's dtype, for row counts the table covers; everything else (training, prefill longer than the
 grid, other devices) is F.linear, i.e. exactly nn.Linear. Every kernel computes the same product; the
 results differ from F.linear's in rounding only (the sums are ordered differently), which the measurement
-checks before it trusts a kernel. `benchmarks/bench_skinny_linear.py` prints the per-kernel timings.
+checks before it trusts a kernel. `benchmarks/bench_skinny_linear.py` prints the timings of the multi-row
+kernels (float32), and with --plan the measured plan per shape.
 """
 
 from __future__ import annotations
@@ -90,19 +92,43 @@ def _onednn(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 # "mv" is torch.mv: on the 2-core Xeon with AMX, a one-row bfloat16 product streamed its weight at 24-27 GB/s
 # where F.linear (oneDNN) reached 16-21 (1.22-1.68x, the 2.7B shapes); in float32 the two were within 8%.
 KERNELS = {"linear": _linear, "bmm16": _bmm16, "onednn": _onednn, "packed": _onednn, "mv": _mv}
-ONE_ROW_KERNELS = {"mv"}
-ONEDNN_KERNELS = {"onednn", "packed"}  # left to inductor under torch.compile  # kernels that take exactly one row: timed and planned for rows == 1 only
+ONE_ROW_KERNELS = {"mv"}  # kernels that take exactly one row: timed and planned for rows == 1 only
+ONEDNN_KERNELS = {"onednn", "packed"}  # left to inductor under torch.compile
 
 
-@torch.library.custom_op("neoxja::skinny_linear", mutates_args=())
-def skinny_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str) -> torch.Tensor:
-    """KERNELS[kernel](x2, weight, bias) as one opaque op: how a compiled SkinnyLinear calls its plan's kernel."""
-    return KERNELS[kernel](x2, weight, bias)
-
-
-@skinny_linear.register_fake
-def _(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str) -> torch.Tensor:
+def linear_fake(x2: torch.Tensor, weight: torch.Tensor, *_) -> torch.Tensor:
+    """The fake (meta) implementation of a product op (x2 (rows, in), weight (out, in), ...) -> (rows, out):
+    what torch.compile traces in its place. Shared by neoxja::skinny_linear and neoxja::row_invariant_linear."""
     return x2.new_empty(x2.shape[0], weight.shape[0])
+
+
+_skinny_linear_op = None  # the custom op, once registered
+
+
+def skinny_linear_op():
+    """KERNELS[kernel](x2, weight, bias) as the custom op neoxja::skinny_linear: how a compiled SkinnyLinear
+    calls its plan's plain kernels, opaque to inductor. Registered on first use, not at import; SkinnyLinear
+    registers it when it is made, because registering cannot happen while dynamo traces."""
+    global _skinny_linear_op
+    if _skinny_linear_op is None:
+        @torch.library.custom_op("neoxja::skinny_linear", mutates_args=())
+        def skinny_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          kernel: str) -> torch.Tensor:
+            return KERNELS[kernel](x2, weight, bias)
+
+        skinny_linear.register_fake(linear_fake)
+        _skinny_linear_op = skinny_linear
+    return _skinny_linear_op
+
+
+def inductor_generates(rows, weight: torch.Tensor) -> bool:
+    """Whether inductor's decompose_mm_pass (on in generation.DECODE_COMPILE_OPTIONS) writes this product's code
+    itself: on CPU, one row and a weight whose sides are at most its CPU_MAX_OTHER_DIMENSION_DECOMPOSITION."""
+    try:
+        from torch._inductor.fx_passes.decompose_mem_bound_mm import CPU_MAX_OTHER_DIMENSION_DECOMPOSITION as most
+    except ImportError:  # a torch that moved it: its value in torch 2.13
+        most = 2048
+    return rows == 1 and max(weight.shape) <= most
 
 
 def onednn_linear_available() -> bool:
@@ -110,8 +136,8 @@ def onednn_linear_available() -> bool:
 
 
 def candidates(weight: torch.Tensor, pack: bool = False) -> list[str]:
-    """The kernels that can take this weight: bmm16 needs out % 16 == 0, oneDNN's op must be in the build,
-    packed also needs leave to keep a second copy of the weight (pack)."""
+    """The kernels that can take this weight: linear and mv (one row only) always, bmm16 if out % 16 == 0,
+    onednn if oneDNN's op is in the build, packed also needs leave to keep a second copy of the weight (pack)."""
     names = ["linear", "mv"]
     if weight.shape[0] % SLICE == 0:
         names.append("bmm16")
@@ -173,7 +199,8 @@ class SkinnyLinear(nn.Linear):
 
     `plan` maps a row count of ROW_GRID to a kernel name; rows above the grid's top, autograd, other
     devices and other dtypes take F.linear. "packed" keeps a blocked copy of the weight (`packed`), made the
-    first time a row count uses it; under torch.compile it runs as "onednn" (the same op on the plain weight)."""
+    first time a row count uses it. Under torch.compile, oneDNN's kernels and one-row products inductor
+    generates itself are F.linear (inductor's), the other kernels the custom op neoxja::skinny_linear."""
 
     plan: dict[int, str]
     packed: PackedWeight
@@ -187,6 +214,7 @@ class SkinnyLinear(nn.Linear):
         new.train(linear.training)
         new.plan = dict(plan)
         new.packed = PackedWeight()
+        skinny_linear_op()  # registered now: forward may run under torch.compile
         return new
 
     def kernel_for(self, rows: int) -> str:
@@ -198,21 +226,22 @@ class SkinnyLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        compiling = torch.compiler.is_compiling()
         if (rows and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == self.weight.dtype and self.weight.is_contiguous()):
-            name = self.kernel_for(rows)
-            compiling = torch.compiler.is_compiling()
+                and x.dtype == self.weight.dtype and self.weight.is_contiguous()
+                and not (compiling and not isinstance(rows, int))):  # a symbolic row count: no plan lookup, which
+            name = self.kernel_for(rows)                               # would guard the graph on its grid point
             # under torch.compile, oneDNN's products are inductor's to choose (its lowering of oneDNN's linear
             # wants a frozen weight, and the blocked copy cannot be made inside a graph), and so are one-row
-            # products with small weights, which inductor generates itself (its decompose_mm_pass, what makes
-            # compiled decoding of small models fast); the other plain ones run as the opaque op
-            # neoxja::skinny_linear, which inductor neither decomposes nor re-lowers (its own lowering of
-            # aten.mv made the 2.7B bf16 step 2x slower than with F.linear)
-            inductors = compiling and (name in ONEDNN_KERNELS or (rows == 1 and max(self.weight.shape) <= 2048))
+            # products with small weights, which inductor generates itself (what makes compiled decoding of
+            # small models fast); the other plain ones run as the opaque op neoxja::skinny_linear, which
+            # inductor neither decomposes nor re-lowers (its own lowering of aten.mv made the 2.7B bf16 step
+            # 2x slower than with F.linear)
+            inductors = compiling and (name in ONEDNN_KERNELS or inductor_generates(rows, self.weight))
             if name != "linear" and not inductors:
                 x2 = x.reshape(rows, self.in_features).contiguous()  # (rows, in)
                 if compiling:
-                    y = skinny_linear(x2, self.weight, self.bias, name)  # (rows, out)
+                    y = _skinny_linear_op(x2, self.weight, self.bias, name)  # (rows, out)
                 else:
                     w = self.packed.get(self.weight) if name == "packed" else self.weight
                     y = KERNELS[name](x2, w, self.bias)  # (rows, out)

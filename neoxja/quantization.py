@@ -49,7 +49,7 @@ class Int8DynamicLinear(nn.Module):
     save the float model instead.
 
     Under torch.compile the product goes through the custom op `neoxja::int8_dynamic_linear`, which names
-    the packed weight by a key (`_PACKED`): dynamo cannot trace FBGEMM's packed-weight object, and called
+    the packed weight by a key (`_PACKED`; a module's `_packed` is not reassigned after construction): dynamo cannot trace FBGEMM's packed-weight object, and called
     directly it broke the graph at every layer (the compiled int8 decode step was no faster than eager).
     """
 
@@ -61,8 +61,9 @@ class Int8DynamicLinear(nn.Module):
         self._register()
 
     def _register(self) -> None:
+        int8_dynamic_linear_op()  # registered now: forward may run under torch.compile
         self._key = next(_PACKED_KEYS)
-        _PACKED[self._key] = (self._packed, self.out_features)
+        _PACKED[self._key] = self._packed
         weakref.finalize(self, _PACKED.pop, self._key, None)  # the entry goes with the module
 
     def __setstate__(self, state):  # copy.deepcopy and unpickling: a key of its own, not the original's
@@ -79,11 +80,9 @@ class Int8DynamicLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            y = int8_dynamic_linear(x.float(), self._key)
+            y = _int8_dynamic_linear_op(x.float(), self._key, self.out_features)
         else:
-            # reduce_range: activations use 7 bits, which keeps FBGEMM's AVX2 u8*s8 pair sums from
-            # saturating int16 (the same setting quantize_dynamic uses on x86).
-            y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, True)
+            y = _fbgemm_dynamic_linear(x.float(), self._packed)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -95,23 +94,41 @@ class Int8DynamicLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel (FBGEMM)"
 
 
-_PACKED: dict[int, tuple] = {}  # key -> (FBGEMM packed weight, out_features) of a live Int8DynamicLinear
+_PACKED: dict[int, object] = {}  # key -> FBGEMM packed weight of a live Int8DynamicLinear
 _PACKED_KEYS = itertools.count()
 
 
-@torch.library.custom_op("neoxja::int8_dynamic_linear", mutates_args=())
-def int8_dynamic_linear(x: torch.Tensor, key: int) -> torch.Tensor:
-    """FBGEMM's dynamic int8 linear (reduce_range, as Int8DynamicLinear.forward) on the packed weight `key`
-    names: an op torch.compile keeps whole in its graph."""
-    entry = _PACKED.get(key)
-    if entry is None:
-        raise RuntimeError(f"neoxja::int8_dynamic_linear: no int8 layer with key {key} (the module was freed)")
-    return torch.ops.quantized.linear_dynamic(x, entry[0], True)
+def _fbgemm_dynamic_linear(x: torch.Tensor, packed) -> torch.Tensor:
+    # reduce_range: activations use 7 bits, which keeps FBGEMM's AVX2 u8*s8 pair sums from saturating int16
+    # (the same setting quantize_dynamic uses on x86)
+    return torch.ops.quantized.linear_dynamic(x, packed, True)
 
 
-@int8_dynamic_linear.register_fake
-def _(x: torch.Tensor, key: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], _PACKED[key][1])
+_int8_dynamic_linear_op = None  # the custom op, once registered
+
+
+def int8_dynamic_linear_op():
+    """FBGEMM's dynamic int8 linear on the packed weight `key` names, as the custom op
+    neoxja::int8_dynamic_linear(x, key, out_features): an op torch.compile keeps whole in its graph. Registered
+    on first use, not at import (Int8DynamicLinear registers it when it is made: registering cannot happen
+    while dynamo traces). The key is a constant of the graph, so each int8 model compiles its own graph
+    (dynamo's recompile limit, 8 by default, bounds how many one process compiles)."""
+    global _int8_dynamic_linear_op
+    if _int8_dynamic_linear_op is None:
+        @torch.library.custom_op("neoxja::int8_dynamic_linear", mutates_args=())
+        def int8_dynamic_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+            packed = _PACKED.get(key)
+            if packed is None:
+                raise RuntimeError(f"neoxja::int8_dynamic_linear: no int8 layer with key {key} (the module was "
+                                   f"freed)")
+            return _fbgemm_dynamic_linear(x, packed)
+
+        @int8_dynamic_linear.register_fake
+        def _(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+            return x.new_empty(*x.shape[:-1], out_features)
+
+        _int8_dynamic_linear_op = int8_dynamic_linear
+    return _int8_dynamic_linear_op
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -217,10 +217,12 @@ class TextIteratorStreamer(TextStreamer):
     that loaded the model and iterate on the other one:
 
     >>> streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
-    >>> printer = threading.Thread(target=lambda: [print(piece, end="") for piece in streamer])
+    >>> printer = threading.Thread(target=lambda: [print(piece, end="") for piece in streamer], daemon=True)
     >>> printer.start()
     >>> model.generate(input_ids, streamer=streamer)
     >>> printer.join()
+
+    (daemon=True: should generate() fail before it starts streaming, the printer does not keep the process alive.)
 
     The other way round (transformers' example: generate() on a new thread, the caller iterating) gives the
     same text, but torch runs 2-3x slower there whenever the caller's thread has run parallel torch work

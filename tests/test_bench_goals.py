@@ -15,3 +15,39 @@ def test_the_retired_float32_goal_is_not_enforced():
     pairs = {(num, den) for num, den, _ in bench.LIVE_GOALS.values()}
     assert ("neoxja float32 batch 1", "transformers float32 batch 1") not in pairs
     assert ("neoxja int8 batch 1", "transformers float32 batch 1") in pairs  # int8 >= 3x is live
+
+
+def _engine_worker():
+    path = BENCH.parent / "_engine_worker.py"
+    spec = importlib.util.spec_from_file_location("_engine_worker", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_engine_worker_runs_ctranslate2_in_its_own_process(bundled_dir, tmp_path):
+    """The benchmarks' contender engines run in a worker process (benchmarks/_engine_worker.py): its greedy
+    tokens equal CTranslate2's in this process; a spec it cannot load is a clear error, and the worker is gone."""
+    import pytest
+
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    import neoxja
+    from neoxja.engines import ctranslate2_tokens
+
+    out = neoxja.export(str(bundled_dir), str(tmp_path / "ct2"), to="ctranslate2")
+    tokens = ctranslate2_tokens(list(range(100, 116)), out)
+    worker_module = _engine_worker()
+    spec = {"engine": "ctranslate2", "path": str(out), "compute_type": "float32", "threads": 1, "tokens": tokens,
+            "new": 8}
+    with worker_module.EngineProcess(spec) as worker:
+        got, seconds = worker.generate()
+        assert worker.generate()[0] == got and seconds > 0
+    assert worker.proc.poll() == 0  # stopped when the block ends
+    here = ctranslate2.Generator(str(out), device="cpu", compute_type="float32", intra_threads=1)
+    expected = here.generate_batch([tokens], max_length=8, sampling_topk=1, include_prompt_in_result=False,
+                                   end_token=[])[0].sequences_ids[0]
+    assert got == expected and len(got) == 8
+
+    with pytest.raises(RuntimeError, match="ctranslate2 worker: .*") as info:
+        worker_module.EngineProcess({**spec, "path": str(tmp_path / "missing")})
+    assert "missing" in str(info.value)

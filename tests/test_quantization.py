@@ -427,9 +427,11 @@ def test_int8_layers_name_their_packed_weights_by_key_for_the_custom_op():
 
     from neoxja import quantization
 
+    op = quantization.int8_dynamic_linear_op()
+    assert op is quantization.int8_dynamic_linear_op()  # registered once, on first use
     layer = Int8DynamicLinear.from_float(nn.Linear(16, 8))
     x = torch.randn(3, 16)
-    torch.testing.assert_close(quantization.int8_dynamic_linear(x, layer._key), layer(x), rtol=0, atol=0)
+    torch.testing.assert_close(op(x, layer._key, 8), layer(x), rtol=0, atol=0)
     twin = copy.deepcopy(layer)
     buffer = io.BytesIO()
     torch.save(layer, buffer)
@@ -437,10 +439,10 @@ def test_int8_layers_name_their_packed_weights_by_key_for_the_custom_op():
     loaded = torch.load(buffer, weights_only=False)
     assert len({layer._key, twin._key, loaded._key}) == 3
     for other in (twin, loaded):
-        torch.testing.assert_close(quantization.int8_dynamic_linear(x, other._key), layer(x), rtol=0, atol=0)
+        torch.testing.assert_close(op(x, other._key, 8), layer(x), rtol=0, atol=0)
     key = layer._key
     del layer
     gc.collect()
     assert key not in quantization._PACKED
     with pytest.raises(RuntimeError, match="no int8 layer with key"):
-        quantization.int8_dynamic_linear(x, key)
+        op(x, key, 8)
