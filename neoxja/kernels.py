@@ -121,14 +121,14 @@ def skinny_linear_op():
     return _skinny_linear_op
 
 
-def inductor_generates(rows, weight: torch.Tensor) -> bool:
-    """Whether inductor's decompose_mm_pass (on in generation.DECODE_COMPILE_OPTIONS) writes this product's code
-    itself: on CPU, one row and a weight whose sides are at most its CPU_MAX_OTHER_DIMENSION_DECOMPOSITION."""
+def inductor_generates(weight: torch.Tensor) -> bool:
+    """Whether inductor's decompose_mm_pass (on in generation.DECODE_COMPILE_OPTIONS) writes a one-row product
+    with this weight itself: on CPU, when both sides are at most its CPU_MAX_OTHER_DIMENSION_DECOMPOSITION."""
     try:
         from torch._inductor.fx_passes.decompose_mem_bound_mm import CPU_MAX_OTHER_DIMENSION_DECOMPOSITION as most
     except ImportError:  # a torch that moved it: its value in torch 2.13
         most = 2048
-    return rows == 1 and max(weight.shape) <= most
+    return max(weight.shape) <= most
 
 
 def onednn_linear_available() -> bool:
@@ -199,8 +199,8 @@ class SkinnyLinear(nn.Linear):
 
     `plan` maps a row count of ROW_GRID to a kernel name; rows above the grid's top, autograd, other
     devices and other dtypes take F.linear. "packed" keeps a blocked copy of the weight (`packed`), made the
-    first time a row count uses it. Under torch.compile, oneDNN's kernels and one-row products inductor
-    generates itself are F.linear (inductor's), the other kernels the custom op neoxja::skinny_linear."""
+    first time a row count uses it. Under torch.compile, a one-row plan's plain kernel on a weight inductor
+    does not generate itself runs as the custom op neoxja::skinny_linear; everything else is F.linear."""
 
     plan: dict[int, str]
     packed: PackedWeight
@@ -226,26 +226,27 @@ class SkinnyLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        compiling = torch.compiler.is_compiling()
         if (rows and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == self.weight.dtype and self.weight.is_contiguous()
-                and not (compiling and not isinstance(rows, int))):  # a symbolic row count: no plan lookup, which
-            name = self.kernel_for(rows)                               # would guard the graph on its grid point
-            # under torch.compile, oneDNN's products are inductor's to choose (its lowering of oneDNN's linear
-            # wants a frozen weight, and the blocked copy cannot be made inside a graph), and so are one-row
-            # products with small weights, which inductor generates itself (what makes compiled decoding of
-            # small models fast); the other plain ones run as the opaque op neoxja::skinny_linear, which
-            # inductor neither decomposes nor re-lowers (its own lowering of aten.mv made the 2.7B bf16 step
-            # 2x slower than with F.linear)
-            inductors = compiling and (name in ONEDNN_KERNELS or inductor_generates(rows, self.weight))
-            if name != "linear" and not inductors:
-                x2 = x.reshape(rows, self.in_features).contiguous()  # (rows, in)
-                if compiling:
-                    y = _skinny_linear_op(x2, self.weight, self.bias, name)  # (rows, out)
-                else:
+                and x.dtype == self.weight.dtype and self.weight.is_contiguous()):
+            if not torch.compiler.is_compiling():
+                name = self.kernel_for(rows)
+                if name != "linear":
+                    x2 = x.reshape(rows, self.in_features).contiguous()  # (rows, in)
                     w = self.packed.get(self.weight) if name == "packed" else self.weight
-                    y = KERNELS[name](x2, w, self.bias)  # (rows, out)
-                return y.view(*x.shape[:-1], self.out_features)
+                    return KERNELS[name](x2, w, self.bias).view(*x.shape[:-1], self.out_features)
+            # Under torch.compile only one row's plan is used (a symbolic row count is >= 2, so this asks no
+            # question of it, and several row counts share one graph), and only a plain kernel on a weight
+            # inductor does not generate itself: oneDNN's products are inductor's to choose (its lowering of
+            # oneDNN's linear wants a frozen weight, and the blocked copy cannot be made inside a graph), and so
+            # are one-row products with small weights, which inductor writes itself (what makes compiled
+            # decoding of small models fast). The plain kernel runs as the opaque op neoxja::skinny_linear,
+            # which inductor neither decomposes nor re-lowers (its own lowering of aten.mv made the 2.7B bf16
+            # step 2x slower than with F.linear).
+            elif rows == 1:
+                name = self.plan.get(1, "linear")
+                if name != "linear" and name not in ONEDNN_KERNELS and not inductor_generates(self.weight):
+                    y = _skinny_linear_op(x.reshape(1, self.in_features), self.weight, self.bias, name)  # (1, out)
+                    return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -274,9 +275,9 @@ def measure_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, repeats
     used; the check is also its warm-up). Timings are interleaved kernel by kernel, `repeats` rounds of BLOCK
     consecutive calls each (a kernel's first call after another kernel's ran slower: torch.mv's one-row bf16
     product 2.63 ms against 2.30 in a run of calls, on the AMX Xeon, which ranked oneDNN's 2.52 first where
-    a decoding step of mv calls was faster), and the median of each counts: read from memory, a kernel's calls vary (F.linear's bf16 one-row product on the AMX
-    Xeon took 0.72-1.12 ms on the same weight), and its luckiest call ranked it first where its typical one,
-    and the 2.7B decode that uses it, were 10-20% slower. F.linear wins unless another kernel is over 10%
+    a decoding step of mv calls was faster), and the median of each counts: read from memory, a kernel's
+    calls vary (F.linear's bf16 one-row product on the AMX Xeon took 0.72-1.12 ms on the same weight), and its
+    luckiest call ranked it first where its typical one, and the 2.7B decode that uses it, were 10-20% slower. F.linear wins unless another kernel is over 10%
     faster: a change of kernel must pay.
     pack: also time "packed" (oneDNN on a blocked copy, which the caller will have to keep).
 

@@ -49,8 +49,9 @@ class Int8DynamicLinear(nn.Module):
     save the float model instead.
 
     Under torch.compile the product goes through the custom op `neoxja::int8_dynamic_linear`, which names
-    the packed weight by a key (`_PACKED`; a module's `_packed` is not reassigned after construction): dynamo cannot trace FBGEMM's packed-weight object, and called
-    directly it broke the graph at every layer (the compiled int8 decode step was no faster than eager).
+    the packed weight by a key (`_PACKED`; a module's `_packed` is not reassigned after construction): dynamo
+    cannot trace FBGEMM's packed-weight object, and called directly it broke the graph at every layer (the
+    compiled int8 decode step was no faster than eager).
     """
 
     def __init__(self, packed_params, in_features: int, out_features: int):

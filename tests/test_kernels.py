@@ -79,32 +79,24 @@ def test_every_kernel_gives_f_linear_numbers(kernel, rows, out_features, bias):
 @pytest.mark.parametrize("rows", [1, 2])
 def test_a_planned_layer_compiles(kernel, rows, monkeypatch):
     """Under torch.compile oneDNN's products are inductor's (its lowering of oneDNN's linear asserts a frozen
-    weight, so a plan's oneDNN kernel used to fail `generate(compile=True)` and `neoxja generate --compile`);
-    the plain kernels (mv, bmm16) run inside the graph as the opaque op neoxja::skinny_linear."""
+    weight, so a plan's oneDNN kernel used to fail `generate(compile=True)` and `neoxja generate --compile`),
+    and so are one-row products with small weights (inductor generates them) and several rows; a one-row plan's
+    plain kernel (mv, bmm16) on a larger weight runs inside the graph as the opaque op neoxja::skinny_linear."""
     if kernel not in kernels.candidates(torch.empty(48, 40), pack=True):
         pytest.skip(f"{kernel} is not available in this torch build")
     torch.manual_seed(0)
-    plain = nn.Linear(40, 48)
-    layer = SkinnyLinear.from_linear(plain, fixed_plan(kernel))
-    x = torch.randn(1, rows, 40)
     calls = []
     real = kernels.KERNELS[kernel]
     monkeypatch.setitem(kernels.KERNELS, kernel, lambda *a: (calls.append(1), real(*a))[1])
-    torch._dynamo.reset()
-    with torch.no_grad():
-        compiled = torch.compile(layer, fullgraph=True)(x)
-    torch.testing.assert_close(compiled, F.linear(x, plain.weight, plain.bias), atol=1e-5, rtol=1e-5)
-    # one row of a small weight is inductor's to generate, and oneDNN's kernels are inductor's to choose
-    assert bool(calls) == (rows > 1 and kernel not in kernels.ONEDNN_KERNELS)
-    calls.clear()
-
-    big = SkinnyLinear.from_linear(nn.Linear(2560, 48), fixed_plan(kernel))  # above inductor's 2048 bound
-    x = torch.randn(1, rows, 2560)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        compiled = torch.compile(big, fullgraph=True)(x)
-    torch.testing.assert_close(compiled, F.linear(x, big.weight, big.bias), atol=1e-4, rtol=1e-4)
-    assert bool(calls) == (kernel not in kernels.ONEDNN_KERNELS)  # the plain kernels: neoxja::skinny_linear
+    for in_features in (40, 2560):  # below and above inductor's bound for generating a one-row product
+        layer = SkinnyLinear.from_linear(nn.Linear(in_features, 48), fixed_plan(kernel))
+        x = torch.randn(1, rows, in_features)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            compiled = torch.compile(layer, fullgraph=True)(x)
+        torch.testing.assert_close(compiled, F.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-4)
+        assert bool(calls) == (in_features > 2048 and rows == 1 and kernel not in kernels.ONEDNN_KERNELS)
+        calls.clear()
 
 
 def test_kernel_for_uses_the_grid_point_below():
@@ -425,3 +417,19 @@ def test_a_measurement_is_announced_once_and_a_cached_plan_is_not(tmp_path, monk
         in capsys.readouterr().err
     assert main(["猫", "--greedy", "--max-new-tokens", "2", "--dtype", "float32"]) == 0
     assert "timing the weight-product kernels" not in capsys.readouterr().err
+
+
+def test_a_planned_layer_compiles_with_a_dynamic_row_count():
+    """With dynamic shapes the row count is symbolic: the layer takes F.linear (inductor's) without looking up
+    its plan, so one graph serves every row count (a lookup would guard on each grid point: 5 graphs here) and
+    the numbers stay F.linear's."""
+    torch.manual_seed(0)
+    layer = SkinnyLinear.from_linear(nn.Linear(2560, 48), fixed_plan("bmm16"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(layer, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for rows in (3, 5, 9, 17, 33):
+            x = torch.randn(1, rows, 2560)
+            torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # the first shape, then a symbolic one
