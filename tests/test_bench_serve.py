@@ -12,8 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -88,29 +89,27 @@ def test_client_times_text_chunks_and_reads_usage():
            + "data: [DONE]\n\n")
     sent = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        sent.append(json.loads(request.content))
-        return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
+    async def handler(request):
+        sent.append(await request.json())
+        return web.Response(body=sse.encode(), content_type="text/event-stream")
 
-    async def go():
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            return await bench.stream_completion(client, "http://test", [1, 2, 3], 3)
+    async def refuse(request):
+        return web.json_response({"error": {"message": "queue full"}}, status=429)
 
-    r = asyncio.run(go())
+    async def go(respond, prompt, max_tokens):
+        app = web.Application()
+        app.router.add_post("/v1/completions", respond)
+        async with TestServer(app, host="127.0.0.1") as server, bench.client_session() as session:
+            return await bench.stream_completion(session, str(server.make_url("")).rstrip("/"), prompt, max_tokens)
+
+    r = asyncio.run(go(handler, [1, 2, 3], 3))
     assert r.ok and r.text == "吾輩は" and len(r.chunk_times) == 2 and r.output_tokens == 3
     assert r.chunk_times[0] >= r.send_time
     body = sent[0]
     assert body["stream"] and body["ignore_eos"] and body["stream_options"] == {"include_usage": True}
     assert (body["prompt"], body["max_tokens"], body["temperature"]) == ([1, 2, 3], 3, 0)
 
-    def refuse(request):
-        return httpx.Response(429, json={"error": {"message": "queue full"}})
-
-    async def refused():
-        async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as client:
-            return await bench.stream_completion(client, "http://test", [1], 2)
-
-    r = asyncio.run(refused())
+    r = asyncio.run(go(refuse, [1], 2))
     assert not r.ok and r.error.startswith("HTTP 429")
 
 
