@@ -31,7 +31,9 @@ Goals (ratios within this run; PASS/FAIL each; exit status 1 if one fails):
   - A's p50 TPOT at concurrency 16 <= 3x A's own p50 TPOT at concurrency 1;
   - TTFT of one 32-token prompt on an idle A (median of --ttft-repeats sequential requests of one token) is
     within 10% of neoxja's own `model.generate(max_new_tokens=1)` in this process on the same checkpoint,
-    timed as many times (median), in blocks of 5 taking turns with the requests' blocks. Beside them, the
+    timed as many times (median), in blocks of 5 taking turns with the requests' blocks, each call after
+    --ttft-pause seconds of idleness (default 0.05: back to back, a request met the server still finishing
+    the one before, which is not an idle server; the pause costs every kind the same wake-ups). Beside them, the
     same request to serve_floor.py (an ASGI callable on uvicorn that answers at once, computing nothing)
     gives the transport floor: a server's TTFT is at least the floor plus its first token's compute, so where the floor
     alone exceeds 10% of the direct call the goal needs a first token computed faster than generate()
@@ -407,23 +409,27 @@ def bench_model(key: str, label: str, model_dir: Path, args) -> dict:
         floor = ServerProcess("floor", floor_command(), threads=args.threads)
         stack.callback(floor.stop)
         result["ttft_idle"] = idle_ttft(servers["neoxja"].url, model_dir, tokenizer, prompts[0], args.ttft_repeats,
-                                        floor_url=floor.wait_ready().url)
+                                        floor_url=floor.wait_ready().url, pause=args.ttft_pause)
         t = result["ttft_idle"]
-        print(f"[{label}] idle TTFT, {args.prompt_len}-token prompt, median of {args.ttft_repeats}: server "
+        print(f"[{label}] idle TTFT, {args.prompt_len}-token prompt, median of {args.ttft_repeats}, each after "
+              f"{args.ttft_pause * 1e3:g} ms idle: server "
               f"{t['server_ms']:.1f} ms, direct generate(max_new_tokens=1) {t['direct_ms']:.1f} ms; the transport "
               f"floor (serve_floor.py, no model, same client) {t['floor_ms']:.1f} ms", flush=True)
     return result
 
 
 def idle_ttft(url: str, model_dir: Path, tokenizer, prompt: list[int], repeats: int,
-              floor_url: str | None = None, block: int = 5) -> dict:
+              floor_url: str | None = None, block: int = 5, pause: float = 0.05) -> dict:
     """Median TTFT of `repeats` one-token requests, one at a time, on the idle server, and median time of
     as many in-process `model.generate(max_new_tokens=1)` calls on the same checkpoint (float32); with
     `floor_url` (serve_floor.py: the same request answered at once, no model), its TTFT too: the transport
     floor. Timed in blocks of `block` calls of one kind, the kinds in turn, each block after one untimed
     call: timing them call by call in turn let the threads that one side's torch leaves spinning after its
     work (OpenMP waits actively) take the 2 cores from the next call of the other side (measured: direct
-    calls 9.7 ms in turn with the requests, 4.7 ms in blocks; requests 9.2 and 7.1 ms)."""
+    calls 9.7 ms in turn with the requests, 4.7 ms in blocks; requests 9.2 and 7.1 ms). Each timed call
+    comes after `pause` seconds of idleness: back to back, a request arrived while the server's engine
+    thread was still finishing the previous one (its Python after the last chunk), which an idle server
+    is not; the pause costs every kind the wake-ups of sleeping threads alike."""
     from neoxja.model import GPTNeoXJapaneseForCausalLM
 
     model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -452,12 +458,13 @@ def idle_ttft(url: str, model_dir: Path, tokenizer, prompt: list[int], repeats: 
                 for kind, call in kinds.items():
                     await call(client)  # untimed: the first call after the other kind's block
                     for _ in range(min(block, repeats - len(times[kind]))):
+                        await asyncio.sleep(pause)
                         times[kind].append(await call(client))
         return times
 
     times = asyncio.run(blocks())
     del model
-    out = {"repeats": repeats, "block": block}
+    out = {"repeats": repeats, "block": block, "pause_s": pause}
     for kind in ("server", "direct", "floor"):
         out[f"{kind}_ms"] = statistics.median(times[kind]) * 1e3 if times.get(kind) else None
         out[f"{kind}_all_ms"] = [x * 1e3 for x in times.get(kind, [])]
@@ -532,6 +539,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (A,B then B,A ...; default 2)")
     p.add_argument("--ttft-repeats", type=int, default=20, help="idle TTFT: requests and direct calls (default 20)")
+    p.add_argument("--ttft-pause", type=float, default=0.05, metavar="S",
+                   help="idle TTFT: seconds of idleness before each timed call (default 0.05; 0: back to back)")
     p.add_argument("--threads", type=int,
                    help="torch threads of every process (servers and the direct generate; default: torch's "
                         "choice). On a machine shared with other jobs, 1 avoids waiting on a descheduled thread")
@@ -542,6 +551,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     # a SIGTERM (timeout, kill) unwinds like Ctrl-C, so that the ExitStacks stop the servers this started
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.ttft_pause < 0:
+        p.error(f"--ttft-pause must be >= 0 seconds, got {args.ttft_pause}")
     if args.quick:
         args.models = ["small"]
         args.ttft_repeats = min(args.ttft_repeats, 3)
