@@ -12,7 +12,17 @@ activations); torch's CPU int4 kernel `torch._weight_int4pack_mm_for_cpu` at gro
 (bfloat16 activations; with float32 activations it is tens of times slower); with --compile, inductor's
 code for gpt-fast's weight-only int8 linear (F.linear(x, w.to(x.dtype)) * scales), with freezing on.
 
+With --int4-alternatives, two more ways to an int4 product from what torch ships (group 128, float32
+activations), measured for issue 13's int4 goal and not used by neoxja:
+  inductor nibbles  the product written in torch ops over packed nibbles (uint8, low nibble = column k, high
+                    = column k + K/2; scale and minimum per group), compiled whole by torch.compile, which
+                    fuses the unpacking, the multiply-add and the per-group scaling into one generated kernel;
+  FBGEMM 4-bit bag  FBGEMM's 4-bit row-wise embedding bag (`quantized::embedding_bag_4bit_rowwise_offsets`) as
+                    a matrix-vector product: the weight's transpose cut into rows of 128 outputs (fp16 scale
+                    and bias each), bag j sums the K rows of output block j weighted by the activations.
+
     python benchmarks/bench_quant_kernels.py --rounds 15
+    python benchmarks/bench_quant_kernels.py --rounds 15 --int4-alternatives
 """
 
 from __future__ import annotations
@@ -81,7 +91,50 @@ def kernels(args) -> dict:
             mods = [torch.compile(WeightOnlyInt8(w, s.to(dtype)).eval()) for w, s in packs]
             out[f"inductor int8 ({str(dtype)[6:]})"] = lambda mods=mods, xs=xs: [
                 m(xs[m._orig_mod.weight.shape[1]]) for m in mods]
+    if args.int4_alternatives:
+        nibbles = [int4_nibbles(m.weight.detach()) for m in linears]
+        out["int4 inductor nibbles (group 128)"] = lambda: [f(x32[k]) for f, k in nibbles]
+        bags = [int4_bag(m.weight.detach()) for m in linears]
+        out["int4 FBGEMM 4-bit bag (128 outputs)"] = lambda: [f(x32[k]) for f, k in bags]
     return out
+
+
+def int4_nibbles(w: torch.Tensor, group: int = 128):
+    """(product, in_features): w (N, K) as packed nibbles, multiplied by a compiled torch function."""
+    N, K = w.shape
+    G = K // 2 // group  # groups in each half of the columns
+    wg = w.view(N, K // group, group)
+    low, high = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scale = (high - low).clamp_min(1e-8) / 15
+    q = ((wg - low) / scale).round().clamp(0, 15).to(torch.uint8).view(N, K)
+    packed = (q[:, :K // 2] | (q[:, K // 2:] << 4)).contiguous()  # (N, K/2)
+    scale, low = scale.view(N, K // group), low.view(N, K // group)
+
+    @torch.compile(dynamic=False)
+    def product(x):  # x (1, K) -> (1, N)
+        xg = x.view(2, G, group)
+        lo = (packed & 15).to(torch.float32).view(N, G, group)
+        hi = (packed >> 4).to(torch.float32).view(N, G, group)
+        sums = (lo * xg[0]).sum(-1) * scale[:, :G] + (hi * xg[1]).sum(-1) * scale[:, G:]  # (N, G)
+        return (sums.sum(-1) + (low * x.view(K // group, group).sum(-1)).sum(-1)).view(1, N)
+
+    return product, K
+
+
+def int4_bag(w: torch.Tensor, block: int = 128):
+    """(product, in_features): w (N, K) as FBGEMM 4-bit embedding rows, summed by an embedding bag."""
+    N, K = w.shape
+    rows = w.view(N // block, block, K).transpose(1, 2).reshape(N // block * K, block)  # row (j, k): W[jb:jb+b, k]
+    packed = torch.ops.quantized.embedding_bag_4bit_prepack(rows.contiguous())
+    indices = torch.arange(N // block * K, dtype=torch.int32)
+    offsets = torch.arange(0, N // block * K + 1, K, dtype=torch.int32)  # bag j: rows j*K .. j*K + K - 1
+
+    def product(x):  # x (1, K) -> (1, N)
+        weights = x.reshape(K).repeat(N // block)
+        return torch.ops.quantized.embedding_bag_4bit_rowwise_offsets(
+            packed, indices, offsets, False, 0, False, weights, None, True).view(1, N)
+
+    return product, K
 
 
 def main(argv=None) -> int:
@@ -89,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int)
     p.add_argument("--compile", action="store_true", help="add inductor's weight-only int8 (compiles first)")
+    p.add_argument("--int4-alternatives", action="store_true",
+                   help="add two int4 products built from torch's ops (see above; compiles first)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.threads:

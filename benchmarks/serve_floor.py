@@ -7,9 +7,12 @@ the time to compute the first token, so a model whose first token takes less tha
 cannot meet "idle TTFT within 10% of a direct generate() call" behind any Python HTTP server on this stack.
 
 It is a raw ASGI callable on uvicorn (no framework, no validation: the least a Python server can do), run
-with the same uvicorn settings (its automatic choice of event loop and HTTP parser) as `neoxja serve`.
+with the same uvicorn settings (its automatic choice of event loop and HTTP parser: uvloop and httptools,
+which `neoxja[serve]` installs) as `neoxja serve`. `--loop asyncio --http h11` gives uvicorn's pure-Python
+fallbacks, to measure what the two packages are worth.
 
     python benchmarks/serve_floor.py --port 0    # prints "listening on http://..." on stderr
+    python benchmarks/serve_floor.py --port 0 --loop asyncio --http h11
 """
 
 from __future__ import annotations
@@ -65,9 +68,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8002, help="0: any free port (printed on stderr)")
+    p.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"), help="uvicorn's --loop")
+    p.add_argument("--http", default="auto", choices=("auto", "h11", "httptools"), help="uvicorn's --http")
     args = p.parse_args(argv)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           access_log=False))
+                                           access_log=False, loop=args.loop, http=args.http))
 
     announce_port(server, "serve_floor")
     server.run()
