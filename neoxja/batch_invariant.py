@@ -15,7 +15,9 @@ modules) by `RowInvariantLinear`, which shares its weight and bias (ties survive
 products on the CPU with oneDNN's linear, a single row as two equal ones. The attention of the cached path
 is made row- and cache-length-invariant in neoxja.model (_cached_attention).
 
-Holds: float32 (and bfloat16, same kernel) on the CPU, inference (no autograd). Not claimed: CUDA (cuBLAS
+Holds: float32 (and bfloat16, same kernel; on a CPU where oneDNN has no bfloat16 kernel, AVX2-only ones,
+bfloat16 products are computed in float32 and rounded once, with a float32 copy of the weight when prepacking)
+on the CPU, inference (no autograd). Not claimed: CUDA (cuBLAS
 makes no such promise; the modules fall back to F.linear there), the int8/int4 quantized modules, and
 training (autograd falls back to F.linear). Cost: see benchmarks/bench_overhead.py (--invariance).
 
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neoxja.kernels import PackedWeight, linear_fake, onednn_linear_available, pack_fits
+from neoxja.kernels import PackedWeight, linear_fake, onednn_dtypes, onednn_linear_available, pack_fits
 
 
 BLOCK_ROWS = {torch.bfloat16: 32, torch.float16: 32}  # rows per oneDNN call at most, where M changes the bits
@@ -44,7 +46,11 @@ BLOCK_ROWS = {torch.bfloat16: 32, torch.float16: 32}  # rows per oneDNN call at 
 
 def _onednn_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (rows, in) @ w.T + bias through oneDNN's linear, a single row as two equal ones, at most
-    BLOCK_ROWS[dtype] rows per call; (rows, out)."""
+    BLOCK_ROWS[dtype] rows per call; (rows, out). In a dtype oneDNN does not run in on this CPU (bfloat16 on
+    an AVX2-only one), the product is float32's, rounded to x's dtype once: as row-invariant as float32's."""
+    if x.dtype not in onednn_dtypes():
+        bias = None if bias is None else bias.float()
+        return _onednn_rows(x.float(), w.float(), bias).to(x.dtype)  # (rows, out)
     rows = x.shape[0]
     block = BLOCK_ROWS.get(x.dtype)
     if block is not None and rows > block:
@@ -90,7 +96,9 @@ class RowInvariantLinear(nn.Linear):
                 and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()):
             x2 = x.reshape(-1, self.in_features)  # (rows, in)
             if self.prepack and not torch.compiler.is_compiling():
-                y = _onednn_rows(x2, self.packed.get(w), self.bias)
+                # the blocked copy in a dtype oneDNN runs in here (float32 for bfloat16 on an AVX2-only CPU)
+                packed_dtype = w.dtype if w.dtype in onednn_dtypes() else torch.float32
+                y = _onednn_rows(x2, self.packed.get(w, packed_dtype), self.bias)
             else:  # compiled: the custom op (the same kernel and bits, opaque to inductor)
                 y = self.op(x2, w, self.bias)  # (rows, out)
             return y.view(*x.shape[:-1], self.out_features)

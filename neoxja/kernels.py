@@ -28,6 +28,7 @@ kernels (float32), and with --plan the measured plan per shape.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["SkinnyLinear", "PackedWeight", "choose_linear_kernels", "restore_linear", "measure_plan", "KERNELS",
-           "ROW_GRID"]
+           "ROW_GRID", "onednn_dtypes"]
 
 ROW_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # row counts timed; a count between uses the one below
 SLICE = 16  # weight rows per batched product of the bmm kernel
@@ -135,15 +136,37 @@ def onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@functools.cache
+def onednn_dtypes() -> frozenset:
+    """The dtypes in which oneDNN's linear, on a plain and on a blocked weight, runs on this CPU. float32
+    wherever oneDNN is in the build; bfloat16 and float16 only where the CPU has the instructions oneDNN's
+    kernels for them need: on an AVX2-only CPU, oneDNN refuses them ("bf16 path needs the cpu support
+    avx_ne_convert or avx512bw, avx512vl and avx512dq"). Found once per process by trying a tiny product."""
+    if not onednn_linear_available():
+        return frozenset()
+    found = set()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, w = torch.ones(2, 16, dtype=dtype), torch.ones(16, 16, dtype=dtype)
+        try:
+            torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
+            torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT), None,
+                                               "none", [None], "")
+        except RuntimeError:
+            continue
+        found.add(dtype)
+    return frozenset(found)
+
+
 def candidates(weight: torch.Tensor, pack: bool = False) -> list[str]:
     """The kernels that can take this weight: linear and mv (one row only) always, bmm16 if out % 16 == 0,
-    onednn if oneDNN's op is in the build, packed also needs leave to keep a second copy of the weight (pack)."""
+    onednn if oneDNN runs in the weight's dtype on this CPU, packed also needs leave to keep a second copy
+    of the weight (pack)."""
     names = ["linear", "mv"]
     if weight.shape[0] % SLICE == 0:
         names.append("bmm16")
-    if onednn_linear_available():
+    if weight.dtype in onednn_dtypes():
         names.append("onednn")
-        if pack and weight.dtype in (torch.float32, torch.bfloat16):
+        if pack:
             names.append("packed")
     return names
 
@@ -159,13 +182,15 @@ class PackedWeight:
     def __init__(self):
         self._entry = None  # (blocked copy, the weight it was made from, what identifies that weight's data)
 
-    def get(self, weight: torch.Tensor) -> torch.Tensor:
+    def get(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The blocked copy of `weight`, in `dtype` (default: the weight's)."""
         entry = self._entry
-        state = (weight._version, weight.data_ptr(), weight.dtype, weight.shape)
+        dtype = dtype or weight.dtype
+        state = (weight._version, weight.data_ptr(), weight.dtype, weight.shape, dtype)
         if entry is None or entry[1] is not weight or entry[2] != state:
             with torch.no_grad():
-                self._entry = entry = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_HINT),
-                                       weight, state)
+                self._entry = entry = (
+                    torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), PACK_HINT), weight, state)
         return entry[0]
 
     def clear(self) -> None:
@@ -230,6 +255,8 @@ class SkinnyLinear(nn.Linear):
                 and x.dtype == self.weight.dtype and self.weight.is_contiguous()):
             if not torch.compiler.is_compiling():
                 name = self.kernel_for(rows)
+                if name in ONEDNN_KERNELS and x.dtype not in onednn_dtypes():
+                    name = "linear"  # a plan measured in another dtype (model.to(dtype) after it was made)
                 if name != "linear":
                     x2 = x.reshape(rows, self.in_features).contiguous()  # (rows, in)
                     w = self.packed.get(self.weight) if name == "packed" else self.weight

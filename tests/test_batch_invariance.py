@@ -208,3 +208,24 @@ def test_prefill_segments_equals_one_prefill_per_chunk(bundled_dir, dtype):
             prefill_segments(model, [])
     finally:
         model.clear_caches()
+
+
+@pytest.mark.parametrize("prepack", [True, False])
+def test_bfloat16_where_onednn_has_no_bfloat16_kernel(monkeypatch, prepack):
+    """On a CPU where oneDNN has no bfloat16 kernel (AVX2-only; simulated here on any CPU), bfloat16 products go
+    through float32's row-invariant product and are rounded once: a row's bits still do not depend on the
+    batch, and they are float32's product rounded to bfloat16."""
+    from neoxja import batch_invariant, kernels
+
+    monkeypatch.setattr(kernels, "onednn_dtypes", lambda: frozenset({torch.float32}))
+    monkeypatch.setattr(batch_invariant, "onednn_dtypes", lambda: frozenset({torch.float32}))
+    torch.manual_seed(0)
+    layer = make_batch_invariant(nn.Sequential(nn.Linear(256, 64)).to(torch.bfloat16), prepack=prepack)[0]
+    x = torch.randn(40, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        together = layer(x)
+        for rows in (slice(0, 1), slice(0, 2), slice(5, 21), slice(33, 40)):
+            assert torch.equal(layer(x[rows]), together[rows]), rows
+        expected = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float()).bfloat16()
+    assert together.dtype == torch.bfloat16
+    torch.testing.assert_close(together.float(), expected.float(), atol=1e-2, rtol=1e-2)

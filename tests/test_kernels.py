@@ -433,3 +433,34 @@ def test_a_planned_layer_compiles_with_a_dynamic_row_count():
             x = torch.randn(1, rows, 2560)
             torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # the first shape, then a symbolic one
+
+
+def test_onednn_dtypes_are_those_onednn_runs_in_here():
+    """onednn_dtypes() is what oneDNN's linear really does on this CPU: float32 wherever oneDNN is built in;
+    bfloat16 where the CPU has the instructions (not on an AVX2-only CPU, where oneDNN refuses it)."""
+    found = kernels.onednn_dtypes()
+    if kernels.onednn_linear_available():
+        assert torch.float32 in found
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, w = torch.randn(3, 32).to(dtype), torch.randn(8, 32).to(dtype)
+        if dtype in found:
+            y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
+            torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), atol=5e-2, rtol=5e-2)
+            assert "onednn" in kernels.candidates(w)
+        else:
+            assert "onednn" not in kernels.candidates(w, pack=True) and "packed" not in kernels.candidates(w, True)
+            if kernels.onednn_linear_available():
+                with pytest.raises(RuntimeError):
+                    torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
+
+
+def test_a_onednn_plan_in_a_dtype_onednn_cannot_run_takes_f_linear(monkeypatch):
+    """A plan measured in float32 keeps its oneDNN kernels after model.to(bfloat16); on a CPU where oneDNN has
+    no bfloat16 kernel (simulated here on any CPU) those rows take F.linear instead of failing."""
+    monkeypatch.setattr(kernels, "onednn_dtypes", lambda: frozenset({torch.float32}))
+    torch.manual_seed(0)
+    for name in ("onednn", "packed"):
+        layer = SkinnyLinear.from_linear(nn.Linear(64, 48), fixed_plan(name)).to(torch.bfloat16)
+        x = torch.randn(4, 64, dtype=torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
