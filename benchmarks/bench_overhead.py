@@ -3,6 +3,7 @@
 Contenders, each in its own worker process (so each imports its own neoxja), timed in interleaved rounds in a
 rotated order; each ratio is the median of the per-round ratios (load from other jobs comes in bursts):
   main      today's path: generate() of the git main checkout at --main (default /work/main), if present;
+  main-comp that checkout's generate(compile=True);
   eager     this tree's generate() (step functions, eager);
   compiled  this tree's generate(compile=True) (decode step through torch.compile; compile time printed
             apart, it is paid once per process and shape);
@@ -99,7 +100,7 @@ def run_overhead(args) -> int:
     contenders = []
     main_root = Path(args.main)
     if (main_root / "neoxja" / "generation.py").is_file() and main_root.resolve() != REPO:
-        contenders.append(("main", main_root, "eager"))
+        contenders += [("main", main_root, "eager"), ("main-comp", main_root, "compiled")]
     else:
         print(f"(no main checkout at {main_root}: comparing this tree's eager and compiled paths only)")
     contenders += [("eager", REPO, "eager"), ("compiled", REPO, "compiled"), ("products", REPO, "products")]
@@ -133,6 +134,10 @@ def run_overhead(args) -> int:
             print(f"greedy tokens of {w.label} {'equal' if same else 'DIFFER from'} {base}'s"
                   + ("" if same or w.ready["dtype"] == "float32" else
                      f" ({w.ready['dtype']}: inductor's fused small ops round differently; in float32 they are equal)"))
+    if "main-comp" in times:
+        ratio = statistics.median(b / t for b, t in zip(times["main-comp"], times["compiled"]))
+        print(f"compiled / main-comp (this tree's compiled path against main's, median of per-round ratios): "
+              f"{ratio:.2f}x")
     fast = args.new / statistics.median(times["compiled"])
     bound = args.new / statistics.median(times["products"])
     print(f"the weight products alone as library calls (every linear of a decode step at one row, nothing else): "

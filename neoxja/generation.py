@@ -12,8 +12,14 @@ max_seq_length)`; each cache row is a slot holding one sequence from position 0,
   current length (or any position >= it): the write is overwritten before anything reads it.
   Attention covers the whole cache, masked, so the shapes depend on B only (torch.compile takes it whole);
   `kv_length` (a host int >= every position + 1) narrows it to the cache's first positions.
-- `compile_decode(model)`: decode_one_token compiled with torch.compile, cached per model; generate(compile=True)
-  uses it. It pays off for long generations and servers, not for one short call (compiling takes seconds).
+- `select_tokens(sampler, stop_rules, logits, ...)`: generate()'s choice after a step: the per-row logits
+  pipeline and sampler (neoxja.sampling), then the stop rules. `decode_and_select(model, ...)`: one
+  decode_one_token and the select_tokens after it, as one function, so that a compiled generate() runs no
+  small op eagerly between two tokens (the host loop only writes the token and asks every STOP_CHECK_EVERY
+  steps whether every row has finished).
+- `compile_decode(model, fn=decode_one_token)`: fn compiled with torch.compile, cached per model;
+  generate(compile=True) compiles decode_and_select, the serving engine decode_one_token. It pays off for long
+  generations and servers, not for one short call (compiling takes seconds).
 
 Batch invariance: what a row gets from these functions does not depend on the other rows of the call when the
 model's products are row-count invariant; see neoxja.batch_invariant (`make_batch_invariant(model)`).
@@ -94,15 +100,53 @@ def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor,
 # of a call into oneDNN/MKL whose fixed cost (15-20 us in bfloat16) exceeds the arithmetic. The bundled
 # model's compiled decode runs 1.7-2x faster with it; weights above 2048 (the 2.7B width, the LM heads)
 # keep the library call. Inductor leaves CUDA products of one row alone.
-DECODE_COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+# fallback_random: random ops run as eager torch runs them (inductor would draw from its own generator), so a
+# seeded sampled generate() draws the same tokens compiled or not.
+DECODE_COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "fallback_random": True}
+# on a CPU also cpp_wrapper: the compiled step's wrapper (the code that calls its kernels) is C++, not Python
+DECODE_COMPILE_OPTIONS_CPU = {"cpp_wrapper": True}
 
 
-def compile_decode(model, **compile_kwargs):
-    """decode_one_token(model, ...) compiled with torch.compile (cached on the model: compiled once). Shapes
-    change only with the row count and the cache size, so a server or a long generation compiles once or
-    twice. Extra keywords go to torch.compile (e.g. mode="reduce-overhead" for CUDA graphs on a GPU);
-    without `mode` or `options`, DECODE_COMPILE_OPTIONS apply."""
-    key = tuple(sorted(compile_kwargs.items()))
+def select_tokens(sampler: SamplingBatch, stop_rules: StopRules, logits: torch.Tensor, positions: torch.Tensor,
+                  unfinished: torch.Tensor, end_column: torch.Tensor, history: History,
+                  pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """generate()'s choice after a step's logits (B, V): each row's next token (pad_token_id in a row that has
+    finished), then the stop rules. positions (B,): where each row's new token goes (its length so far);
+    history: generate()'s left-padded output buffer (start: the padding, prompt_end: the prompt's width);
+    end_column (B,): past each row's last token once it finishes. Returns (next tokens, unfinished,
+    end_column), new tensors."""
+    start = history.start
+    text = (History(history.tokens, history.prompt_end, end=start + positions, start=start)
+            if sampler.needs_history else None)
+    next_tokens = sampler.sample(logits, text).tokens  # (B,)
+    next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
+    generated = positions + 1 - (history.prompt_end - start)  # (B,): new tokens, this one included
+    reasons = stop_rules.check(next_tokens, generated, positions + 1)
+    finishing = unfinished & (reasons != FINISH_NONE)
+    end_column = torch.where(finishing, start + positions + 1, end_column)
+    return next_tokens, unfinished & ~finishing, end_column
+
+
+def decode_and_select(model, sampler: SamplingBatch, stop_rules: StopRules, tokens: torch.Tensor,
+                      positions: torch.Tensor, unfinished: torch.Tensor, end_column: torch.Tensor,
+                      history: History, pad_token_id: int):
+    """One decode step of generate() and the choice after it, as one function (torch.compile takes it whole:
+    no small op runs eagerly between two tokens): each row's newest token (B,) at positions (B,) (a row that
+    has finished gets token 0 at position 0: its cache row is not read again), then select_tokens for the
+    position after. Returns (next tokens, unfinished, end_column, positions + 1)."""
+    logits = decode_one_token(model, torch.where(unfinished, tokens, 0), torch.where(unfinished, positions, 0))
+    positions = positions + 1
+    return (*select_tokens(sampler, stop_rules, logits, positions, unfinished, end_column, history, pad_token_id),
+            positions)
+
+
+def compile_decode(model, fn=decode_one_token, **compile_kwargs):
+    """`fn(model, ...)` (decode_one_token, or generate()'s decode_and_select) compiled with torch.compile, cached
+    on the model: compiled once per function and options. Shapes change only with the row count and the cache
+    size, so a server or a long generation compiles once or twice. Extra keywords go to torch.compile (e.g.
+    mode="reduce-overhead" for CUDA graphs on a GPU); without `mode` or `options`, DECODE_COMPILE_OPTIONS
+    apply."""
+    key = (fn, tuple(sorted(compile_kwargs.items())))
     owner, cache = model.__dict__.get("_neoxja_compiled_decode", (None, None))
     if owner is None or owner() is not model:  # none yet, or copied along by copy.deepcopy(model): the
         cache = {}                             # copy's steps must run the copy, not the original
@@ -110,13 +154,10 @@ def compile_decode(model, **compile_kwargs):
     if key not in cache:
         kwargs = dict(compile_kwargs)
         if "mode" not in kwargs and "options" not in kwargs:
-            kwargs["options"] = DECODE_COMPILE_OPTIONS
-        compiled = torch.compile(model.forward_cached, **kwargs)
-
-        def step(model_, tokens, positions, kv_length=None):
-            return compiled(tokens.unsqueeze(1), positions.unsqueeze(1), 0, kv_length)[:, -1]
-
-        cache[key] = step
+            kwargs["options"] = dict(DECODE_COMPILE_OPTIONS)
+            if next(model.parameters()).device.type == "cpu":
+                kwargs["options"].update(DECODE_COMPILE_OPTIONS_CPU)
+        cache[key] = torch.compile(fn, **kwargs)
     return cache[key]
 
 
@@ -163,8 +204,10 @@ class GenerationMixin:
         are masked), for a model whose vocabulary is padded past its tokenizer's. generate() alone does not
         know the tokenizer, so by default (None) it masks nothing and may return any id < config.vocab_size;
         the `neoxja generate` command passes len(tokenizer).
-        `compile=True` runs the decode step through `compile_decode(self)` (torch.compile, cached on the
-        model): worth it for long or repeated generations, not for one short call.
+        `compile=True` runs each decode step and the choice after it through
+        `compile_decode(self, decode_and_select)` (torch.compile, cached on the model): worth it for long or
+        repeated generations, not for one short call. Seeded draws equal the eager ones (inductor's
+        fallback_random); in bfloat16 the logits differ from eager in the last bits (fused small ops).
         """
         cfg = self.config
         device = self.device
@@ -232,7 +275,7 @@ class GenerationMixin:
         pad_tensor = torch.tensor(pads, device=device)  # (B,)
         positions = torch.tensor(real_lengths, device=device)  # (B,): where each row's next token goes
         history = History(tokens, prompt_end=torch.full((batch,), prompt_length, device=device),
-                          end=prompt_length, start=pad_tensor)
+                          end=pad_tensor + positions, start=pad_tensor)
         sampler = SamplingBatch([params] * batch, eos_ids, generators=generator, vocab_limit=vocab_limit,
                                 device=device)
         stop_rules = StopRules([params] * batch, eos_ids, cfg.max_position_embeddings, device=device)
@@ -241,36 +284,31 @@ class GenerationMixin:
         stop_checker = (_StopStringChecker(tokenizer, stop_strings, prompt_length, torch.tensor(pads))
                         if stop_strings else None)
         check_every = 1 if streamer is not None or stop_checker is not None else STOP_CHECK_EVERY
-        step = compile_decode(self) if compile else decode_one_token
+        step = compile_decode(self, decode_and_select) if compile else decode_and_select
 
         self.setup_caches(max_batch_size=batch, max_seq_length=cache_length)
         try:
             # prefill: each row into its own slot from position 0, in PREFILL_CHUNK pieces
             logits = torch.cat([prefill_chunks(self, input_ids[b:b + 1, pads[b]:], b) for b in range(batch)])
+            next_tokens, unfinished, end_column = select_tokens(sampler, stop_rules, logits, positions, unfinished,
+                                                                end_column, history, pad_token_id)
             length = prompt_length
             while True:
-                history.end = length
-                next_tokens = sampler.sample(logits, history).tokens  # (B,)
-                next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
                 tokens[:, length] = next_tokens
                 length += 1
                 if streamer is not None:
                     streamer.put(next_tokens.cpu())
-                reasons = stop_rules.check(next_tokens, positions.new_full((batch,), length - prompt_length),
-                                           positions + 1)
-                finishing = unfinished & (reasons != FINISH_NONE)
                 if stop_checker is not None:
-                    finishing |= unfinished & stop_checker.found(tokens[:, :length], unfinished)
-                end_column = torch.where(finishing, length, end_column)
-                unfinished &= ~finishing
+                    hits = unfinished & stop_checker.found(tokens[:, :length], unfinished)
+                    end_column = torch.where(hits, length, end_column)
+                    unfinished = unfinished & ~hits
                 if length == total_length:
                     break
                 if (length - prompt_length) % check_every == 0 and not bool(unfinished.any()):
                     break
-                # one step: each row's newest token at its position (finished rows: token 0, harmless)
-                logits = step(self, torch.where(unfinished, next_tokens, 0),
-                              positions.clamp(max=cache_length - 1))
-                positions += 1
+                # one step: each row's newest token at its position, and the choice of the next
+                next_tokens, unfinished, end_column, positions = step(
+                    self, sampler, stop_rules, next_tokens, positions, unfinished, end_column, history, pad_token_id)
         finally:
             self.clear_caches()
             if streamer is not None:

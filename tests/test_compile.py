@@ -31,6 +31,55 @@ def test_generate_compiled_equals_eager(bundled):
     assert compile_decode(model) is compile_decode(model)  # compiled once, cached on the model
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(do_sample=False, repetition_penalty=1.3, no_repeat_ngram_size=3),  # processors that read the history
+    dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9),
+    dict(do_sample=True, num_return_sequences=3, min_new_tokens=5),
+], ids=["penalties", "sampled", "n3"])
+@pytest.mark.parametrize("seeding", ["generator", "global"])
+def test_generate_compiled_samples_and_stops_as_eager(bundled, kwargs, seeding):
+    """generate(compile=True) compiles the decode step together with the choice after it (sampling, stop rules:
+    generation.decode_and_select): seeded draws, history-reading processors, min_new_tokens and EOS stops give
+    eager's tokens (random ops fall back to torch's own, so a seed draws the same)."""
+    model, tok = bundled
+
+    def run(compile):
+        extra = {}
+        if seeding == "generator":
+            extra["generator"] = torch.Generator().manual_seed(3)
+        else:
+            torch.manual_seed(3)
+        return model.generate(torch.tensor([tok.encode("吾輩は猫である。")]), max_new_tokens=40, compile=compile,
+                              **kwargs, **extra)
+
+    assert torch.equal(run(compile=True), run(compile=False))
+
+
+def test_generate_compiled_left_padded_batch_with_eos_and_stop_strings(bundled):
+    """Rows of different lengths (left padding), rows finishing early at EOS or at a stop string: the compiled
+    loop's per-row bookkeeping (positions, end columns, finished rows fed token 0 at position 0) gives eager's
+    output, and a greedy step runs as one graph (no small op between two tokens runs eagerly)."""
+    import torch._dynamo
+
+    model, tok = bundled
+    rows = [tok.encode("春はあけぼの。"), tok.encode("国境の長いトンネルを抜けると雪国であった。")]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    period = tok.encode("。")[-1]  # as EOS: one row finishes early, the other runs on past it
+    eos = model.generate(ids, attention_mask=mask, max_new_tokens=60, eos_token_id=period, pad_token_id=0)
+    finished_at = [(row[width:] == period).nonzero()[0, 0].item() if (row[width:] == period).any() else None
+                   for row in eos]
+    assert finished_at[0] is None and finished_at[1] is not None and finished_at[1] < 40, finished_at
+    torch._dynamo.utils.counters.clear()
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=60, eos_token_id=period,
+                                      pad_token_id=0, compile=True), eos)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    stops = dict(max_new_tokens=40, eos_token_id=[], stop_strings=["。", "た"], tokenizer=tok)
+    assert torch.equal(model.generate(ids, attention_mask=mask, compile=True, **stops),
+                       model.generate(ids, attention_mask=mask, **stops))
+
+
 def test_engine_compiled_equals_eager(bundled):
     """The same greedy tokens (and seeded draws) with the compiled step. Not bit-for-bit: inductor fuses the
     small ops (layer norm, softmax, GELU) into its own kernels, so the compiled step's logits differ from the

@@ -154,7 +154,7 @@ def test_compile_failing_on_the_machine_is_one_clear_line(model_dir, capsys, mon
 
     import neoxja.generation
 
-    def no_compiler(model, **kwargs):
+    def no_compiler(model, *args, **kwargs):
         def step(*args, **kw):
             raise torch._dynamo.exc.TorchDynamoException(
                 "InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx")
