@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "as they load, CPU or CUDA (default none)")
     p.add_argument("--compile", action="store_true",
                    help="run the decode step through torch.compile: pays off for long outputs and small models "
-                        "(the bundled one decodes 2-2.7x faster); the first step of each batch shape compiles "
+                        "(the bundled one decodes 2-3x faster); the first step of each batch shape compiles "
                         "(seconds, counted in the summary's time; inductor caches it on disk for later runs) (default: off, eager)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print text as it is generated (default: on for a single sequence at a time)")
