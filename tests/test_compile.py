@@ -84,7 +84,10 @@ def test_generate_compiled_left_padded_batch_with_eos_and_stop_strings(bundled):
 def test_engine_compiled_equals_eager(bundled):
     """The same greedy tokens (and seeded draws) with the compiled step. Not bit-for-bit: inductor fuses the
     small ops (layer norm, softmax, GELU) into its own kernels, so the compiled step's logits differ from the
-    eager ones in the last bits (docs/serving.md: --compile gives up bitwise batch invariance)."""
+    eager ones in the last bits (docs/serving.md: --compile gives up bitwise batch invariance). After
+    Engine.warm_up() (what `neoxja serve --compile` does while loading) no step compiles again."""
+    from torch._dynamo.utils import counters
+
     model, tok = bundled
     model = make_batch_invariant(model)
     texts = ("メロスは激怒した。", "春はあけぼの。", "山路を登りながら、", "ある日の暮方の事である。")
@@ -93,12 +96,15 @@ def test_engine_compiled_equals_eager(bundled):
 
     def run(compile):
         engine = Engine(model, tok, max_num_seqs=4, compile=compile)
+        engine.warm_up()  # compiled: 1, 2 (the row count becomes dynamic) and 4 rows
+        graphs = counters["stats"]["unique_graphs"]
         got = {}
         for i, (ids, params) in enumerate(jobs):  # all admitted at once: every decode step has the same shape
             engine.add_request(Request(str(i), ids, params, lambda out, i=i: got.setdefault(i, []).extend(out.token_ids)))
         while engine.has_work():
             engine.step()
         engine.close()
+        assert counters["stats"]["unique_graphs"] == graphs, "a step compiled after warm_up()"
         return got
 
     assert run(compile=True) == run(compile=False)

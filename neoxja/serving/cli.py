@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds to let running requests finish (default 30)")
     p.add_argument("--compile", action="store_true",
-                   help="run the decode step through torch.compile (compiles on the first requests; pays off "
-                        "for a long-running server)")
+                   help="run the decode step through torch.compile (compiled while loading, before /health says "
+                        "200; pays off for a long-running server)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             metrics = Metrics(name)
             engine = Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                             metrics=metrics, compile=args.compile)
+            if args.compile:  # before /health says 200: no request waits for a compilation
+                print("neoxja serve: compiling the decode step (inductor caches it on disk for later starts)",
+                      file=sys.stderr, flush=True)
+                engine.warm_up()
             state.tokenizer, state.metrics, state.max_model_len = tokenizer, metrics, engine.max_model_len
             state.engine = AsyncEngine(engine, max_queue=args.max_queue)
             print(f"neoxja serve: {name} ready ({device}, {str(dtype).removeprefix('torch.')} ({dtype_reason}), "

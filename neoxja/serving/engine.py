@@ -342,6 +342,22 @@ class Engine:
             request.on_output(StepOutput(request.request_id, "", [], None, reason, len(request.prompt_ids),
                                          len(request.output_ids)))
 
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """With compile=True, compile the decode step now, before any request waits for it, for every row count
+        up to max_num_seqs: dynamo specializes one row; on a second count it makes the count dynamic, and the
+        cache's "fewer rows than slots" branch (neoxja.kv_cache) splits that into 2..max_num_seqs-1 and all the
+        slots. So three calls: 1, 2 and max_num_seqs rows. Free slots only take dummy tokens at position 0,
+        which a prefill overwrites before anything reads them. Without compile: nothing to do."""
+        if not self.compiled:
+            return
+        if any(slot is not None for slot in self.slots):
+            raise RuntimeError("warm_up() is for an idle engine: it writes dummy tokens into the first slots")
+        for rows in sorted({1, min(2, self.max_num_seqs), self.max_num_seqs}):
+            tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
+            positions = torch.zeros(rows, dtype=torch.long, device=self.device)  # not `tokens`: dynamo guards aliasing
+            self._decode_fn(self.model, tokens, positions, None)
+
     def close(self) -> None:
         """Free the KV cache."""
         self.model.clear_caches()
