@@ -161,6 +161,30 @@ def compile_decode(model, fn=decode_one_token, **compile_kwargs):
     return cache[key]
 
 
+RECOMPILE_LIMIT = 64  # graphs of one compiled step function that dynamo keeps in a process (its default: 8)
+
+
+def _may_recompile_first(compiled):
+    """A compiled step for one generate() call, whose first call may compile a new graph past dynamo's limit
+    per function (torch._dynamo.config.recompile_limit, 8 by default): every model, sampling setup and
+    cache size compiles decode_and_select anew, and past the limit dynamo would quietly run the step
+    eagerly, 2-3x slower. Only the first call of a generate() meets new guards (the later ones get the
+    same objects, and tensors of the same shapes), so only it runs with the higher limit; dynamo's own
+    total (accumulated_recompile_limit) still applies."""
+    first = True
+
+    def step(*args):
+        nonlocal first
+        if first:
+            first = False
+            limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                return compiled(*args)
+        return compiled(*args)
+
+    return step
+
+
 class GenerationMixin:
     """Adds `generate()` to a causal LM that provides `config`, `setup_caches`, `clear_caches`
     and `forward_cached` (see neoxja.model)."""
@@ -284,7 +308,7 @@ class GenerationMixin:
         stop_checker = (_StopStringChecker(tokenizer, stop_strings, prompt_length, torch.tensor(pads))
                         if stop_strings else None)
         check_every = 1 if streamer is not None or stop_checker is not None else STOP_CHECK_EVERY
-        step = compile_decode(self, decode_and_select) if compile else decode_and_select
+        step = _may_recompile_first(compile_decode(self, decode_and_select)) if compile else decode_and_select
 
         self.setup_caches(max_batch_size=batch, max_seq_length=cache_length)
         try:
