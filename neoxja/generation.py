@@ -9,7 +9,8 @@ max_seq_length)`; each cache row is a slot holding one sequence from position 0,
 - `decode_one_token(model, tokens (B,), positions (B,)) -> logits (B, V)`: one token for each of cache rows
   0..B-1, row b's token at position positions[b], attending to that row's positions 0..positions[b].
   A row in that range that is not decoding (free, finished, mid-prefill) is given a dummy token at its
-  current length (or any position >= it): the write is overwritten before anything reads it.
+  current length (or any position >= it): the write is overwritten before anything reads it; or, in a row
+  whose cache is never read again (generate()'s finished rows), at position 0.
   Attention covers the whole cache, masked, so the shapes depend on B only (torch.compile takes it whole);
   `kv_length` (a host int >= every position + 1) narrows it to the cache's first positions.
 - `select_tokens(sampler, stop_rules, logits, ...)`: generate()'s choice after a step: the per-row logits
@@ -34,6 +35,7 @@ which the last row finished, so the result equals checking every step.
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from typing import Iterable, Sequence
@@ -101,7 +103,8 @@ def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor,
 # model's compiled decode runs 1.7-2x faster with it; weights above 2048 (the 2.7B width, the LM heads)
 # keep the library call. Inductor leaves CUDA products of one row alone.
 # fallback_random: random ops run as eager torch runs them (inductor would draw from its own generator), so a
-# seeded sampled generate() draws the same tokens compiled or not.
+# seeded sampled generate() draws from the same random numbers compiled or not (the compiled softmax differs
+# in the last bits, so a draw that lands on a boundary between two tokens may still differ).
 DECODE_COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "fallback_random": True}
 # on a CPU also cpp_wrapper: the compiled step's wrapper (the code that calls its kernels) is C++, not Python
 DECODE_COMPILE_OPTIONS_CPU = {"cpp_wrapper": True}
@@ -131,7 +134,8 @@ def decode_and_select(model, sampler: SamplingBatch, stop_rules: StopRules, toke
                       positions: torch.Tensor, unfinished: torch.Tensor, end_column: torch.Tensor,
                       history: History, pad_token_id: int):
     """One decode step of generate() and the choice after it, as one function (torch.compile takes it whole:
-    no small op runs eagerly between two tokens): each row's newest token (B,) at positions (B,) (a row that
+    no small op runs eagerly between two tokens, except a draw with the caller's own torch.Generator, which
+    dynamo cannot trace and runs eagerly between two graphs): each row's newest token (B,) at positions (B,) (a row that
     has finished gets token 0 at position 0: its cache row is not read again), then select_tokens for the
     position after. Returns (next tokens, unfinished, end_column, positions + 1)."""
     logits = decode_one_token(model, torch.where(unfinished, tokens, 0), torch.where(unfinished, positions, 0))
@@ -142,10 +146,11 @@ def decode_and_select(model, sampler: SamplingBatch, stop_rules: StopRules, toke
 
 def compile_decode(model, fn=decode_one_token, **compile_kwargs):
     """`fn(model, ...)` (decode_one_token, or generate()'s decode_and_select) compiled with torch.compile, cached
-    on the model: compiled once per function and options. Shapes change only with the row count and the cache
-    size, so a server or a long generation compiles once or twice. Extra keywords go to torch.compile (e.g.
-    mode="reduce-overhead" for CUDA graphs on a GPU); without `mode` or `options`, DECODE_COMPILE_OPTIONS
-    apply."""
+    on the model: compiled once per function and options. decode_one_token's shapes change only with the row
+    count and the cache size, so a server compiles it a few times (Engine.warm_up); decode_and_select also
+    compiles anew for each sampling setup (and, with penalties, output width). Extra keywords go to
+    torch.compile (e.g. mode="reduce-overhead" for CUDA graphs on a GPU); without `mode` or `options`,
+    DECODE_COMPILE_OPTIONS apply, and on a CPU DECODE_COMPILE_OPTIONS_CPU too."""
     key = (fn, tuple(sorted(compile_kwargs.items())))
     owner, cache = model.__dict__.get("_neoxja_compiled_decode", (None, None))
     if owner is None or owner() is not model:  # none yet, or copied along by copy.deepcopy(model): the
@@ -162,6 +167,7 @@ def compile_decode(model, fn=decode_one_token, **compile_kwargs):
 
 
 RECOMPILE_LIMIT = 64  # graphs of one compiled step function that dynamo keeps in a process (its default: 8)
+_RECOMPILE_LIMIT_LOCK = threading.Lock()
 
 
 def _may_recompile_first(compiled):
@@ -177,9 +183,12 @@ def _may_recompile_first(compiled):
         nonlocal first
         if first:
             first = False
-            limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-            with torch._dynamo.config.patch(recompile_limit=limit):
-                return compiled(*args)
+            # the patch sets a process-wide value: two threads' first steps must not interleave their
+            # set-and-restore (one would restore the other's raised limit while it compiles)
+            with _RECOMPILE_LIMIT_LOCK:
+                limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+                with torch._dynamo.config.patch(recompile_limit=limit):
+                    return compiled(*args)
         return compiled(*args)
 
     return step
@@ -230,8 +239,9 @@ class GenerationMixin:
         the `neoxja generate` command passes len(tokenizer).
         `compile=True` runs each decode step and the choice after it through
         `compile_decode(self, decode_and_select)` (torch.compile, cached on the model): worth it for long or
-        repeated generations, not for one short call. Seeded draws equal the eager ones (inductor's
-        fallback_random); in bfloat16 the logits differ from eager in the last bits (fused small ops).
+        repeated generations, not for one short call. Seeded draws use the eager ones' random numbers
+        (inductor's fallback_random); the logits differ from eager in the last bits (fused small ops; in
+        float32 greedy tokens are equal in the tests), so a draw on a boundary between two tokens may differ.
         """
         cfg = self.config
         device = self.device
@@ -298,6 +308,7 @@ class GenerationMixin:
         cache_length = min(max(real_lengths) + new_max, cfg.max_position_embeddings)
         pad_tensor = torch.tensor(pads, device=device)  # (B,)
         positions = torch.tensor(real_lengths, device=device)  # (B,): where each row's next token goes
+        # each row's text is tokens[b, pad:end]; select_tokens sets end per step (start + positions)
         history = History(tokens, prompt_end=torch.full((batch,), prompt_length, device=device),
                           end=pad_tensor + positions, start=pad_tensor)
         sampler = SamplingBatch([params] * batch, eos_ids, generators=generator, vocab_limit=vocab_limit,

@@ -358,7 +358,8 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 class History:
     """The tokens of each row so far, for penalties: row b's text is tokens[b, start[b]:end[b]], its prompt
     tokens[b, start[b]:prompt_end[b]]. start None: 0 (the engine's slot layout, column = position); end an
-    int: the same for every row (generate()'s left-padded layout, where start is the padding)."""
+    int: the same for every row (generate()'s left-padded layout, where start is the padding, passes a
+    (B,) tensor of start + position)."""
 
     tokens: torch.Tensor  # (B, L) long
     prompt_end: torch.Tensor  # (B,) long

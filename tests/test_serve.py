@@ -299,3 +299,23 @@ def test_engines_complete_against_a_live_server(server, bundled_dir):
                                                 extra_body={"ignore_eos": True, "return_token_ids": True})
     streamed = [i for chunk in stream for c in chunk.choices for i in (c.model_extra or {}).get("token_ids", [])]
     assert streamed == result.token_ids
+
+
+def test_compile_failing_on_the_machine_is_one_clear_line(tmp_path):
+    """--compile compiles while loading; where torch.compile cannot work (here: no working C++ compiler, and an
+    empty inductor cache so that nothing compiled earlier is reused), the server says so in one line, with
+    what to do, and exits 1 instead of serving requests that would each fail."""
+    import os
+
+    env = dict(os.environ, CXX="/bin/false", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    proc = subprocess.Popen([sys.executable, "-m", "neoxja", "serve", "--compile", "--port", str(free_port())],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 1, out
+    assert "--compile: torch.compile failed on this machine (InvalidCxxCompiler" in out, out
+    assert "run without --compile" in out and "Traceback" not in out, out

@@ -141,7 +141,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.compile:  # before /health says 200: no request waits for a compilation
                 print("neoxja serve: compiling the decode step (inductor caches it on disk for later starts)",
                       file=sys.stderr, flush=True)
-                engine.warm_up()
+                try:
+                    engine.warm_up()
+                except RuntimeError as e:  # torch.compile failing on this machine (no C++ compiler, ...)
+                    if not isinstance(e, torch._dynamo.exc.TorchDynamoException):
+                        raise
+                    first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                    raise RuntimeError(f"--compile: torch.compile failed on this machine ({first.strip()}); "
+                                       "run without --compile") from None
             state.tokenizer, state.metrics, state.max_model_len = tokenizer, metrics, engine.max_model_len
             state.engine = AsyncEngine(engine, max_queue=args.max_queue)
             print(f"neoxja serve: {name} ready ({device}, {str(dtype).removeprefix('torch.')} ({dtype_reason}), "

@@ -8,8 +8,9 @@ Each `step()`:
    `prefill_segments` call (each chunk as `prefill(model, ids, slot, start_pos, kv_length)` computes it; the
    weight products take every chunk's tokens at once), so a long prompt is admitted over several steps while
    the others keep decoding;
-4. decodes: one `decode_one_token(model, tokens, positions, kv_length)` (the same function generate() steps
-   with; `compile=True`: its torch.compile'd form) over slots 0..B-1, B = 1 + the highest decoding slot
+4. decodes: one `decode_one_token(model, tokens, positions, kv_length)` (the step generate() runs before its
+   choice; `compile=True`: its torch.compile'd form, a graph of its own, not generate()'s compiled
+   decode_and_select) over slots 0..B-1, B = 1 + the highest decoding slot
    (rows in that range that are not decoding get a dummy token at their current length); prefill, and decode
    when eager, attend over the cache's first positions rounded up to a multiple of KV_BUCKET (`_kv_length`);
 5. samples the rows with neoxja.sampling's `SamplingBatch` (each request its own parameters and its own
