@@ -278,3 +278,37 @@ def test_int8_is_the_documented_exception_to_batch_invariance(bundled_dir):
         alone = decode_one_token(model, torch.tensor([5]), torch.tensor([20]))
         shared = decode_one_token(model, torch.tensor([5, 9, 800]), torch.tensor([20, 20, 20]))
     assert not torch.equal(alone[0], shared[0])
+
+
+def test_warm_up_refuses_a_busy_engine_and_is_a_no_op_uncompiled(bundled):
+    """Engine.warm_up() writes dummy tokens into the first slots, so it is for an idle engine only: with a
+    request in a slot it refuses and writes nothing (the cache is unchanged); without compile it does nothing,
+    and the request's tokens are those of a run without it."""
+    model, tokenizer = bundled
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompt = tokenizer.encode("吾輩は猫である。")
+    expected = run(Engine(model, tokenizer, max_num_seqs=2), [(prompt, params)])[0]
+
+    def busy_engine(compile):
+        engine = Engine(model, tokenizer, max_num_seqs=2, compile=compile)
+        got = []
+        engine.add_request(Request("r", list(prompt), params, lambda out: got.extend(out.token_ids)))
+        engine.step()  # admitted and prefilled (its first token); nothing decoded, so nothing compiled
+        return engine, got
+
+    engine, _ = busy_engine(compile=True)
+    from neoxja.kv_cache import KVCache
+
+    caches = [m for m in model.modules() if isinstance(m, KVCache)]
+    before = [(c.k_cache.clone(), c.v_cache.clone()) for c in caches]
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.warm_up()
+    assert caches and all(torch.equal(k, c.k_cache) and torch.equal(v, c.v_cache) for (k, v), c in zip(before, caches))
+    engine.close()
+
+    engine, got = busy_engine(compile=False)
+    engine.warm_up()  # nothing to do
+    while engine.has_work():
+        engine.step()
+    engine.close()
+    assert got == expected["tokens"]
