@@ -23,8 +23,8 @@ training (autograd falls back to F.linear). Cost: see benchmarks/bench_overhead.
 
 Prepacking: oneDNN's linear reorders a plain weight into its blocked layout at every call, which costs as much
 as the product at one or two rows. `make_batch_invariant(model, prepack=True)` keeps a blocked copy of each
-weight (`torch.ops.mkldnn._reorder_linear_weight`: the same bits, measured equal) and uses it while the weight
-is unchanged (its version counter is checked per call; a changed weight is repacked). The copy doubles the
+weight (neoxja.kernels.blocked_copy: the same bits, measured equal) and uses it while the weight is unchanged
+(its version counter is checked per call; a changed weight is repacked), compiled steps included. The copy doubles the
 weights' memory; prepack="auto" (the default) packs when the model's weights take at most a quarter of this
 machine's memory. Measured on a 2-core AMD EPYC (AVX2): 256x8000 at two rows 1.51 -> 0.31 ms, 2560x10240 at
 16 rows 27.0 -> 19.4 ms.
@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neoxja.kernels import PackedWeight, linear_fake, onednn_dtypes, onednn_linear_available, pack_fits
+from neoxja.kernels import (blocked_copy, linear_fake, onednn_dtypes, onednn_linear_available, pack_fits,
+                            release_blocked_copies)
 
 
 BLOCK_ROWS = {torch.bfloat16: 32, torch.float16: 32}  # rows per oneDNN call at most, where M changes the bits
@@ -63,16 +64,26 @@ def _onednn_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
 
 @functools.cache
 def _row_invariant_op():
-    """`_onednn_rows` as a custom op (registered on first use, not at import), so that torch.compile calls this
-    very kernel as an opaque step instead of lowering the product to its own (row-count-dependent) one: a
-    compiled decode step gives the same bits as the eager one."""
+    """RowInvariantLinear's product as a custom op (registered on first use, not at import), so that
+    torch.compile calls this very kernel as an opaque step instead of lowering the product to its own
+    (row-count-dependent) one: a compiled decode step gives the same bits as the eager one. prepack: with the
+    weight's blocked copy, looked up inside the op (a graph cannot make it)."""
 
     @torch.library.custom_op("neoxja::row_invariant_linear", mutates_args=())
-    def row_invariant_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return _onednn_rows(x, w, bias).clone()  # a fresh tensor: a custom op's output may not be a view
+    def row_invariant_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                             prepack: bool) -> torch.Tensor:
+        return _product(x, w, bias, prepack).clone()  # a fresh tensor: a custom op's output may not be a view
 
     row_invariant_linear.register_fake(linear_fake)
     return row_invariant_linear
+
+
+def _product(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, prepack: bool) -> torch.Tensor:
+    """_onednn_rows on w or, prepacked, on its blocked copy, in a dtype oneDNN runs in here (float32 for
+    bfloat16 on an AVX2-only CPU)."""
+    if prepack:
+        w = blocked_copy(w, w.dtype if w.dtype in onednn_dtypes() else torch.float32)
+    return _onednn_rows(x2, w, bias)  # (rows, out)
 
 
 class RowInvariantLinear(nn.Linear):
@@ -86,8 +97,7 @@ class RowInvariantLinear(nn.Linear):
         new.weight = linear.weight  # the same Parameter: tied weights stay tied
         new.bias = linear.bias
         new.op = _row_invariant_op() if onednn_linear_available() else None  # looked up once, not per call
-        new.prepack = False
-        new.packed = PackedWeight()  # the blocked copy, made on first use and remade when the weight changes
+        new.prepack = False  # whether products use the weight's blocked copy (kernels.blocked_copy)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,12 +105,10 @@ class RowInvariantLinear(nn.Linear):
         if (self.op is not None and x.device.type == "cpu" and x.dtype == w.dtype
                 and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()):
             x2 = x.reshape(-1, self.in_features)  # (rows, in)
-            if self.prepack and not torch.compiler.is_compiling():
-                # the blocked copy in a dtype oneDNN runs in here (float32 for bfloat16 on an AVX2-only CPU)
-                packed_dtype = w.dtype if w.dtype in onednn_dtypes() else torch.float32
-                y = _onednn_rows(x2, self.packed.get(w, packed_dtype), self.bias)
-            else:  # compiled: the custom op (the same kernel and bits, opaque to inductor)
-                y = self.op(x2, w, self.bias)  # (rows, out)
+            if torch.compiler.is_compiling():  # the custom op: the same kernel and bits, opaque to inductor
+                y = self.op(x2, w, self.bias, self.prepack)  # (rows, out)
+            else:
+                y = _product(x2, w, self.bias, self.prepack)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, w, self.bias)
 
@@ -124,5 +132,6 @@ def make_batch_invariant(model: nn.Module, prepack: bool | str = "auto") -> nn.M
         prepack = pack_fits(linears)
     for m in linears:
         m.prepack = bool(prepack) and m.op is not None and m.weight.device.type == "cpu"
-        m.packed.clear()
+        if not m.prepack:
+            release_blocked_copies(m.weight)
     return model

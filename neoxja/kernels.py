@@ -34,14 +34,15 @@ import os
 import platform
 import statistics
 import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SkinnyLinear", "PackedWeight", "choose_linear_kernels", "restore_linear", "measure_plan", "KERNELS",
-           "ROW_GRID", "onednn_dtypes"]
+__all__ = ["SkinnyLinear", "blocked_copy", "release_blocked_copies", "choose_linear_kernels", "restore_linear",
+           "measure_plan", "KERNELS", "ROW_GRID", "onednn_dtypes"]
 
 ROW_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # row counts timed; a count between uses the one below
 SLICE = 16  # weight rows per batched product of the bmm kernel
@@ -85,16 +86,22 @@ def _onednn(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [None], "")  # (rows, out)
 
 
-# "packed" is oneDNN's linear on a blocked copy of the weight (PackedWeight): the caller passes that copy as
-# `weight`. Unpacked, oneDNN reorders the weight into its layout at every call, which at a few rows costs
+def _packed(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _onednn(x2, blocked_copy(weight), bias)  # (rows, out)
+
+
+# "packed" is oneDNN's linear on a blocked copy of the weight (blocked_copy: made once, looked up per call).
+# Unpacked, oneDNN reorders the weight into its layout at every call, which at a few rows costs
 # as much as the product. On a 2-core Xeon with AMX it won from 2-4 rows on in bfloat16 and from 4 rows on in
 # float32, and batch-8 greedy decoding of the 2.7B width went 108-117 -> 133 tok/s (bf16), 53-60 -> 65
 # (float32); at one row in bfloat16 its median call was 1.11-1.28x F.linear's (batch-1 decode 21.3 -> 24.1).
+# On a 2-core AMD EPYC with AVX512-BF16 (2026-12-03), one row in bfloat16 at the 2.7B shapes: 1.0-1.7 ms
+# against F.linear's 2.5-3.3 (2560x7680, 10240x2560, 2560x10240), 6.6 against 9.5 for the 32000x2560 head.
 # "mv" is torch.mv: on the 2-core Xeon with AMX, a one-row bfloat16 product streamed its weight at 24-27 GB/s
 # where F.linear (oneDNN) reached 16-21 (1.22-1.68x, the 2.7B shapes); in float32 the two were within 8%.
-KERNELS = {"linear": _linear, "bmm16": _bmm16, "onednn": _onednn, "packed": _onednn, "mv": _mv}
+KERNELS = {"linear": _linear, "bmm16": _bmm16, "onednn": _onednn, "packed": _packed, "mv": _mv}
 ONE_ROW_KERNELS = {"mv"}  # kernels that take exactly one row: timed and planned for rows == 1 only
-ONEDNN_KERNELS = {"onednn", "packed"}  # left to inductor under torch.compile
+ONEDNN_KERNELS = {"onednn", "packed"}  # kernels that need oneDNN to run in the weight's dtype
 
 
 def linear_fake(x2: torch.Tensor, weight: torch.Tensor, *_) -> torch.Tensor:
@@ -171,30 +178,35 @@ def candidates(weight: torch.Tensor, pack: bool = False) -> list[str]:
     return names
 
 
-class PackedWeight:
-    """A oneDNN-blocked copy of a weight (`torch.ops.mkldnn._reorder_linear_weight`: the same values in
-    oneDNN's layout, products equal to the unpacked op's bit for bit), made on first use and remade when the
-    weight changes: another tensor, its version counter moved (an optimizer step, load_state_dict), or its
-    data replaced (`model.to(dtype)` swaps a Parameter's data without moving its version)."""
+_BLOCKED: dict[tuple[int, torch.dtype], tuple] = {}  # (id(weight), dtype) -> (weakref to weight, state, copy)
 
-    __slots__ = ("_entry",)
 
-    def __init__(self):
-        self._entry = None  # (blocked copy, the weight it was made from, what identifies that weight's data)
+def blocked_copy(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A oneDNN-blocked copy of `weight` (out, in), in `dtype` (default: the weight's):
+    `torch.ops.mkldnn._reorder_linear_weight`, the same values in oneDNN's layout, products equal to the plain
+    weight's bit for bit. Made on first use and kept while the weight lives; remade when the weight changes:
+    its version counter moved (an optimizer step, load_state_dict) or its data was replaced (`model.to(dtype)`
+    swaps a Parameter's data without moving its version). Looked up by the weight at every call, so the
+    custom ops a compiled graph calls find the current copy too: nothing is made inside a graph, and no copy
+    can be stale. release_blocked_copies(weight) frees it sooner."""
+    dtype = dtype or weight.dtype
+    key = (id(weight), dtype)
+    state = (weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape))
+    entry = _BLOCKED.get(key)
+    if entry is not None and entry[0]() is weight and entry[1] == state:
+        return entry[2]
+    with torch.no_grad():
+        copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), PACK_HINT)
+    if entry is None or entry[0]() is not weight:  # a weight seen the first time: its copy goes when it goes
+        weakref.finalize(weight, _BLOCKED.pop, key, None)
+    _BLOCKED[key] = (weakref.ref(weight), state, copy)
+    return copy
 
-    def get(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The blocked copy of `weight`, in `dtype` (default: the weight's)."""
-        entry = self._entry
-        dtype = dtype or weight.dtype
-        state = (weight._version, weight.data_ptr(), weight.dtype, weight.shape, dtype)
-        if entry is None or entry[1] is not weight or entry[2] != state:
-            with torch.no_grad():
-                self._entry = entry = (
-                    torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), PACK_HINT), weight, state)
-        return entry[0]
 
-    def clear(self) -> None:
-        self._entry = None
+def release_blocked_copies(weight: torch.Tensor) -> None:
+    """Free the blocked copies of `weight` (in every dtype) now, not when the weight is freed."""
+    for key in [k for k in _BLOCKED if k[0] == id(weight)]:
+        _BLOCKED.pop(key, None)
 
 
 def memory_bytes() -> int:
@@ -223,12 +235,13 @@ class SkinnyLinear(nn.Linear):
     """nn.Linear whose inference products on few rows use the kernel measured fastest for them.
 
     `plan` maps a row count of ROW_GRID to a kernel name; rows above the grid's top, autograd, other
-    devices and other dtypes take F.linear. "packed" keeps a blocked copy of the weight (`packed`), made the
-    first time a row count uses it. Under torch.compile, a one-row plan's plain kernel on a weight inductor
-    does not generate itself runs as the custom op neoxja::skinny_linear; everything else is F.linear."""
+    devices and other dtypes take F.linear. "packed" keeps a blocked copy of the weight (blocked_copy), made
+    the first time a row count uses it. Under torch.compile, a one-row plan's kernel (packed included) on a
+    weight inductor does not generate itself runs as the custom op neoxja::skinny_linear; everything else is
+    F.linear."""
 
     plan: dict[int, str]
-    packed: PackedWeight
+    onednn_dtypes: frozenset
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, plan: dict[int, str]) -> "SkinnyLinear":
@@ -238,7 +251,7 @@ class SkinnyLinear(nn.Linear):
         new.bias = linear.bias
         new.train(linear.training)
         new.plan = dict(plan)
-        new.packed = PackedWeight()
+        new.onednn_dtypes = onednn_dtypes()  # found now: forward reads it under torch.compile, which cannot probe
         skinny_linear_op()  # registered now: forward may run under torch.compile
         return new
 
@@ -259,19 +272,20 @@ class SkinnyLinear(nn.Linear):
                     name = "linear"  # a plan measured in another dtype (model.to(dtype) after it was made)
                 if name != "linear":
                     x2 = x.reshape(rows, self.in_features).contiguous()  # (rows, in)
-                    w = self.packed.get(self.weight) if name == "packed" else self.weight
-                    return KERNELS[name](x2, w, self.bias).view(*x.shape[:-1], self.out_features)
+                    return KERNELS[name](x2, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
             # Under torch.compile only one row's plan is used (a symbolic row count is >= 2, so this asks no
-            # question of it, and several row counts share one graph), and only a plain kernel on a weight
-            # inductor does not generate itself: oneDNN's products are inductor's to choose (its lowering of
-            # oneDNN's linear wants a frozen weight, and the blocked copy cannot be made inside a graph), and so
-            # are one-row products with small weights, which inductor writes itself (what makes compiled
-            # decoding of small models fast). The plain kernel runs as the opaque op neoxja::skinny_linear,
-            # which inductor neither decomposes nor re-lowers (its own lowering of aten.mv made the 2.7B bf16
-            # step 2x slower than with F.linear).
+            # question of it, and several row counts share one graph), and only on a weight inductor does not
+            # generate itself: one-row products with small weights are inductor's (it writes them itself, which
+            # makes compiled decoding of small models fast; the bundled model's step was 2.5x slower with every
+            # product through this op), and so is oneDNN's linear on a plain weight. The kernel runs as the
+            # opaque op neoxja::skinny_linear, which inductor neither decomposes nor re-lowers (its own lowering
+            # of aten.mv made the 2.7B bf16 step 2x slower than with F.linear); "packed" finds its blocked copy
+            # inside the op (made outside any graph). With "packed" compiled, the 2.7B width's bf16 one-row
+            # step went 15.0 -> 25.7 tok/s on a 2-core AVX512-BF16 EPYC (eager with the plan: 23.6).
             elif rows == 1:
                 name = self.plan.get(1, "linear")
-                if name != "linear" and name not in ONEDNN_KERNELS and not inductor_generates(self.weight):
+                if (name not in ("linear", "onednn") and not inductor_generates(self.weight)
+                        and (name not in ONEDNN_KERNELS or x.dtype in self.onednn_dtypes)):
                     y = _skinny_linear_op(x.reshape(1, self.in_features), self.weight, self.bias, name)  # (1, out)
                     return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
@@ -316,10 +330,10 @@ def measure_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, repeats
     weight = weight.detach()[:MEASURE_ROWS]  # (min(out, 4096), in), a view
     bias = None if bias is None else bias.detach()[:MEASURE_ROWS]
     copies = [weight] + [weight.clone() for _ in range(min(64, -(-working_set // _nbytes(weight))) - 1)]
-    operands = {name: copies for name in names}
     if "packed" in names:
         try:
-            operands["packed"] = [PackedWeight().get(w) for w in copies]
+            for w in copies:  # made before any timing ("packed" looks them up per call, as in use)
+                blocked_copy(w)
         except RuntimeError:  # a oneDNN build that cannot block this dtype
             names.remove("packed")
     turn = 0
@@ -333,8 +347,8 @@ def measure_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, repeats
             if name in ONE_ROW_KERNELS and rows != 1:
                 continue
             try:
-                if _same_product(KERNELS[name](x, operands[name][0], bias), expected):
-                    KERNELS[name](x, operands[name][0], bias)  # a second untimed call: oneDNN's first ones are slower
+                if _same_product(KERNELS[name](x, copies[0], bias), expected):
+                    KERNELS[name](x, copies[0], bias)  # a second untimed call: oneDNN's first ones are slower
                     usable.append(name)
             except RuntimeError:  # e.g. a oneDNN build without this dtype
                 pass
@@ -343,7 +357,7 @@ def measure_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, repeats
             for name in usable:
                 t = timer()
                 for _ in range(BLOCK):
-                    KERNELS[name](x, operands[name][turn % len(copies)], bias)  # the copy read least recently
+                    KERNELS[name](x, copies[turn % len(copies)], bias)  # the copy read least recently
                     turn += 1
                 times[name].append((timer() - t) / BLOCK)
         best = {name: statistics.median(ts) for name, ts in times.items()}
@@ -481,7 +495,7 @@ def choose_linear_kernels(model: nn.Module, cache: Path | None | bool = None, pa
         shape = (linear.out_features, linear.in_features, str(linear.weight.dtype).removeprefix("torch."))
         if isinstance(linear, SkinnyLinear):
             linear.plan = dict(plans[shape])
-            linear.packed.clear()
+            release_blocked_copies(linear.weight)
         else:
             setattr(parent, child, SkinnyLinear.from_linear(linear, plans[shape]))
     return model
@@ -498,4 +512,5 @@ def restore_linear(model: nn.Module) -> nn.Module:
             plain.weight, plain.bias = module.weight, module.bias
             plain.train(module.training)
             setattr(parent, child, plain)
+            release_blocked_copies(module.weight)
     return model

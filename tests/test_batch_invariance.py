@@ -156,6 +156,27 @@ def test_prepacked_weights_give_the_same_bits_and_follow_weight_changes():
         make_batch_invariant(nn.Linear(2, 2), prepack="yes")
 
 
+def test_compiled_prepacked_products_give_the_same_bits_and_follow_weight_changes():
+    """Under torch.compile the custom op finds the weight's blocked copy itself (a graph cannot make one): the
+    eager bits at every row count, and a weight changed in place between two calls of a graph is repacked."""
+    torch.manual_seed(0)
+    layer = make_batch_invariant(nn.Sequential(nn.Linear(64, 48)), prepack=True)[0]
+    if layer.op is None:
+        pytest.skip("no oneDNN linear in this torch build")
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        for rows in (1, 2, 5, 9):
+            assert torch.equal(compiled(x[:rows]), layer(x[:rows]))
+        before = compiled(x[:2])
+        layer.weight.mul_(-2)  # in place, between two calls of the same graph
+        after = compiled(x[:2])
+        assert not torch.equal(after, before) and torch.equal(after, layer(x[:2]))
+        assert torch.equal(after, torch.ops.mkldnn._linear_pointwise(x[:2], layer.weight, layer.bias, "none",
+                                                                       [None], ""))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_row_gets_the_same_bits_in_a_batch_of_forty(dtype):
     """Beyond 32 rows, oneDNN's bfloat16 products block the sum differently (measured on a Xeon with AMX at

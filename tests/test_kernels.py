@@ -78,10 +78,11 @@ def test_every_kernel_gives_f_linear_numbers(kernel, rows, out_features, bias):
 @pytest.mark.parametrize("kernel", ["onednn", "packed", "bmm16", "mv"])
 @pytest.mark.parametrize("rows", [1, 2])
 def test_a_planned_layer_compiles(kernel, rows, monkeypatch):
-    """Under torch.compile oneDNN's products are inductor's (its lowering of oneDNN's linear asserts a frozen
-    weight, so a plan's oneDNN kernel used to fail `generate(compile=True)` and `neoxja generate --compile`),
-    and so are one-row products with small weights (inductor generates them) and several rows; a one-row plan's
-    plain kernel (mv, bmm16) on a larger weight runs inside the graph as the opaque op neoxja::skinny_linear."""
+    """Under torch.compile oneDNN's linear on a plain weight is inductor's (its lowering of oneDNN's linear
+    asserts a frozen weight, so a plan's oneDNN kernel used to fail `generate(compile=True)` and `neoxja
+    generate --compile`), and so are one-row products with small weights (inductor generates them) and several
+    rows; a one-row plan's kernel (mv, bmm16, packed: its blocked copy looked up inside) on a larger weight runs
+    inside the graph as the opaque op neoxja::skinny_linear."""
     if kernel not in kernels.candidates(torch.empty(48, 40), pack=True):
         pytest.skip(f"{kernel} is not available in this torch build")
     torch.manual_seed(0)
@@ -95,7 +96,7 @@ def test_a_planned_layer_compiles(kernel, rows, monkeypatch):
         with torch.no_grad():
             compiled = torch.compile(layer, fullgraph=True)(x)
         torch.testing.assert_close(compiled, F.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-4)
-        assert bool(calls) == (in_features > 2048 and rows == 1 and kernel not in kernels.ONEDNN_KERNELS)
+        assert bool(calls) == (in_features > 2048 and rows == 1 and kernel != "onednn")
         calls.clear()
 
 
@@ -335,11 +336,22 @@ def test_the_packed_kernel_keeps_a_blocked_copy_that_follows_the_weight(tmp_path
     x = torch.randn(4, 40)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-        first = layer.packed.get(layer.weight)
-        assert layer.packed.get(layer.weight) is first  # kept, not remade per call
+        first = kernels.blocked_copy(layer.weight)
+        assert kernels.blocked_copy(layer.weight) is first  # kept, not remade per call
         layer.weight.mul_(2.0)  # in place: the version counter moves
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-        assert layer.packed.get(layer.weight) is not first
+        assert kernels.blocked_copy(layer.weight) is not first
+        layer.weight.data = layer.weight.data.clone()  # data replaced (as model.to(dtype) does), version unmoved
+        second = kernels.blocked_copy(layer.weight)
+        assert second is not first
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    key = (id(layer.weight), layer.weight.dtype)
+    assert key in kernels._BLOCKED
+    kernels.release_blocked_copies(layer.weight)
+    assert key not in kernels._BLOCKED
+    kernels.blocked_copy(layer.weight)
+    del layer, second, first
+    assert key not in kernels._BLOCKED  # freed with its weight
 
     seen = []
     monkeypatch.setattr(kernels, "measure_plan",
@@ -464,3 +476,23 @@ def test_a_onednn_plan_in_a_dtype_onednn_cannot_run_takes_f_linear(monkeypatch):
         x = torch.randn(4, 64, dtype=torch.bfloat16)
         with torch.no_grad():
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.skipif("packed" not in kernels.candidates(torch.empty(16, 8), pack=True), reason="no oneDNN linear")
+def test_a_compiled_packed_product_uses_the_current_blocked_copy():
+    """Compiled, a one-row "packed" plan on a weight inductor does not generate itself multiplies by the blocked
+    copy inside the opaque op: made once (not per call, not inside the graph), and remade when the weight
+    changes in place between two calls of the same graph, so the compiled product is never a stale one."""
+    torch.manual_seed(0)
+    layer = SkinnyLinear.from_linear(nn.Linear(2560, 48), fixed_plan("packed"))
+    x = torch.randn(1, 1, 2560)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-4)
+        first = kernels.blocked_copy(layer.weight)
+        compiled(x)
+        assert kernels.blocked_copy(layer.weight) is first  # the graph's calls kept it
+        layer.weight.mul_(-3.0)
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-4)
+        assert kernels.blocked_copy(layer.weight) is not first
