@@ -32,7 +32,6 @@ machine's memory. Measured on a 2-core AMD EPYC (AVX2): 256x8000 at two rows 1.5
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -62,20 +61,24 @@ def _onednn_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
     return y[:rows]
 
 
-@functools.cache
+_ROW_INVARIANT_OP = None  # the custom op, once registered (RowInvariantLinear.wrap registers it)
+
+
 def _row_invariant_op():
     """RowInvariantLinear's product as a custom op (registered on first use, not at import), so that
     torch.compile calls this very kernel as an opaque step instead of lowering the product to its own
     (row-count-dependent) one: a compiled decode step gives the same bits as the eager one. prepack: with the
     weight's blocked copy, looked up inside the op (a graph cannot make it)."""
+    global _ROW_INVARIANT_OP
+    if _ROW_INVARIANT_OP is None:
+        @torch.library.custom_op("neoxja::row_invariant_linear", mutates_args=())
+        def row_invariant_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                                 prepack: bool) -> torch.Tensor:
+            return _product(x, w, bias, prepack).clone()  # a fresh tensor: a custom op's output may not be a view
 
-    @torch.library.custom_op("neoxja::row_invariant_linear", mutates_args=())
-    def row_invariant_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-                             prepack: bool) -> torch.Tensor:
-        return _product(x, w, bias, prepack).clone()  # a fresh tensor: a custom op's output may not be a view
-
-    row_invariant_linear.register_fake(linear_fake)
-    return row_invariant_linear
+        row_invariant_linear.register_fake(linear_fake)
+        _ROW_INVARIANT_OP = row_invariant_linear
+    return _ROW_INVARIANT_OP
 
 
 def _product(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, prepack: bool) -> torch.Tensor:
@@ -96,9 +99,17 @@ class RowInvariantLinear(nn.Linear):
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight = linear.weight  # the same Parameter: tied weights stay tied
         new.bias = linear.bias
-        new.op = _row_invariant_op() if onednn_linear_available() else None  # looked up once, not per call
+        new.onednn = onednn_linear_available()
+        if new.onednn:
+            _row_invariant_op()  # registered now: forward may run under torch.compile
         new.prepack = False  # whether products use the weight's blocked copy (kernels.blocked_copy)
         return new
+
+    @property
+    def op(self):
+        """The custom op where oneDNN's linear is in this torch build, else None: kept at module level, not on
+        the module, so that the module can be deep-copied (the op object cannot)."""
+        return _ROW_INVARIANT_OP if self.onednn else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight

@@ -178,34 +178,49 @@ def candidates(weight: torch.Tensor, pack: bool = False) -> list[str]:
     return names
 
 
-_BLOCKED: dict[tuple[int, torch.dtype], tuple] = {}  # (id(weight), dtype) -> (weakref to weight, state, copy)
+_BLOCKED: dict[tuple[int, torch.dtype], tuple] = {}  # (id(weight), dtype) -> (weakref, state, storage, copy)
+_FINALIZERS: dict[int, weakref.finalize] = {}  # id(weight) -> what drops its copies when it is freed
 
 
 def blocked_copy(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A oneDNN-blocked copy of `weight` (out, in), in `dtype` (default: the weight's):
-    `torch.ops.mkldnn._reorder_linear_weight`, the same values in oneDNN's layout, products equal to the plain
-    weight's bit for bit. Made on first use and kept while the weight lives; remade when the weight changes:
-    its version counter moved (an optimizer step, load_state_dict) or its data was replaced (`model.to(dtype)`
-    swaps a Parameter's data without moving its version). Looked up by the weight at every call, so the
-    custom ops a compiled graph calls find the current copy too: nothing is made inside a graph, and no copy
-    can be stale. release_blocked_copies(weight) frees it sooner."""
+    `torch.ops.mkldnn._reorder_linear_weight`, the same values in oneDNN's layout (oneDNN's products with it
+    equal those with the plain weight bit for bit from two rows on). Made on first use and kept while the
+    weight lives; remade when the weight changes: its version counter moved (an in-place write through the
+    Parameter: an optimizer step, load_state_dict) or its data was replaced (`model.to(dtype)` swaps a
+    Parameter's data without moving its version; the entry holds the storage it was made from, so a new one
+    cannot reuse its address and pass for it). Not seen: a write through `weight.data` (torch counts none):
+    call release_blocked_copies(weight) after one. Looked up by the weight at every call, so the custom ops a
+    compiled graph calls find the current copy too: nothing is made inside a graph. A new copy drops the
+    weight's copies made from data it no longer holds; release_blocked_copies(weight) frees them all sooner."""
     dtype = dtype or weight.dtype
     key = (id(weight), dtype)
     state = (weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape))
     entry = _BLOCKED.get(key)
     if entry is not None and entry[0]() is weight and entry[1] == state:
-        return entry[2]
+        return entry[3]
     with torch.no_grad():
         copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), PACK_HINT)
-    if entry is None or entry[0]() is not weight:  # a weight seen the first time: its copy goes when it goes
-        weakref.finalize(weight, _BLOCKED.pop, key, None)
-    _BLOCKED[key] = (weakref.ref(weight), state, copy)
+    for other in [k for k in list(_BLOCKED) if k[0] == key[0] and k != key]:  # made from data no longer held
+        old = _BLOCKED.get(other)
+        if old is not None and old[1] != state:
+            _BLOCKED.pop(other, None)
+    finalizer = _FINALIZERS.get(key[0])
+    if finalizer is None or finalizer.peek() is None or finalizer.peek()[0] is not weight:
+        _FINALIZERS[key[0]] = weakref.finalize(weight, _forget, key[0])  # once per weight
+    _BLOCKED[key] = (weakref.ref(weight), state, weight.untyped_storage(), copy)
     return copy
 
 
-def release_blocked_copies(weight: torch.Tensor) -> None:
+def _forget(weight_id: int) -> None:
+    release_blocked_copies(weight_id)
+    _FINALIZERS.pop(weight_id, None)
+
+
+def release_blocked_copies(weight: torch.Tensor | int) -> None:
     """Free the blocked copies of `weight` (in every dtype) now, not when the weight is freed."""
-    for key in [k for k in _BLOCKED if k[0] == id(weight)]:
+    weight_id = weight if isinstance(weight, int) else id(weight)
+    for key in [k for k in list(_BLOCKED) if k[0] == weight_id]:  # list(): a snapshot, other threads may add
         _BLOCKED.pop(key, None)
 
 

@@ -250,3 +250,19 @@ def test_bfloat16_where_onednn_has_no_bfloat16_kernel(monkeypatch, prepack):
         expected = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float()).bfloat16()
     assert together.dtype == torch.bfloat16
     torch.testing.assert_close(together.float(), expected.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_a_batch_invariant_model_can_be_deep_copied():
+    """copy.deepcopy of a transformed model (compile_decode's per-model cache expects copies) gives a model with
+    the same bits and its own weights: the custom op is not an attribute of the modules."""
+    import copy
+
+    torch.manual_seed(0)
+    model = make_batch_invariant(nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 8)), prepack=True)
+    twin = copy.deepcopy(model)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(twin(x), model(x))
+        twin[0].weight.mul_(2)
+        assert not torch.equal(twin(x), model(x))
+    assert twin[0].op is model[0].op

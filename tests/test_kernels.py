@@ -496,3 +496,30 @@ def test_a_compiled_packed_product_uses_the_current_blocked_copy():
         layer.weight.mul_(-3.0)
         torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-4)
         assert kernels.blocked_copy(layer.weight) is not first
+
+
+@pytest.mark.skipif("packed" not in kernels.candidates(torch.empty(16, 8), pack=True), reason="no oneDNN linear")
+def test_blocked_copies_follow_a_dtype_round_trip_and_are_dropped_with_their_data():
+    """model.to(dtype) replaces a weight's data without moving its version: a copy made from the old data must
+    never serve the new (a round trip float32 -> bfloat16 -> float32 may put the new data at the old address),
+    copies of data the weight no longer holds are dropped when a new one is made, and a weight gets one
+    finalizer however often its copies are released and remade."""
+    torch.manual_seed(0)
+    plan = fixed_plan("packed")
+    x = torch.randn(2, 256)
+    for trial in range(4):
+        layer = SkinnyLinear.from_linear(nn.Linear(256, 4096 if trial % 2 else 48), plan)
+        with torch.no_grad():
+            layer(x)
+            layer.to(torch.bfloat16)
+            layer(x.bfloat16())
+            assert [k[1] for k in kernels._BLOCKED if k[0] == id(layer.weight)] == [torch.bfloat16]
+            layer.to(torch.float32)  # the bfloat16-rounded values, maybe at the old float32 address
+            torch.testing.assert_close(layer(x), kernels._onednn(x, layer.weight, layer.bias), atol=1e-5, rtol=0)
+        for _ in range(20):
+            kernels.release_blocked_copies(layer.weight)
+            kernels.blocked_copy(layer.weight)
+        assert sum(f.peek() is not None and f.peek()[0] is layer.weight for f in kernels._FINALIZERS.values()) == 1
+        key = id(layer.weight)
+        del layer
+        assert key not in kernels._FINALIZERS and not [k for k in kernels._BLOCKED if k[0] == key]
