@@ -177,3 +177,37 @@ def test_int8_step_compiles_whole_and_gives_the_eager_tokens(bundled_dir):
     with limit_one:
         assert torch.equal(twin.generate(x, max_new_tokens=16, do_sample=False, eos_token_id=[], compile=True), eager)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the twin's keys: a graph of its own
+
+
+def test_compiled_generate_uses_the_packed_kernel_with_its_blocked_copy(monkeypatch, tmp_path):
+    """A model with the measured kernels (as `neoxja generate --compile` runs it) whose one-row plan is "packed"
+    on a weight inductor does not generate itself (here the LM head, 4096 outputs): every compiled decode step
+    multiplies by the blocked copy (inside the opaque op neoxja::skinny_linear), and the tokens are eager's."""
+    from neoxja import kernels
+    from neoxja.config import GPTNeoXJapaneseConfig
+
+    if "packed" not in kernels.candidates(torch.empty(16, 8), pack=True):
+        pytest.skip("no oneDNN linear in this torch build")
+    torch.manual_seed(0)
+    config = GPTNeoXJapaneseConfig(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   max_position_embeddings=64, eos_token_id=None, bos_token_id=1)
+    model = GPTNeoXJapaneseForCausalLM(config).eval()
+    monkeypatch.setattr(kernels, "measure_plan", lambda weight, bias, pack=False, working_set=0:
+                        {rows: "packed" for rows in kernels.ROW_GRID})
+    kernels.choose_linear_kernels(model, cache=tmp_path / "k.json", pack=True)
+    head_calls = []
+    real = kernels.KERNELS["packed"]
+
+    def counting(x2, weight, bias):
+        if weight is model.embed_out.weight:
+            head_calls.append(x2.shape[0])
+        return real(x2, weight, bias)
+
+    monkeypatch.setitem(kernels.KERNELS, "packed", counting)
+    ids = torch.randint(0, 4096, (1, 5), generator=torch.Generator().manual_seed(1))
+    eager = model.generate(ids, max_new_tokens=12, eos_token_id=[])
+    head_calls.clear()
+    compiled = model.generate(ids, max_new_tokens=12, eos_token_id=[], compile=True)
+    assert torch.equal(compiled, eager)
+    assert head_calls.count(1) >= 11  # the prefill's head call, then one per compiled decode step
+    assert (id(model.embed_out.weight), torch.float32) in kernels._BLOCKED
