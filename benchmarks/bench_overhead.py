@@ -14,6 +14,9 @@ rotated order; each ratio is the median of the per-round ratios (load from other
 All run in --dtype (default auto: what `neoxja generate` picks; float32 gives the numbers of earlier runs).
 The bundled model (5.2M parameters, 10 MB of weights) spends nearly all of a token on Python and small ops,
 so this measures the overhead per token. The issue's goal: >= 1,500 tok/s batch-1 greedy.
+--width LAYERS runs the same contenders on the 2.7B width with LAYERS layers and random weights instead (no goal
+is checked); --kernels applies the measured skinny-product kernels in every contender, as `neoxja generate` does
+(products then calls each linear's planned kernel).
 
 --invariance instead measures what batch invariance costs (neoxja.batch_invariant.make_batch_invariant:
 oneDNN linear with >= 2 rows) at batch 1 and batch 8, on the 2.7B width with 4 layers and random weights,
@@ -154,8 +157,9 @@ def run_overhead(args) -> int:
               f"{ratio:.2f}x")
     fast = args.new / statistics.median(times["compiled"])
     bound = args.new / statistics.median(times["products"])
+    generates = "" if args.width else ", which generates the small ones itself,"
     print(f"the weight products alone as library calls (every linear of a decode step at one row, nothing else): "
-          f"{bound:.0f} tok/s; compiled, which generates the small ones itself, reaches {fast / bound:.0%} of that")
+          f"{bound:.0f} tok/s; compiled{generates} reaches {fast / bound:.0%} of that")
     if args.width:  # the goal is the bundled model's
         return 0
     met = fast >= 1500

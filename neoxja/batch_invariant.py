@@ -32,7 +32,6 @@ machine's memory. Measured on a 2-core AMD EPYC (AVX2): 256x8000 at two rows 1.5
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,6 +103,10 @@ class RowInvariantLinear(nn.Linear):
             _row_invariant_op()  # registered now: forward may run under torch.compile
         new.prepack = False  # whether products use the weight's blocked copy (kernels.blocked_copy)
         return new
+
+    def _apply(self, fn, recurse=True):
+        release_blocked_copies(self.weight)  # model.to(dtype or device) replaces the data they were made from
+        return super()._apply(fn, recurse)
 
     @property
     def op(self):

@@ -251,9 +251,9 @@ class SkinnyLinear(nn.Linear):
 
     `plan` maps a row count of ROW_GRID to a kernel name; rows above the grid's top, autograd, other
     devices and other dtypes take F.linear. "packed" keeps a blocked copy of the weight (blocked_copy), made
-    the first time a row count uses it. Under torch.compile, a one-row plan's kernel (packed included) on a
-    weight inductor does not generate itself runs as the custom op neoxja::skinny_linear; everything else is
-    F.linear."""
+    the first time a row count uses it. Under torch.compile, a one-row plan's kernel (mv, bmm16 or packed; not
+    onednn) on a weight inductor does not generate itself runs as the custom op neoxja::skinny_linear;
+    everything else is F.linear."""
 
     plan: dict[int, str]
     onednn_dtypes: frozenset
@@ -269,6 +269,10 @@ class SkinnyLinear(nn.Linear):
         new.onednn_dtypes = onednn_dtypes()  # found now: forward reads it under torch.compile, which cannot probe
         skinny_linear_op()  # registered now: forward may run under torch.compile
         return new
+
+    def _apply(self, fn, recurse=True):
+        release_blocked_copies(self.weight)  # model.to(dtype or device) replaces the data they were made from
+        return super()._apply(fn, recurse)
 
     def kernel_for(self, rows: int) -> str:
         """The plan's kernel for `rows`: that of the largest grid point <= rows; F.linear above the grid."""

@@ -156,19 +156,27 @@ def test_prepacked_weights_give_the_same_bits_and_follow_weight_changes():
         make_batch_invariant(nn.Linear(2, 2), prepack="yes")
 
 
-def test_compiled_prepacked_products_give_the_same_bits_and_follow_weight_changes():
+def test_compiled_prepacked_products_give_the_same_bits_and_follow_weight_changes(monkeypatch):
     """Under torch.compile the custom op finds the weight's blocked copy itself (a graph cannot make one): the
     eager bits at every row count, and a weight changed in place between two calls of a graph is repacked."""
     torch.manual_seed(0)
     layer = make_batch_invariant(nn.Sequential(nn.Linear(64, 48)), prepack=True)[0]
     if layer.op is None:
         pytest.skip("no oneDNN linear in this torch build")
+    import neoxja.batch_invariant as bi
+
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     x = torch.randn(9, 64)
+    looked_up = []
+    real = bi.blocked_copy
+    monkeypatch.setattr(bi, "blocked_copy", lambda w, *a: (looked_up.append(w is layer.weight), real(w, *a))[1])
     with torch.no_grad():
         for rows in (1, 2, 5, 9):
-            assert torch.equal(compiled(x[:rows]), layer(x[:rows]))
+            looked_up.clear()
+            y = compiled(x[:rows])
+            assert looked_up == [True]  # the compiled product used the blocked copy of this very weight
+            assert torch.equal(y, layer(x[:rows]))
         before = compiled(x[:2])
         layer.weight.mul_(-2)  # in place, between two calls of the same graph
         after = compiled(x[:2])
@@ -266,3 +274,8 @@ def test_a_batch_invariant_model_can_be_deep_copied():
         twin[0].weight.mul_(2)
         assert not torch.equal(twin(x), model(x))
     assert twin[0].op is model[0].op
+    from neoxja import kernels
+
+    assert any(k[0] == id(model[0].weight) for k in kernels._BLOCKED)
+    model.to(torch.float64)  # new data: the copies of the old are released with it, not kept until a next call
+    assert not any(k[0] in (id(model[0].weight), id(model[1].weight)) for k in kernels._BLOCKED)

@@ -207,7 +207,10 @@ def test_compiled_generate_uses_the_packed_kernel_with_its_blocked_copy(monkeypa
     ids = torch.randint(0, 4096, (1, 5), generator=torch.Generator().manual_seed(1))
     eager = model.generate(ids, max_new_tokens=12, eos_token_id=[])
     head_calls.clear()
+    kernels.release_blocked_copies(model.embed_out.weight)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = model.generate(ids, max_new_tokens=12, eos_token_id=[], compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the steps ran as a graph
     assert torch.equal(compiled, eager)
     assert head_calls.count(1) >= 11  # the prefill's head call, then one per compiled decode step
     assert (id(model.embed_out.weight), torch.float32) in kernels._BLOCKED

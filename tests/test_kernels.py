@@ -479,7 +479,7 @@ def test_a_onednn_plan_in_a_dtype_onednn_cannot_run_takes_f_linear(monkeypatch):
 
 
 @pytest.mark.skipif("packed" not in kernels.candidates(torch.empty(16, 8), pack=True), reason="no oneDNN linear")
-def test_a_compiled_packed_product_uses_the_current_blocked_copy():
+def test_a_compiled_packed_product_uses_the_current_blocked_copy(monkeypatch):
     """Compiled, a one-row "packed" plan on a weight inductor does not generate itself multiplies by the blocked
     copy inside the opaque op: made once (not per call, not inside the graph), and remade when the weight
     changes in place between two calls of the same graph, so the compiled product is never a stale one."""
@@ -488,8 +488,12 @@ def test_a_compiled_packed_product_uses_the_current_blocked_copy():
     x = torch.randn(1, 1, 2560)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True)
+    looked_up = []
+    real = kernels.blocked_copy
+    monkeypatch.setattr(kernels, "blocked_copy", lambda w, *a: (looked_up.append(w is layer.weight), real(w, *a))[1])
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-4)
+        assert looked_up == [True]  # the compiled product multiplied by the blocked copy of this very weight
         first = kernels.blocked_copy(layer.weight)
         compiled(x)
         assert kernels.blocked_copy(layer.weight) is first  # the graph's calls kept it
@@ -502,8 +506,10 @@ def test_a_compiled_packed_product_uses_the_current_blocked_copy():
 def test_blocked_copies_follow_a_dtype_round_trip_and_are_dropped_with_their_data():
     """model.to(dtype) replaces a weight's data without moving its version: a copy made from the old data must
     never serve the new (a round trip float32 -> bfloat16 -> float32 may put the new data at the old address),
-    copies of data the weight no longer holds are dropped when a new one is made, and a weight gets one
-    finalizer however often its copies are released and remade."""
+    copies of data the weight no longer holds are dropped (by .to() itself), and a weight gets one finalizer
+    however often its copies are released and remade."""
+    if torch.bfloat16 not in kernels.onednn_dtypes():
+        pytest.skip("oneDNN has no bfloat16 kernel on this CPU (AVX2 only)")
     torch.manual_seed(0)
     plan = fixed_plan("packed")
     x = torch.randn(2, 256)
@@ -512,6 +518,7 @@ def test_blocked_copies_follow_a_dtype_round_trip_and_are_dropped_with_their_dat
         with torch.no_grad():
             layer(x)
             layer.to(torch.bfloat16)
+            assert not [k for k in kernels._BLOCKED if k[0] == id(layer.weight)]  # released by .to()
             layer(x.bfloat16())
             assert [k[1] for k in kernels._BLOCKED if k[0] == id(layer.weight)] == [torch.bfloat16]
             layer.to(torch.float32)  # the bfloat16-rounded values, maybe at the old float32 address
