@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neoxja.kernels import (blocked_copy, linear_fake, onednn_dtypes, onednn_linear_available, pack_fits,
-                            release_blocked_copies)
+from neoxja.kernels import (BlockedCopyLinear, blocked_copy, linear_fake, onednn_dtypes, onednn_linear_available,
+                            pack_fits, release_blocked_copies)
 
 
 BLOCK_ROWS = {torch.bfloat16: 32, torch.float16: 32}  # rows per oneDNN call at most, where M changes the bits
@@ -88,7 +88,7 @@ def _product(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, prepa
     return _onednn_rows(x2, w, bias)  # (rows, out)
 
 
-class RowInvariantLinear(nn.Linear):
+class RowInvariantLinear(BlockedCopyLinear):
     """nn.Linear whose CPU inference products give each row the same bits whatever the number of rows."""
 
     @classmethod
@@ -103,10 +103,6 @@ class RowInvariantLinear(nn.Linear):
             _row_invariant_op()  # registered now: forward may run under torch.compile
         new.prepack = False  # whether products use the weight's blocked copy (kernels.blocked_copy)
         return new
-
-    def _apply(self, fn, recurse=True):
-        release_blocked_copies(self.weight)  # model.to(dtype or device) replaces the data they were made from
-        return super()._apply(fn, recurse)
 
     @property
     def op(self):

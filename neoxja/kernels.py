@@ -246,7 +246,16 @@ def _nbytes(t: torch.Tensor) -> int:
 # the module
 
 
-class SkinnyLinear(nn.Linear):
+class BlockedCopyLinear(nn.Linear):
+    """An nn.Linear whose products may use its weight's blocked copies (blocked_copy): .to(), .cuda() and the
+    like release them first, since they replace the data the copies were made from (which each copy holds)."""
+
+    def _apply(self, fn, recurse=True):
+        release_blocked_copies(self.weight)
+        return super()._apply(fn, recurse)
+
+
+class SkinnyLinear(BlockedCopyLinear):
     """nn.Linear whose inference products on few rows use the kernel measured fastest for them.
 
     `plan` maps a row count of ROW_GRID to a kernel name; rows above the grid's top, autograd, other
@@ -266,13 +275,9 @@ class SkinnyLinear(nn.Linear):
         new.bias = linear.bias
         new.train(linear.training)
         new.plan = dict(plan)
-        new.onednn_dtypes = onednn_dtypes()  # found now: forward reads it under torch.compile, which cannot probe
+        new.onednn_dtypes = onednn_dtypes()  # found now: forward reads it, under torch.compile too (which cannot probe)
         skinny_linear_op()  # registered now: forward may run under torch.compile
         return new
-
-    def _apply(self, fn, recurse=True):
-        release_blocked_copies(self.weight)  # model.to(dtype or device) replaces the data they were made from
-        return super()._apply(fn, recurse)
 
     def kernel_for(self, rows: int) -> str:
         """The plan's kernel for `rows`: that of the largest grid point <= rows; F.linear above the grid."""
@@ -287,7 +292,7 @@ class SkinnyLinear(nn.Linear):
                 and x.dtype == self.weight.dtype and self.weight.is_contiguous()):
             if not torch.compiler.is_compiling():
                 name = self.kernel_for(rows)
-                if name in ONEDNN_KERNELS and x.dtype not in onednn_dtypes():
+                if name in ONEDNN_KERNELS and x.dtype not in self.onednn_dtypes:
                     name = "linear"  # a plan measured in another dtype (model.to(dtype) after it was made)
                 if name != "linear":
                     x2 = x.reshape(rows, self.in_features).contiguous()  # (rows, in)
