@@ -36,6 +36,8 @@ import weakref
 import torch
 from torch import nn
 
+from neoxja import int4_cpu
+
 SUPPORTED_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 kernels take
 DEFAULT_INT4_GROUP_SIZE = 128
@@ -147,9 +149,13 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
     return qweight, scales
 
 
-def _check_mode(mode, group_size):
+def _check_mode(mode, group_size, kernel="auto"):
     if not isinstance(mode, str) or mode not in SUPPORTED_MODES:
         raise ValueError(f"unsupported quantization mode {mode!r}; expected one of {SUPPORTED_MODES}")
+    if not isinstance(kernel, str) or kernel not in INT4_KERNELS:
+        raise ValueError(f"unknown int4 kernel {kernel!r}; expected one of {INT4_KERNELS}")
+    if kernel != "auto" and mode != "int4":
+        raise ValueError(f"kernel={kernel!r} applies to int4 only, not to {mode!r}")
     if group_size is not None:
         if mode != "int4":
             raise ValueError(f"group_size applies to int4 only, not to {mode!r}")
@@ -170,30 +176,32 @@ def _check_device(device: torch.device, mode: str):
         raise RuntimeError("this PyTorch build has no FBGEMM/x86 quantized engine, so int8 is unavailable")
 
 
-def _quantized_linear(linear: nn.Linear, mode: str, group_size: int | None, name: str) -> nn.Module:
+def _quantized_linear(linear: nn.Linear, mode: str, group_size: int | None, name: str, kernel: str) -> nn.Module:
     if mode == "int8":
         return Int8DynamicLinear.from_float(linear)
-    return Int4WeightOnlyLinear.from_float(linear, group_size or DEFAULT_INT4_GROUP_SIZE, name=name)
+    return Int4WeightOnlyLinear.from_float(linear, group_size or DEFAULT_INT4_GROUP_SIZE, name=name, kernel=kernel)
 
 
-def _replace_linear(model: nn.Module, name: str, mode: str, group_size: int | None) -> None:
+def _replace_linear(model: nn.Module, name: str, mode: str, group_size: int | None, kernel: str = "auto") -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     linear = getattr(parent, child)
-    setattr(parent, child, _quantized_linear(linear, mode, group_size, name))
+    setattr(parent, child, _quantized_linear(linear, mode, group_size, name, kernel))
     # the float weight goes with `linear` now, unless something else (a tied embedding) holds it
 
 
-def quantize(model: nn.Module, mode: str = "int8", group_size: int | None = None) -> nn.Module:
+def quantize(model: nn.Module, mode: str = "int8", group_size: int | None = None, kernel: str = "auto") -> nn.Module:
     """Quantize `model` in place and return it. `mode`: "int8", "int4" or "none" (no change).
 
     `group_size` (int4 only; 32, 64, 128 or 256, default 128): input columns sharing one scale and zero.
+    `kernel` (int4 only): "auto" (neoxja's AVX512-BF16 CPU kernel where it runs, else torch's), "torch" or
+    "avx512_bf16" (an error where it cannot run); see `choose_int4_kernel`.
     Every nn.Linear is replaced, one at a time so that each float weight can be freed as soon as its
     quantized copy exists (peak memory stays near the float model's). Tied embeddings: the input embedding
     keeps its float weight (it is a lookup, not a matmul); only the LM head is quantized. A model is
     quantized once: quantizing it again is an error (its float weights are gone).
     """
-    _check_mode(mode, group_size)
+    _check_mode(mode, group_size, kernel)
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize takes a torch nn.Module, got {type(model).__name__}")
     if mode == "none":
@@ -205,13 +213,15 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int | None = None
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not names:
         raise ValueError("the model has no nn.Linear layer to quantize")
-    _check_device(model.get_submodule(names[0]).weight.device, mode)
+    device = model.get_submodule(names[0]).weight.device
+    _check_device(device, mode)
     # every layer is checked before any is replaced: an error leaves the model as it was
     if mode == "int4":
+        kernel = choose_int4_kernel(kernel, device, group_size or DEFAULT_INT4_GROUP_SIZE)
         for name in names:
             Int4WeightOnlyLinear.check_shape(model.get_submodule(name), group_size or DEFAULT_INT4_GROUP_SIZE, name)
     for name in names:
-        _replace_linear(model, name, mode, group_size)
+        _replace_linear(model, name, mode, group_size, kernel)
     model.quantization = mode
     return model
 
@@ -252,19 +262,35 @@ def unpack_int4_pairs(packed: torch.Tensor) -> torch.Tensor:
 class Int4WeightOnlyLinear(nn.Module):
     """y = x W^T (+ b) with W in 4 bits, asymmetric per group of `group_size` input columns.
 
-    Holds the kernel's packed weight (half a byte per weight), the bfloat16 scales and zeros as one
-    (K/g, N, 2) tensor (the layout both torch kernels take), and the bias if any. The product runs in
-    bfloat16; its output is cast back to the input's dtype. CPU: output rows are padded to a multiple of 16
-    (the CPU kernel's tile) and sliced off again. No state_dict entries: a quantized model is for inference.
+    Holds the kernel's packed weight (half a byte per weight), the group scales and zeros in the kernel's
+    layout, and the bias if any. The product runs on bfloat16 activations; its output is cast back to the
+    input's dtype. No state_dict entries: a quantized model is for inference.
+
+    `kernel` (chosen when quantizing, see `choose_int4_kernel`):
+    - "torch": torch's kernels, `torch._weight_int4pack_mm_for_cpu` on CPU, tinygemm's `_weight_int4pack_mm`
+      on CUDA; scales and zeros as one bfloat16 (K/g, N, 2) tensor. CPU: output rows padded to a multiple of
+      16 (the kernel's tile) and sliced off again.
+    - "avx512_bf16": neoxja's CPU kernel (`neoxja.int4_cpu`, AVX512-BF16, group sizes 64-256): weights in
+      tiles of 4 rows, float32 scales and offsets (N/4, K/g, 4, as int32 bits); float32-exact sums of the dequantized
+      weights times the bfloat16 activations. Under torch.compile it is the opaque op
+      `neoxja::int4_avx512_linear`.
     """
 
     ROW_CHUNK = 1024  # rows quantized and packed at a time; a multiple of the CPU packing's 64-row blocks
 
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
-                 in_features: int, out_features: int, group_size: int):
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                 bias: torch.Tensor | None, in_features: int, out_features: int, group_size: int,
+                 kernel: str = "torch"):
         super().__init__()
+        self.kernel = kernel
         self.register_buffer("packed", packed, persistent=False)
-        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)  # (K/g, N_padded, 2)
+        if kernel == "avx512_bf16":
+            scale, offset = scales_and_zeros
+            # (N/4, K/g, 4) float32 held as its bits in int32, so that model.to(dtype) leaves them as they are
+            self.register_buffer("scale", scale.view(torch.int32), persistent=False)
+            self.register_buffer("offset", offset.view(torch.int32), persistent=False)  # zero - 8 * scale
+        else:
+            self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)  # (K/g, N_padded, 2)
         self.register_buffer("bias", bias, persistent=False)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
 
@@ -280,19 +306,25 @@ class Int4WeightOnlyLinear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = DEFAULT_INT4_GROUP_SIZE,
-                   name: str = "linear layer") -> "Int4WeightOnlyLinear":
+                   name: str = "linear layer", kernel: str = "auto") -> "Int4WeightOnlyLinear":
         cls.check_shape(linear, group_size, name)
         weight = linear.weight.detach()
         device = weight.device
+        kernel = choose_int4_kernel(kernel, device, group_size)
         N, K = weight.shape
         pad = -N % 16 if device.type == "cpu" else 0
         if pad:
             weight = torch.cat([weight, weight.new_zeros(pad, K)])
         # rows in chunks: the float32 and int32 temporaries stay ~10-40 MB instead of several times the
-        # largest weight (the CPU packing works on row blocks of 64, so chunks of ROW_CHUNK rows pack alike)
+        # largest weight (the CPU packings work on row blocks of 64 and 4, so chunks of ROW_CHUNK rows pack alike)
         packed, scales_and_zeros = [], []
         for start in range(0, weight.shape[0], cls.ROW_CHUNK):
             q, scales, zeros = int4_group_params(weight[start:start + cls.ROW_CHUNK], group_size)
+            if kernel == "avx512_bf16":
+                chunk, scale, offset = int4_cpu.pack(q, scales, zeros)
+                packed.append(chunk)
+                scales_and_zeros.append((scale, offset))
+                continue
             scales_and_zeros.append(torch.stack([scales, zeros], dim=-1))  # (rows, K/g, 2)
             if device.type == "cuda":
                 packed.append(pack_int4_pairs(q))
@@ -300,15 +332,23 @@ class Int4WeightOnlyLinear(nn.Module):
                 packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
             del q, scales, zeros
         packed = torch.cat(packed)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        if kernel == "avx512_bf16":
+            scale, offset = (torch.cat(t) for t in zip(*scales_and_zeros))
+            return cls(packed, (scale, offset), bias, K, linear.out_features, group_size, kernel)
         if device.type == "cuda":
             packed = torch.ops.aten._convert_weight_to_int4pack(packed, 8)  # inner K tiles: 8
         scales_and_zeros = torch.cat(scales_and_zeros).transpose(0, 1).contiguous()  # (K/g, N, 2)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(packed, scales_and_zeros, bias, K, linear.out_features, group_size)
+        return cls(packed, scales_and_zeros, bias, K, linear.out_features, group_size, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
-        if self.packed.device.type == "cuda":
+        if self.kernel == "avx512_bf16":
+            if torch.compiler.is_compiling():
+                y = int4_cpu.linear_op(x2, self.packed, self.scale, self.offset, self.group_size)
+            else:
+                y = int4_cpu.linear(x2, self.packed, self.scale, self.offset, self.group_size)
+        elif self.packed.device.type == "cuda":
             y = torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
@@ -328,7 +368,32 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int4 weight-only, group_size={self.group_size}")
+                f"int4 weight-only, group_size={self.group_size}, kernel={self.kernel}")
+
+
+INT4_KERNELS = ("auto", "torch", "avx512_bf16")
+
+
+def choose_int4_kernel(kernel: str, device: torch.device | str, group_size: int) -> str:
+    """The int4 kernel `kernel` names, on `device`, for `group_size`: "auto" is neoxja's "avx512_bf16" where it
+    runs (a CPU with AVX512-BF16, a C compiler, groups of 64 or more), else torch's. Naming "avx512_bf16"
+    where it cannot run is an error that says why."""
+    if not isinstance(kernel, str) or kernel not in INT4_KERNELS:
+        raise ValueError(f"unknown int4 kernel {kernel!r}; expected one of {INT4_KERNELS}")
+    if kernel == "torch":
+        return kernel
+    device = torch.device(device)
+    if device.type != "cpu":
+        why = f"it runs on CPU, not on {device}"
+    elif group_size % int4_cpu.BLOCK:
+        why = f"it takes groups of a multiple of {int4_cpu.BLOCK} columns, not {group_size}"
+    else:
+        ok, why = int4_cpu.available()
+        if ok:
+            return "avx512_bf16"
+    if kernel == "auto":
+        return "torch"
+    raise ValueError(f"the int4 kernel 'avx512_bf16' cannot run here: {why}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -341,11 +406,11 @@ class LayerwiseQuantizer:
     float model never exists whole. `hook.finish(model)` after the last (and after tying embeddings)
     quantizes what is left: a tied LM head, whose weight is the float input embedding anyway."""
 
-    def __init__(self, mode: str, group_size: int | None = None):
-        _check_mode(mode, group_size)
+    def __init__(self, mode: str, group_size: int | None = None, kernel: str = "auto"):
+        _check_mode(mode, group_size, kernel)
         if mode == "none":
             raise ValueError("quantizing while loading needs a mode other than 'none'")
-        self.mode, self.group_size = mode, group_size
+        self.mode, self.group_size, self.kernel = mode, group_size, kernel
         self.peak_float_bytes = 0  # largest float weight held at once, for tests and reports
 
     def __call__(self, model: nn.Module, module_name: str) -> None:
@@ -356,19 +421,22 @@ class LayerwiseQuantizer:
             return  # tied: wait until the loader has tied it to the input embedding
         _check_device(module.weight.device, self.mode)
         self.peak_float_bytes = max(self.peak_float_bytes, module.weight.numel() * module.weight.element_size())
-        _replace_linear(model, module_name, self.mode, self.group_size)
+        if self.mode == "int4":  # chosen once, on the first layer's device
+            self.kernel = choose_int4_kernel(self.kernel, module.weight.device,
+                                             self.group_size or DEFAULT_INT4_GROUP_SIZE)
+        _replace_linear(model, module_name, self.mode, self.group_size, self.kernel)
 
     def finish(self, model: nn.Module) -> nn.Module:
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear):
                 _check_device(module.weight.device, self.mode)
-                _replace_linear(model, name, self.mode, self.group_size)
+                _replace_linear(model, name, self.mode, self.group_size, self.kernel)
         model.quantization = self.mode
         return model
 
 
 def load_quantized(name_or_path: str | os.PathLike, mode: str = "int4", group_size: int | None = None,
-                   dtype=None, device=None, **kwargs) -> nn.Module:
+                   dtype=None, device=None, kernel: str = "auto", **kwargs) -> nn.Module:
     """from_pretrained and quantize in one pass: each linear layer is quantized as soon as it is loaded.
 
     int4 computes in bfloat16, so its default dtype (for embeddings, norms and activations) is bfloat16;
@@ -376,7 +444,7 @@ def load_quantized(name_or_path: str | os.PathLike, mode: str = "int4", group_si
     from neoxja.checkpoint import load_pretrained
     from neoxja.model import GPTNeoXJapaneseForCausalLM
 
-    hook = LayerwiseQuantizer(mode, group_size)
+    hook = LayerwiseQuantizer(mode, group_size, kernel)
     if dtype is None:
         dtype = torch.bfloat16 if mode == "int4" else torch.float32
     return load_pretrained(GPTNeoXJapaneseForCausalLM, name_or_path, dtype=dtype, device=device,
