@@ -90,8 +90,7 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
         elif isinstance(module, Int8DynamicLinear):
             total += module.in_features * module.out_features  # int8: one byte per weight
         elif isinstance(module, Int4WeightOnlyLinear):
-            total += module.packed.numel() * module.packed.element_size()
-            total += module.scales_and_zeros.numel() * module.scales_and_zeros.element_size()
+            total += sum(b.numel() * b.element_size() for n, b in module.named_buffers() if n != "bias")
     return total
 
 
@@ -167,8 +166,9 @@ def time_in_products(model: torch.nn.Module, generate, new_tokens: int) -> tuple
 
 
 def build_side_by_side(args):
-    """Our float32 model, transformers' with the same weights, an int8 copy of ours and an int4 one (bfloat16
-    activations: torch's CPU int4 kernel is fast only with them)."""
+    """Our float32 model, transformers' with the same weights, an int8 copy of ours and two int4 ones (bfloat16
+    activations: torch's CPU int4 kernel is fast only with them): with the kernel `quantize` chooses ("auto":
+    neoxja's AVX512-BF16 kernel where it runs) and with torch's."""
     import copy
 
     import transformers
@@ -181,7 +181,9 @@ def build_side_by_side(args):
     ours_int8 = quantize(copy.deepcopy(ours), "int8")
     choose_linear_kernels(ours)  # the skinny-product kernels `neoxja generate` applies for batches
     ours_int4 = quantize(copy.deepcopy(ours).to(torch.bfloat16), "int4", group_size=args.group_size)
-    return ours, ref, ours_int8, ours_int4
+    ours_int4_torch = quantize(copy.deepcopy(ours).to(torch.bfloat16), "int4", group_size=args.group_size,
+                               kernel="torch")
+    return ours, ref, ours_int8, ours_int4, ours_int4_torch
 
 
 def ctranslate2_contenders(model, prompt, new: int, threads: int, workdir: Path) -> dict:
@@ -305,7 +307,9 @@ def run_side_by_side(args) -> int:
           f"quantized engine {torch.backends.quantized.engine}, CPU {torch.backends.cpu.get_cpu_capability()}, "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; {args.layers} layers, "
           f"prompt {args.prompt}, {args.new} new tokens, greedy; {args.rounds} rounds", flush=True)
-    ours, ref, ours_int8, ours_int4 = build_side_by_side(args)
+    ours, ref, ours_int8, ours_int4, ours_int4_torch = build_side_by_side(args)
+    int4_kernel = next(m.kernel for m in ours_int4.modules() if isinstance(m, Int4WeightOnlyLinear))
+    print(f"int4 kernel chosen by quantize(kernel='auto'): {int4_kernel}", flush=True)
     prompt = torch.randint(0, 31000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     batch_prompt = prompt.repeat(8, 1)
     new = args.new
@@ -347,9 +351,11 @@ def run_side_by_side(args) -> int:
             lambda **kw: ours_int8.generate(prompt, max_new_tokens=new, compile=True, **kw)), 1, ours_int8),
         "neoxja int4 batch 1": (lambda: clocks["neoxja int4 batch 1"].run(
             lambda **kw: ours_int4.generate(prompt, max_new_tokens=new, **kw)), 1, ours_int4),
+        "neoxja int4 torch-kernel batch 1": (lambda: clocks["neoxja int4 torch-kernel batch 1"].run(
+            lambda **kw: ours_int4_torch.generate(prompt, max_new_tokens=new, **kw)), 1, ours_int4_torch),
     }
     clocks = {"neoxja int8 batch 1": StepClock(), "neoxja int8 compiled batch 1": StepClock(),
-              "neoxja int4 batch 1": StepClock()}
+              "neoxja int4 batch 1": StepClock(), "neoxja int4 torch-kernel batch 1": StepClock()}
     decode_tok_s = {name: [] for name in clocks}
     for name, (run, path) in ct2.items():
         # weights per step: read the same matrices as ours at its precision (for the bandwidth fraction)
@@ -414,10 +420,16 @@ def run_side_by_side(args) -> int:
               f"the same generations, prefill and first token left out)")
     decode_ratio = statistics.median(x / y for x, y in zip(decode_tok_s["neoxja int4 batch 1"],
                                                             decode_tok_s["neoxja int8 batch 1"]))
-    print(f"(for information) int4 / int8 end to end, the {args.prompt}-token prefill included: "
-          f"{ratio('neoxja int4 batch 1', 'neoxja int8 batch 1'):.2f}x (torch's CPU int4 kernel takes time "
-          f"in proportion to the rows from ~4 rows on, so int4 prefill is slower than int8's)")
-    checks.append(("int4 >= 1.3x our int8 (decode steps)", decode_ratio, 1.3))
+    print(f"(for information) int4 ({int4_kernel} kernel) / int8 end to end, the {args.prompt}-token prefill "
+          f"included: {ratio('neoxja int4 batch 1', 'neoxja int8 batch 1'):.2f}x (the int4 kernels are slower "
+          f"than FBGEMM int8 on many rows, so int4 prefill is slower than int8's)")
+    torch_ratio = statistics.median(x / y for x, y in zip(decode_tok_s["neoxja int4 torch-kernel batch 1"],
+                                                          decode_tok_s["neoxja int8 batch 1"]))
+    print(f"(for information) int4 with torch's kernel / int8, decode steps: {torch_ratio:.2f}x; int4 "
+          f"({int4_kernel}) / int4 (torch's kernel), decode steps: " + "{:.2f}x".format(statistics.median(
+              x / y for x, y in zip(decode_tok_s["neoxja int4 batch 1"],
+                                    decode_tok_s["neoxja int4 torch-kernel batch 1"]))))
+    checks.append((f"int4 ({int4_kernel} kernel) >= 1.3x our int8 (decode steps)", decode_ratio, 1.3))
     # where a batch-1 token's time goes (one more generation each, linear layers timed in place)
     for name in ("neoxja float32 batch 1", "neoxja int8 batch 1", "neoxja int4 batch 1"):
         call, _, model = contenders[name]

@@ -203,7 +203,7 @@ def _main(argv: list[str] | None = None) -> int:
     import torch
 
     from neoxja.model import GPTNeoXJapaneseForCausalLM
-    from neoxja.quantization import load_quantized, quantize
+    from neoxja.quantization import Int4WeightOnlyLinear, load_quantized, quantize
     from neoxja.streaming import TextStreamer
     from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
 
@@ -306,9 +306,11 @@ def _main(argv: list[str] | None = None) -> int:
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         return _fail(f"--compile: torch.compile failed on this machine ({first.strip()}); run without --compile", 1)
     seconds = time.perf_counter() - t_gen
+    int4_note = "".join(sorted({f", int4 kernel {m.kernel}" for m in model.modules()
+                                if isinstance(m, Int4WeightOnlyLinear)}))
     print(f"prompt tokens {prompt_tokens}, new tokens {new_tokens}, {seconds:.2f} s, "
           f"{new_tokens / max(seconds, 1e-9):.1f} tokens/s (model loaded in {load_seconds:.2f} s), "
-          f"{str(dtype).removeprefix('torch.')} ({dtype_reason})"
+          f"{str(dtype).removeprefix('torch.')} ({dtype_reason}){int4_note}"
           f"{', compiled decode step (compiling counted in the time)' if args.compile else ''}", file=sys.stderr)
     return 0
 

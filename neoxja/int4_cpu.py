@@ -4,8 +4,8 @@ torch's int4 CPU kernel (`torch._weight_int4pack_mm_for_cpu`) is bound by its ow
 on the AVX512-BF16 EPYC it streamed 30-35 GB/s of packed weights where FBGEMM streams 40-47 GB/s of int8
 ones, so int4 decoded only 1.16-1.23x int8 (docs/quantization.md), and neither torch nor a wheel on PyPI
 ships a faster x86 int4 product. `csrc/int4_avx512_bf16.c` is that product: a nibble becomes a bfloat16 by
-one table lookup and `vdpbf16ps` multiplies 32 of them by 32 activations into float32 sums; scale and offset
-apply once per group. Its sums are float32-exact for the bfloat16 activations (the dequantized weights are
+one table lookup and `vdpbf16ps` multiplies 32 of them by 32 activations into float32 sums; the group's
+bfloat16 scale and zero apply once per group. Its sums are float32-exact for the bfloat16 activations (the dequantized weights are
 never rounded), unlike torch's kernel, which is within ~3e-3 of them.
 
 The C source is compiled on first use with the system's C compiler (`$CC`, else `cc`; the same compiler
@@ -83,13 +83,14 @@ def _library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     fn = lib.neoxja_int4_linear
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
     return lib
 
 
-def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q (N, K) in [0, 15], scales and zeros (N, K/G) (w = (q - 8) * scale + zero) -> the kernel's
-    (weights (N/4, K/2 * 4) uint8, scale (N/4, K/G, 4) float32, offset (N/4, K/G, 4) float32).
+def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (N, K) in [0, 15], bfloat16 scales and zeros (N, K/G) (w = (q - 8) * scale + zero) -> the kernel's
+    (weights (N/4, K/2 * 4) uint8, (scale, zero) pairs (N/4, K/G, 4, 2) as the int16 bits of bfloat16, so
+    that model.to(dtype) leaves them as they are).
 
     N must be a multiple of TILE_ROWS (pad the rows first) and G of BLOCK."""
     N, K = q.shape
@@ -97,34 +98,33 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[to
     q = q.to(torch.uint8).reshape(N // R, R, K // BLOCK, 2, BLOCK // 2)  # (tiles, R, blocks, halves, 32)
     packed = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # (tiles, R, blocks, 32): column j low, j + 32 high
     packed = packed.transpose(1, 2).reshape(N // R, K // 2 * R).contiguous()  # (tiles, blocks * R * 32)
-    scales = scales.float()
-    offset = zeros.float() - 8 * scales  # w = q * scale + offset
-
-    def tiled(t):  # (N, K/G) -> (N/R, K/G, R)
-        return t.reshape(N // R, R, -1).transpose(1, 2).contiguous()
-
-    return packed, tiled(scales), tiled(offset)
+    sz = torch.stack([scales.to(torch.bfloat16), zeros.to(torch.bfloat16)], dim=-1)  # (N, K/G, 2)
+    sz = sz.reshape(N // R, R, -1, 2).transpose(1, 2).contiguous()  # (tiles, K/G, R, 2)
+    return packed, sz.view(torch.int16)
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-           group_size: int) -> torch.Tensor:
-    """x (M, K) bfloat16 -> (M, N) float32, N = the packed (padded) row count. scale and offset: float32 or
-    their bits as int32 (how Int4WeightOnlyLinear holds them)."""
-    for name, t, dtypes in (("x", x, (torch.bfloat16,)), ("packed", packed, (torch.uint8,)),
-                            ("scale", scale, (torch.float32, torch.int32)),
-                            ("offset", offset, (torch.float32, torch.int32))):
-        if t.device.type != "cpu" or t.dtype not in dtypes:
-            raise ValueError(f"neoxja's int4 CPU kernel takes {name} as a CPU tensor of {dtypes[0]}, got "
+def linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x (M, K) bfloat16 -> (M, N) float32, N = the packed (padded) row count."""
+    for name, t, dtype in (("x", x, torch.bfloat16), ("packed", packed, torch.uint8),
+                           ("scales_and_zeros", scales_and_zeros, torch.int16)):
+        if t.device.type != "cpu" or t.dtype != dtype:
+            raise ValueError(f"neoxja's int4 CPU kernel takes {name} as a CPU tensor of {dtype}, got "
                              f"{t.dtype} on {t.device}")
+    if x.dim() != 2 or packed.dim() != 2 or group_size <= 0:
+        raise ValueError(f"neoxja's int4 CPU kernel takes x (M, K), packed (N/4, 2K) and a positive group size, "
+                         f"got {tuple(x.shape)}, {tuple(packed.shape)}, {group_size}")
     M, K = x.shape
-    if packed.shape[1] * 2 != K * TILE_ROWS or not (packed.is_contiguous() and scale.is_contiguous()
-                                                     and offset.is_contiguous()):
-        raise ValueError(f"x has {K} columns; the packed weight's shape {tuple(packed.shape)} does not match")
+    if packed.shape[1] * 2 != K * TILE_ROWS or not (packed.is_contiguous() and scales_and_zeros.is_contiguous()):
+        raise ValueError(f"x has {K} columns; the packed weight's shape {tuple(packed.shape)} does not match "
+                         f"(or a tensor is not contiguous)")
     N = packed.shape[0] * TILE_ROWS
+    if K % group_size or scales_and_zeros.numel() != 2 * N * (K // group_size):
+        raise ValueError(f"group_size {group_size} does not match the layout: {K} columns, "
+                         f"{scales_and_zeros.numel() // 2} scales for {N} rows")
     x = x.contiguous()
     y = torch.empty(M, N, dtype=torch.float32)
     if M:
-        rc = _library().neoxja_int4_linear(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), offset.data_ptr(),
+        rc = _library().neoxja_int4_linear(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(),
                                            y.data_ptr(), M, N, K, group_size, torch.get_num_threads())
         if rc:
             raise RuntimeError(f"neoxja_int4_linear refused M={M} N={N} K={K} group_size={group_size}")
@@ -132,12 +132,11 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: t
 
 
 @torch.library.custom_op("neoxja::int4_avx512_linear", mutates_args=())
-def linear_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-              group_size: int) -> torch.Tensor:
+def linear_op(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """`linear` as an opaque op, for compiled graphs (ctypes calls cannot be traced)."""
-    return linear(x, packed, scale, offset, group_size)
+    return linear(x, packed, scales_and_zeros, group_size)
 
 
 @linear_op.register_fake
-def _(x, packed, scale, offset, group_size):
+def _(x, packed, scales_and_zeros, group_size):
     return x.new_empty((x.shape[0], packed.shape[0] * TILE_ROWS), dtype=torch.float32)

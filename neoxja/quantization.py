@@ -271,26 +271,21 @@ class Int4WeightOnlyLinear(nn.Module):
       on CUDA; scales and zeros as one bfloat16 (K/g, N, 2) tensor. CPU: output rows padded to a multiple of
       16 (the kernel's tile) and sliced off again.
     - "avx512_bf16": neoxja's CPU kernel (`neoxja.int4_cpu`, AVX512-BF16, group sizes 64-256): weights in
-      tiles of 4 rows, float32 scales and offsets (N/4, K/g, 4, as int32 bits); float32-exact sums of the dequantized
-      weights times the bfloat16 activations. Under torch.compile it is the opaque op
+      tiles of 4 rows, the scale and zero pairs (N/4, K/g, 4, 2) as the int16 bits of bfloat16 (so that
+      model.to(dtype) leaves them); float32-exact sums of the dequantized weights times the bfloat16
+      activations, the same rows padding and slicing. Under torch.compile it is the opaque op
       `neoxja::int4_avx512_linear`.
     """
 
     ROW_CHUNK = 1024  # rows quantized and packed at a time; a multiple of the CPU packing's 64-row blocks
 
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
                  bias: torch.Tensor | None, in_features: int, out_features: int, group_size: int,
                  kernel: str = "torch"):
         super().__init__()
         self.kernel = kernel
         self.register_buffer("packed", packed, persistent=False)
-        if kernel == "avx512_bf16":
-            scale, offset = scales_and_zeros
-            # (N/4, K/g, 4) float32 held as its bits in int32, so that model.to(dtype) leaves them as they are
-            self.register_buffer("scale", scale.view(torch.int32), persistent=False)
-            self.register_buffer("offset", offset.view(torch.int32), persistent=False)  # zero - 8 * scale
-        else:
-            self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)  # (K/g, N_padded, 2)
+        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
 
@@ -321,9 +316,9 @@ class Int4WeightOnlyLinear(nn.Module):
         for start in range(0, weight.shape[0], cls.ROW_CHUNK):
             q, scales, zeros = int4_group_params(weight[start:start + cls.ROW_CHUNK], group_size)
             if kernel == "avx512_bf16":
-                chunk, scale, offset = int4_cpu.pack(q, scales, zeros)
+                chunk, sz = int4_cpu.pack(q, scales, zeros)
                 packed.append(chunk)
-                scales_and_zeros.append((scale, offset))
+                scales_and_zeros.append(sz)
                 continue
             scales_and_zeros.append(torch.stack([scales, zeros], dim=-1))  # (rows, K/g, 2)
             if device.type == "cuda":
@@ -334,8 +329,7 @@ class Int4WeightOnlyLinear(nn.Module):
         packed = torch.cat(packed)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         if kernel == "avx512_bf16":
-            scale, offset = (torch.cat(t) for t in zip(*scales_and_zeros))
-            return cls(packed, (scale, offset), bias, K, linear.out_features, group_size, kernel)
+            return cls(packed, torch.cat(scales_and_zeros), bias, K, linear.out_features, group_size, kernel)
         if device.type == "cuda":
             packed = torch.ops.aten._convert_weight_to_int4pack(packed, 8)  # inner K tiles: 8
         scales_and_zeros = torch.cat(scales_and_zeros).transpose(0, 1).contiguous()  # (K/g, N, 2)
@@ -345,9 +339,9 @@ class Int4WeightOnlyLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
         if self.kernel == "avx512_bf16":
             if torch.compiler.is_compiling():
-                y = int4_cpu.linear_op(x2, self.packed, self.scale, self.offset, self.group_size)
+                y = int4_cpu.linear_op(x2, self.packed, self.scales_and_zeros, self.group_size)
             else:
-                y = int4_cpu.linear(x2, self.packed, self.scale, self.offset, self.group_size)
+                y = int4_cpu.linear(x2, self.packed, self.scales_and_zeros, self.group_size)
         elif self.packed.device.type == "cuda":
             y = torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
         else:

@@ -1,7 +1,8 @@
 /* neoxja's int4 weight-only product for x86 CPUs with AVX512-BF16 (Zen 4, Cooper Lake, Sapphire Rapids).
 
    y (M, N) float32 = x (M, K) bfloat16 @ W^T, where W[n, k] = q[n, k] * scale[n, g] + offset[n, g],
-   q in [0, 15], g = k / G (offset = zero - 8 * scale in the tinygemm convention w = (q - 8) * scale + zero).
+   q in [0, 15], g = k / G, offset = zero - 8 * scale in float32 (the tinygemm convention
+   w = (q - 8) * scale + zero, with scale and zero in bfloat16).
 
    Why a kernel of our own: decoding reads every weight once per token, and torch's int4 CPU kernel is bound
    by its own unpacking, not by memory (docs/quantization.md). Here a nibble becomes a bfloat16 with one
@@ -12,7 +13,7 @@
    Layout (made by neoxja.int4_cpu.pack): rows in tiles of R = 4; a tile's bytes run over the 64-column
    blocks of K, and within a block over the tile's 4 rows, 32 bytes each: byte j holds column j of the block
    (low nibble) and column j + 32 (high nibble). So the weights stream through memory in one sequential pass.
-   scale and offset: float32, (N / R, K / G, R). N is a multiple of R, K of G, G of 64. */
+   sz: (scale, zero) pairs of bfloat16, (N / R, K / G, R, 2). N is a multiple of R, K of G, G of 64. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -35,6 +36,11 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
+static inline float scale_of(const uint16_t *sz, int j) { return bf16_to_float(sz[2 * j]); }
+static inline float offset_of(const uint16_t *sz, int j) {
+    return bf16_to_float(sz[2 * j + 1]) - 8.0f * bf16_to_float(sz[2 * j]);
+}
+
 /* one block of 64 columns of one row: (low 32 columns, high 32 columns) as bfloat16 */
 static inline void unpack_block(const uint8_t *p, __m512i table, __m512bh *lo, __m512bh *hi) {
     __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));  /* (32,) bytes as 16 bits */
@@ -43,8 +49,8 @@ static inline void unpack_block(const uint8_t *p, __m512i table, __m512bh *lo, _
 }
 
 /* one activation row against a tile of R weight rows: 2 * R independent sums hide vdpbf16ps's latency */
-static void tile_one_row(const uint16_t *x, const float *xsum, const uint8_t *tile, const float *scale,
-                         const float *offset, float *y, int K, int G) {
+static void tile_one_row(const uint16_t *x, const float *xsum, const uint8_t *tile, const uint16_t *sz,
+                         float *y, int K, int G) {
     const int ng = K / G, nb = G / 64;
     const __m512i table = nibble_table();
     __m512 tot[R];
@@ -67,8 +73,8 @@ static void tile_one_row(const uint16_t *x, const float *xsum, const uint8_t *ti
             }
         }
         for (int i = 0; i < R; i++) {
-            tot[i] = _mm512_fmadd_ps(_mm512_add_ps(a[i][0], a[i][1]), _mm512_set1_ps(scale[g * R + i]), tot[i]);
-            off[i] += offset[g * R + i] * xsum[g];
+            tot[i] = _mm512_fmadd_ps(_mm512_add_ps(a[i][0], a[i][1]), _mm512_set1_ps(scale_of(sz, g * R + i)), tot[i]);
+            off[i] += offset_of(sz, g * R + i) * xsum[g];
         }
     }
     for (int i = 0; i < R; i++) y[i] = _mm512_reduce_add_ps(tot[i]) + off[i];
@@ -78,7 +84,7 @@ static void tile_one_row(const uint16_t *x, const float *xsum, const uint8_t *ti
    each activation block loaded once for all R weight rows (R * mr sums in registers, their per-group
    totals in memory) */
 static inline __attribute__((always_inline)) void tile_rows(
-        const uint16_t *x, const float *xsum, const uint8_t *tile, const float *scale, const float *offset,
+        const uint16_t *x, const float *xsum, const uint8_t *tile, const uint16_t *sz,
         float *y, int K, int G, int N, const int mr) {
     const int ng = K / G, nb = G / 64;
     const __m512i table = nibble_table();
@@ -104,36 +110,36 @@ static inline __attribute__((always_inline)) void tile_rows(
             }
         }
         for (int i = 0; i < R; i++) {
-            const __m512 s = _mm512_set1_ps(scale[g * R + i]);
+            const __m512 s = _mm512_set1_ps(scale_of(sz, g * R + i));
             for (int m = 0; m < mr; m++) tot[i][m] = _mm512_fmadd_ps(a[i][m], s, tot[i][m]);
         }
     }
     for (int i = 0; i < R; i++)
         for (int m = 0; m < mr; m++) {
             float r = _mm512_reduce_add_ps(tot[i][m]);
-            for (int g = 0; g < ng; g++) r += offset[g * R + i] * xsum[(size_t)m * ng + g];
+            for (int g = 0; g < ng; g++) r += offset_of(sz, g * R + i) * xsum[(size_t)m * ng + g];
             y[(size_t)m * N + i] = r;
         }
 }
 
-static void tile_many_rows(const uint16_t *x, const float *xsum, const uint8_t *tile, const float *scale,
-                           const float *offset, float *y, int M, int N, int K, int G) {
+static void tile_many_rows(const uint16_t *x, const float *xsum, const uint8_t *tile, const uint16_t *sz,
+                           float *y, int M, int N, int K, int G) {
     const int ng = K / G;
     for (int m0 = 0; m0 < M; m0 += MR) {
         const uint16_t *xm = x + (size_t)m0 * K;
         const float *sm = xsum + (size_t)m0 * ng;
         float *ym = y + (size_t)m0 * N;
         switch (M - m0 < MR ? M - m0 : MR) {  /* constant row counts: the sums stay in registers */
-            case 1: tile_rows(xm, sm, tile, scale, offset, ym, K, G, N, 1); break;
-            case 2: tile_rows(xm, sm, tile, scale, offset, ym, K, G, N, 2); break;
-            case 3: tile_rows(xm, sm, tile, scale, offset, ym, K, G, N, 3); break;
-            default: tile_rows(xm, sm, tile, scale, offset, ym, K, G, N, MR); break;
+            case 1: tile_rows(xm, sm, tile, sz, ym, K, G, N, 1); break;
+            case 2: tile_rows(xm, sm, tile, sz, ym, K, G, N, 2); break;
+            case 3: tile_rows(xm, sm, tile, sz, ym, K, G, N, 3); break;
+            default: tile_rows(xm, sm, tile, sz, ym, K, G, N, MR); break;
         }
     }
 }
 
 /* Returns 0, or -1 when the shapes break the layout's rules or memory for the group sums is short. */
-int neoxja_int4_linear(const uint16_t *x, const uint8_t *qw, const float *scale, const float *offset, float *y,
+int neoxja_int4_linear(const uint16_t *x, const uint8_t *qw, const uint16_t *sz, float *y,
                        int M, int N, int K, int G, int nthreads) {
     if (M < 1 || N < R || N % R || G < 64 || G % 64 || K < G || K % G || nthreads < 1) return -1;
     const int ng = K / G;
@@ -149,11 +155,11 @@ int neoxja_int4_linear(const uint16_t *x, const uint8_t *qw, const float *scale,
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int t = 0; t < N / R; t++) {
         const uint8_t *tile = qw + t * tile_bytes;
-        const float *sc = scale + t * tile_groups, *of = offset + t * tile_groups;
+        const uint16_t *tsz = sz + 2 * t * tile_groups;
         if (M == 1)
-            tile_one_row(x, xsum, tile, sc, of, y + (size_t)t * R, K, G);
+            tile_one_row(x, xsum, tile, tsz, y + (size_t)t * R, K, G);
         else
-            tile_many_rows(x, xsum, tile, sc, of, y + (size_t)t * R, M, N, K, G);
+            tile_many_rows(x, xsum, tile, tsz, y + (size_t)t * R, M, N, K, G);
     }
     free(xsum);
     return 0;

@@ -1,0 +1,221 @@
+"""neoxja's int4 CPU kernel (neoxja/csrc/int4_avx512_bf16.c, AVX512-BF16): its sums against float64 ones of
+the dequantized weights, its choice by quantize(kernel="auto"), the model and the compiled step on it, and
+bad input. Where the CPU lacks AVX512-BF16 the tests that run the kernel skip, and the fallback tests say
+what such a machine gets."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from neoxja import int4_cpu
+from neoxja.config import GPTNeoXJapaneseConfig
+from neoxja.model import GPTNeoXJapaneseForCausalLM
+from neoxja.quantization import Int4WeightOnlyLinear, choose_int4_kernel, int4_group_params, quantize
+
+KERNEL_OK, KERNEL_WHY = int4_cpu.available()
+needs_kernel = pytest.mark.skipif(not KERNEL_OK, reason=f"neoxja's int4 kernel cannot run here: {KERNEL_WHY}")
+
+
+def dequantized(q, scales, zeros, group_size):
+    """W' = q * scale + offset in float64, offset = zero - 8 * scale in float32 (as the kernel computes it)."""
+    offset = (zeros.float() - 8 * scales.float()).double()
+    return (q.double() * scales.double().repeat_interleave(group_size, 1)
+            + offset.repeat_interleave(group_size, 1))
+
+
+@needs_kernel
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("K,N,G", [(64, 4, 64), (256, 20, 128), (640, 12, 128), (512, 8, 256), (384, 36, 64)])
+def test_kernel_sums_equal_float64_sums_of_the_dequantized_weights(M, K, N, G):
+    """Products of a bfloat16 activation and a nibble are exact in float32; only the float32 sums round:
+    |y - x W'^T| <= 1e-6 * sum_k |x_k| |W'_nk| is far inside that (K <= 640 terms, unit roundoff 6e-8)."""
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    W = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)
+    q, scales, zeros = int4_group_params(W, G)
+    packed, sz = int4_cpu.pack(q, scales, zeros)
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    y = int4_cpu.linear(x, packed, sz, G)
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    Wd = dequantized(q, scales, zeros, G)
+    exact = x.double() @ Wd.T
+    bound = 1e-6 * (x.double().abs() @ Wd.abs().T) + 1e-30
+    assert bool(((y.double() - exact).abs() <= bound).all()), float(((y.double() - exact).abs() / bound).max())
+
+
+@needs_kernel
+def test_the_opaque_op_equals_the_direct_call_and_has_a_fake():
+    g = torch.Generator().manual_seed(0)
+    q, scales, zeros = int4_group_params(torch.randn(8, 128, generator=g), 64)
+    packed, sz = int4_cpu.pack(q, scales, zeros)
+    x = torch.randn(3, 128, generator=g).to(torch.bfloat16)
+    assert torch.equal(int4_cpu.linear_op(x, packed, sz, 64), int4_cpu.linear(x, packed, sz, 64))
+    torch.library.opcheck(int4_cpu.linear_op, (x, packed, sz, 64))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+def test_module_on_the_kernel_matches_the_exact_product_and_torchs_kernel(bias):
+    """The layer (rows padded to 16, output sliced, cast back to the input's dtype, bias added): against the
+    float64 product of the bfloat16 input and the dequantized weight, within the float32 output's rounding;
+    against torch's int4 kernel on the same quantized weights, within that kernel's own error (it rounds the
+    dequantized weights to bfloat16: ~3e-3 of the largest output)."""
+    g = torch.Generator().manual_seed(int(bias))
+    linear = nn.Linear(256, 37, bias=bias)  # 37 rows: padded to 48
+    ours = Int4WeightOnlyLinear.from_float(linear, 64)
+    theirs = Int4WeightOnlyLinear.from_float(linear, 64, kernel="torch")
+    assert (ours.kernel, theirs.kernel) == ("avx512_bf16", "torch")
+    x = torch.randn(2, 5, 256, generator=g)
+    y = ours(x)
+    assert y.shape == (2, 5, 37) and y.dtype == torch.float32
+    q, scales, zeros = int4_group_params(linear.weight.detach(), 64)
+    exact = x.to(torch.bfloat16).double() @ dequantized(q, scales, zeros, 64).T
+    if bias:
+        exact = exact + linear.bias.detach().double()
+    assert torch.allclose(y.double(), exact, rtol=1e-5, atol=1e-5)
+    ref = theirs(x)
+    assert float((y - ref).abs().max()) <= 8e-3 * float(ref.abs().max())
+    # bfloat16 in, bfloat16 out; model.to(dtype) leaves the scales and zeros (held as int16 bits) alone
+    y16 = copy.deepcopy(ours).to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16
+    if not bias:  # the same float32 sums, rounded once (with a bias, it is added in bfloat16)
+        assert torch.equal(y16, y.to(torch.bfloat16))
+    assert torch.allclose(y16.float(), y, rtol=2**-7, atol=1e-2)
+
+
+def make_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=300, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+               tie_word_embeddings=False) | kw
+    return GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(**cfg)).eval()
+
+
+@needs_kernel
+def test_quantize_auto_takes_the_kernel_and_the_model_generates_what_torchs_kernel_nearly_does():
+    model = make_model().to(torch.bfloat16)
+    ours = quantize(copy.deepcopy(model), "int4", group_size=64)
+    theirs = quantize(copy.deepcopy(model), "int4", group_size=64, kernel="torch")
+    kernels = {m.kernel for m in ours.modules() if isinstance(m, Int4WeightOnlyLinear)}
+    assert kernels == {"avx512_bf16"} and "kernel=avx512_bf16" in repr(ours)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(ids).logits.float(), theirs(ids).logits.float()
+    assert float((a - b).norm() / b.norm()) < 0.03  # two roundings of one quantized model
+    out = ours.generate(ids, max_new_tokens=6)
+    assert out.shape == (2, 18) and torch.equal(out[:, :12], ids)
+
+
+@needs_kernel
+def test_compiled_decode_step_on_the_kernel_gives_eagers_tokens():
+    """Under torch.compile the product is the opaque op neoxja::int4_avx512_linear (ctypes cannot be
+    traced): the compiled step calls it (the profiler sees the op, which the eager path never dispatches)
+    and gives the eager step's greedy tokens."""
+    model = quantize(make_model(seed=1).to(torch.bfloat16), "int4", group_size=64)
+    ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        eager = model.generate(ids, max_new_tokens=8)
+    assert not [e for e in prof.events() if e.name == "neoxja::int4_avx512_linear"]
+    torch._dynamo.reset()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        compiled = model.generate(ids, max_new_tokens=8, compile=True)
+    assert torch.equal(compiled, eager)
+    assert [e for e in prof.events() if e.name == "neoxja::int4_avx512_linear"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the choice and bad input (these run on every machine)
+
+
+def test_kernel_choice_falls_back_to_torchs_where_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(int4_cpu, "available", lambda: (False, "this CPU (AVX2) has no AVX512-BF16"))
+    assert choose_int4_kernel("auto", "cpu", 128) == "torch"
+    with pytest.raises(ValueError, match=r"'avx512_bf16' cannot run here: this CPU \(AVX2\) has no AVX512-BF16"):
+        choose_int4_kernel("avx512_bf16", "cpu", 128)
+    model = quantize(make_model(), "int4", group_size=64)  # auto on such a machine: torch's kernel, working
+    assert {m.kernel for m in model.modules() if isinstance(m, Int4WeightOnlyLinear)} == {"torch"}
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_kernel_choice_rules_and_clear_errors(monkeypatch):
+    monkeypatch.setattr(int4_cpu, "available", lambda: (True, "this CPU has AVX512-BF16"))
+    assert choose_int4_kernel("auto", "cpu", 64) == "avx512_bf16"
+    assert choose_int4_kernel("auto", "cpu", 32) == "torch"  # groups of 32: only torch's kernel takes them
+    assert choose_int4_kernel("auto", "cuda", 128) == "torch"
+    assert choose_int4_kernel("torch", "cpu", 128) == "torch"
+    with pytest.raises(ValueError, match="groups of a multiple of 64 columns, not 32"):
+        choose_int4_kernel("avx512_bf16", "cpu", 32)
+    with pytest.raises(ValueError, match="it runs on CPU, not on cuda"):
+        choose_int4_kernel("avx512_bf16", "cuda", 128)
+    with pytest.raises(ValueError, match="unknown int4 kernel 'fast'"):
+        quantize(make_model(), "int4", kernel="fast")
+    with pytest.raises(ValueError, match="kernel='torch' applies to int4 only, not to 'int8'"):
+        quantize(make_model(), "int8", kernel="torch")
+    model = make_model()
+    with pytest.raises(ValueError, match="unknown int4 kernel"):
+        quantize(model, "int4", kernel=None)
+    assert not any(isinstance(m, Int4WeightOnlyLinear) for m in model.modules())  # nothing was replaced
+
+
+def test_no_compiler_or_a_failing_build_is_a_clear_reason_and_leaves_nothing(monkeypatch, tmp_path):
+    if not (getattr(torch.cpu, "_is_avx512_bf16_supported", None) and torch.cpu._is_avx512_bf16_supported()):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setenv("NEOXJA_KERNEL_CACHE", str(tmp_path))
+    int4_cpu._library.cache_clear()
+    try:
+        monkeypatch.setenv("CC", "no-such-compiler-neoxja")
+        ok, why = int4_cpu.available()
+        assert not ok and "no C compiler ('no-such-compiler-neoxja' is not on PATH)" in why
+        int4_cpu._library.cache_clear()
+        monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+        ok, why = int4_cpu.available()
+        assert not ok and "int4_avx512_bf16.c" in why and "failed" in why
+        assert list(tmp_path.iterdir()) == []  # no half-built library left to load later
+    finally:
+        int4_cpu._library.cache_clear()
+
+
+@needs_kernel
+def test_the_library_is_built_once_into_the_cache_and_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("NEOXJA_KERNEL_CACHE", str(tmp_path))
+    int4_cpu._library.cache_clear()
+    try:
+        int4_cpu._library()
+        built = list(tmp_path.iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"
+        stamp = built[0].stat().st_mtime_ns
+        int4_cpu._library.cache_clear()
+        int4_cpu._library()
+        assert list(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+    finally:
+        int4_cpu._library.cache_clear()
+
+
+@needs_kernel
+def test_kernel_refuses_what_would_read_out_of_bounds():
+    g = torch.Generator().manual_seed(0)
+    q, scales, zeros = int4_group_params(torch.randn(8, 128, generator=g), 64)
+    packed, sz = int4_cpu.pack(q, scales, zeros)
+    x = torch.randn(2, 128, generator=g)
+    with pytest.raises(ValueError, match="takes x as a CPU tensor of torch.bfloat16, got torch.float32"):
+        int4_cpu.linear(x, packed, sz, 64)
+    with pytest.raises(ValueError, match="x has 64 columns"):
+        int4_cpu.linear(x[:, :64].to(torch.bfloat16), packed, sz, 64)
+    with pytest.raises(ValueError, match="takes packed as a CPU tensor of torch.uint8"):
+        int4_cpu.linear(x.to(torch.bfloat16), packed.to(torch.int32), sz, 64)
+    for wrong in (32, 96, 128):  # group sizes the layout was not made with: fewer or more scales to read
+        with pytest.raises(ValueError, match=f"group_size {wrong} does not match the layout"):
+            int4_cpu.linear(x.to(torch.bfloat16), packed, sz, wrong)
+
+
+def test_source_ships_with_the_package():
+    assert int4_cpu.SOURCE.is_file() and "neoxja_int4_linear" in int4_cpu.SOURCE.read_text()
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "csrc/*.c" in pyproject["tool"]["setuptools"]["package-data"]["neoxja"]
+    assert os.path.basename(int4_cpu.SOURCE.parent) == "csrc"
