@@ -527,7 +527,8 @@ def int4_memory_row(args) -> int:
     from neoxja.quantization import load_quantized
 
     t = time.perf_counter()
-    model = load_quantized(args.int4_memory_row, "int4", group_size=args.group_size, dtype=torch.bfloat16)
+    model = load_quantized(args.int4_memory_row, "int4", group_size=args.group_size, dtype=torch.bfloat16,
+                           kernel=args.int4_kernel)
     load_seconds = time.perf_counter() - t
     gc.collect()
     load_peak, after_load = rss_gib("VmHWM"), rss_gib("VmRSS")
@@ -555,7 +556,8 @@ def run_int4_memory(args) -> int:
                                         args.layers)
     size = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     cmd = [sys.executable, __file__, "--int4-memory-row", str(directory), "--layers", str(args.layers),
-           "--prompt", str(args.prompt), "--new", str(args.new), "--group-size", str(args.group_size)]
+           "--prompt", str(args.prompt), "--new", str(args.new), "--group-size", str(args.group_size),
+           "--int4-kernel", args.int4_kernel]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     if proc.returncode != 0 or not lines:
@@ -589,6 +591,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-batch", action="store_true", help="skip the batch-8 measurements")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for both sides (default: torch's choice)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    p.add_argument("--int4-kernel", choices=("auto", "torch", "avx512_bf16"), default="auto",
+                   help="--int4-memory: the int4 kernel (default auto: what quantize chooses here)")
     p.add_argument("--no-ctranslate2", action="store_true", help="skip the CTranslate2 contenders")
     p.add_argument("--workdir", help="where exports and checkpoints go (default: a temporary directory)")
     p.add_argument("--int4-memory", action="store_true",

@@ -312,14 +312,20 @@ class Int4WeightOnlyLinear(nn.Module):
             weight = torch.cat([weight, weight.new_zeros(pad, K)])
         # rows in chunks: the float32 and int32 temporaries stay ~10-40 MB instead of several times the
         # largest weight (the CPU packings work on row blocks of 64 and 4, so chunks of ROW_CHUNK rows pack alike)
+        chunks = range(0, weight.shape[0], cls.ROW_CHUNK)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        if kernel == "avx512_bf16":  # written into the final tensors chunk by chunk: no concatenated copy
+            R = int4_cpu.TILE_ROWS
+            packed = torch.empty(weight.shape[0] // R, K // 2 * R, dtype=torch.uint8)
+            scales_and_zeros = torch.empty(weight.shape[0] // R, K // group_size, R, 2, dtype=torch.int16)
+            for start in chunks:
+                q, scales, zeros = int4_group_params(weight[start:start + cls.ROW_CHUNK], group_size)
+                tiles = slice(start // R, (start + q.shape[0]) // R)
+                packed[tiles], scales_and_zeros[tiles] = int4_cpu.pack(q, scales, zeros)
+            return cls(packed, scales_and_zeros, bias, K, linear.out_features, group_size, kernel)
         packed, scales_and_zeros = [], []
-        for start in range(0, weight.shape[0], cls.ROW_CHUNK):
+        for start in chunks:
             q, scales, zeros = int4_group_params(weight[start:start + cls.ROW_CHUNK], group_size)
-            if kernel == "avx512_bf16":
-                chunk, sz = int4_cpu.pack(q, scales, zeros)
-                packed.append(chunk)
-                scales_and_zeros.append(sz)
-                continue
             scales_and_zeros.append(torch.stack([scales, zeros], dim=-1))  # (rows, K/g, 2)
             if device.type == "cuda":
                 packed.append(pack_int4_pairs(q))
@@ -327,9 +333,6 @@ class Int4WeightOnlyLinear(nn.Module):
                 packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
             del q, scales, zeros
         packed = torch.cat(packed)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        if kernel == "avx512_bf16":
-            return cls(packed, torch.cat(scales_and_zeros), bias, K, linear.out_features, group_size, kernel)
         if device.type == "cuda":
             packed = torch.ops.aten._convert_weight_to_int4pack(packed, 8)  # inner K tiles: 8
         scales_and_zeros = torch.cat(scales_and_zeros).transpose(0, 1).contiguous()  # (K/g, N, 2)

@@ -219,3 +219,17 @@ def test_source_ships_with_the_package():
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert "csrc/*.c" in pyproject["tool"]["setuptools"]["package-data"]["neoxja"]
     assert os.path.basename(int4_cpu.SOURCE.parent) == "csrc"
+
+
+@needs_kernel
+def test_packing_in_row_chunks_equals_packing_at_once(monkeypatch):
+    """from_float writes ROW_CHUNK rows at a time into the kernel's tensors; the result must be the packing of
+    the whole matrix at once, also when the rows do not fill the last chunk (1037 rows: padded to 1040)."""
+    linear = nn.Linear(128, 1037, bias=False)
+    whole = Int4WeightOnlyLinear.from_float(linear, 64, kernel="avx512_bf16")
+    monkeypatch.setattr(Int4WeightOnlyLinear, "ROW_CHUNK", 128)
+    chunked = Int4WeightOnlyLinear.from_float(linear, 64, kernel="avx512_bf16")
+    W = torch.cat([linear.weight.detach(), torch.zeros(3, 128)])
+    packed, sz = int4_cpu.pack(*int4_group_params(W, 64))
+    assert torch.equal(whole.packed, packed) and torch.equal(whole.scales_and_zeros, sz)
+    assert torch.equal(chunked.packed, packed) and torch.equal(chunked.scales_and_zeros, sz)
