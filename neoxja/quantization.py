@@ -18,9 +18,13 @@ FBGEMM runs on CPU only; a model on another device is refused with a clear error
 `quantize(model, "int4", group_size=128)` replaces every `nn.Linear` with an `Int4WeightOnlyLinear`: weights
 as 4-bit integers, asymmetric, one bfloat16 scale and zero per group of `group_size` input columns of a row
 (gpt-fast's and torchao's int4 weight-only scheme); activations stay float and go through the kernel in
-bfloat16. The kernel is the one torch ships: `torch._weight_int4pack_mm_for_cpu` on CPU, the tinygemm
-`torch._weight_int4pack_mm` on CUDA. torchao's int4 weight-only layout for CPU calls the same CPU kernel,
-and its PyPI wheel carries no other x86 kernel, so it would add a dependency and no speed.
+bfloat16. Two kernels (`kernel=`, chosen once when quantizing; "auto" by default):
+- "avx512_bf16", neoxja's own (`neoxja.int4_cpu`, C built on first use), where the CPU has AVX512-BF16 and
+  the groups hold 64 or more columns: torch's CPU kernel is bound by its own unpacking, and ours streams the
+  weights fast enough for int4 to decode ~1.5x int8 (docs/quantization.md);
+- "torch", the kernels torch ships: `torch._weight_int4pack_mm_for_cpu` on CPU, the tinygemm
+  `torch._weight_int4pack_mm` on CUDA, and wherever ours cannot run. torchao's int4 weight-only layout for
+  CPU calls the same CPU kernel, and its PyPI wheel carries no other x86 kernel.
 
 `load_quantized(path, "int4")` quantizes while loading, one linear layer at a time, so that a float copy of
 the whole model never exists (the 2.7B model is ~1.5 GB in int4 and 10.8 GB in float32).
