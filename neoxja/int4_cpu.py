@@ -5,13 +5,17 @@ on the AVX512-BF16 EPYC it streamed 30-35 GB/s of packed weights where FBGEMM st
 ones, so int4 decoded only 1.16-1.23x int8 (docs/quantization.md), and neither torch nor a wheel on PyPI
 ships a faster x86 int4 product. `csrc/int4_avx512_bf16.c` is that product: a nibble becomes a bfloat16 by
 one table lookup and `vdpbf16ps` multiplies 32 of them by 32 activations into float32 sums; the group's
-bfloat16 scale and zero apply once per group. Its sums are float32-exact for the bfloat16 activations (the dequantized weights are
-never rounded), unlike torch's kernel, which is within ~3e-3 of them.
+bfloat16 scale multiplies each group's sum once, and its offset (zero - 8 * scale) enters through the
+group's sum of the activations. The products are exact and only float32 sums round (torch's kernel rounds
+the dequantized weights to bfloat16, ~3e-3 of the largest output).
 
-The C source is compiled on first use with the system's C compiler (`$CC`, else `cc`; the same compiler
-torch.compile's inductor needs) into `$NEOXJA_KERNEL_CACHE` (default `~/.cache/neoxja/kernels`), named by a
-hash of the source, the flags and the compiler's version, and loaded with ctypes. It links OpenMP
-(`libgomp.so.1`, the runtime torch already loaded) and runs on torch's thread count.
+The C source is compiled on first use with the system's C compiler (`$CC`, which may carry arguments, else
+`cc`) into `$NEOXJA_BUILD_CACHE` (default `$XDG_CACHE_HOME/neoxja/build`, `~/.cache` by default), named by a
+hash of the source, the flags and the compiler's version, and loaded with ctypes; a cached library that does
+not load is rebuilt once. A failed build is remembered for the process. It links OpenMP (`libgomp.so.1`:
+with GCC and torch's wheels, the runtime torch has already loaded; a second OpenMP runtime in the process is
+warned about) and runs on torch's thread count. Its custom op for compiled graphs
+(`neoxja::int4_avx512_linear`) is registered on first use, not at import.
 
 `available()` says whether it can run here and why not; `neoxja.quantization` uses it for
 `quantize(model, "int4", kernel="auto")`. Imports nothing of neoxja's.
@@ -23,67 +27,120 @@ import ctypes
 import functools
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["available", "pack", "linear", "TILE_ROWS", "BLOCK"]
+__all__ = ["available", "cpu_supported", "pack", "linear", "linear_op", "TILE_ROWS", "BLOCK"]
 
 SOURCE = Path(__file__).with_name("csrc") / "int4_avx512_bf16.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-shared", "-fPIC")
 TILE_ROWS = 4  # R in the C source: weight rows per tile
 BLOCK = 64  # columns per block: a group holds whole blocks
+_INT_MAX = 2**31 - 1  # the C kernel's int arguments
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc"))
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("NEOXJA_KERNEL_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "neoxja" / "kernels"
+def cpu_supported() -> bool:
+    """Whether this CPU has AVX512-BF16 (torch's own check), which the kernel's instructions need."""
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check is not None and check())
 
 
 def available() -> tuple[bool, str]:
-    """(whether the kernel can run on this machine, why not). Compiles it on the first call that can."""
-    if not (getattr(torch.cpu, "_is_avx512_bf16_supported", None) and torch.cpu._is_avx512_bf16_supported()):
-        return False, f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no AVX512-BF16"
+    """(whether the kernel can run on this machine, why not). Builds it on the first call that can."""
     try:
         _library()
-    except (OSError, RuntimeError) as e:
+    except RuntimeError as e:
         return False, str(e)
     return True, "this CPU has AVX512-BF16"
 
 
-@functools.cache
-def _library() -> ctypes.CDLL:
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')!r} is not on PATH) to build {SOURCE.name}")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + repr(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    path = _cache_dir() / f"int4_avx512_bf16-{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # built aside, renamed in one step
-        os.close(fd)
-        try:
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"building {SOURCE} with {cc} failed:\n{done.stderr.strip()}")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+def _compiler() -> list[str]:
+    cc = shlex.split(os.environ.get("CC") or "cc")
+    found = shutil.which(cc[0]) if cc else None
+    if found is None:
+        raise RuntimeError(f"no C compiler ({os.environ.get('CC') or 'cc'!r} is not on PATH) to build {SOURCE.name}")
+    return [found, *cc[1:]]
+
+
+def _build_dir() -> Path:
+    explicit = os.environ.get("NEOXJA_BUILD_CACHE")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    root = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"  # the XDG rule: relative is unset
+    return root / "neoxja" / "build"
+
+
+def _build(cc: list[str], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=path.parent)  # built aside, renamed in one step
+    os.close(fd)
+    try:
+        done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"building {SOURCE} with {shlex.join(cc)} failed:\n{done.stderr.strip()}")
+        os.chmod(tmp, 0o755)  # mkstemp made it 0600: readable by everyone sharing the cache
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    fn = lib.neoxja_int4_linear
+    fn = lib.neoxja_int4_linear  # AttributeError: not our library
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+    return lib
+
+
+def _warn_if_two_openmp_runtimes() -> None:
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return
+    runtimes = {line.split()[-1] for line in maps.splitlines()
+                if any(name in line.rsplit("/", 1)[-1] for name in ("libgomp", "libomp", "libiomp"))}
+    if len(runtimes) > 1:
+        warnings.warn(f"neoxja's int4 kernel: two OpenMP runtimes in this process ({', '.join(sorted(runtimes))}); "
+                      f"their thread pools may compete for the cores", RuntimeWarning, stacklevel=3)
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | RuntimeError:
+    """The library, or the reason it cannot be had (remembered: a failed build is not retried per call)."""
+    if not cpu_supported():
+        return RuntimeError(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no AVX512-BF16")
+    try:
+        cc = _compiler()
+        version = subprocess.run([cc[0], "--version"], capture_output=True, text=True).stdout
+        key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, FLAGS)).encode() + version.encode()).hexdigest()[:16]
+        path = _build_dir() / f"int4_avx512_bf16-{key}.so"
+        if not path.exists():
+            _build(cc, path)
+        try:
+            lib = _open(path)
+        except (OSError, AttributeError):  # a truncated or foreign file under our name: build it again, once
+            _build(cc, path)
+            lib = _open(path)
+    except RuntimeError as e:
+        return e
+    except (OSError, AttributeError) as e:
+        return RuntimeError(f"cannot build or load {SOURCE.name}: {e}")
+    _warn_if_two_openmp_runtimes()
+    return lib
+
+
+def _library() -> ctypes.CDLL:
+    lib = _load()
+    if isinstance(lib, RuntimeError):
+        raise RuntimeError(str(lib))
     return lib
 
 
@@ -92,9 +149,18 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[to
     (weights (N/4, K/2 * 4) uint8, (scale, zero) pairs (N/4, K/G, 4, 2) as the int16 bits of bfloat16, so
     that model.to(dtype) leaves them as they are).
 
-    N must be a multiple of TILE_ROWS (pad the rows first) and G of BLOCK."""
+    N must be a multiple of TILE_ROWS (pad the rows first), K of G and G of BLOCK."""
+    if q.dim() != 2 or scales.shape != zeros.shape or scales.dim() != 2 or scales.shape[0] != q.shape[0]:
+        raise ValueError(f"pack takes q (N, K) and scales and zeros (N, K/G), got {tuple(q.shape)}, "
+                         f"{tuple(scales.shape)}, {tuple(zeros.shape)}")
     N, K = q.shape
     R = TILE_ROWS
+    groups = scales.shape[1]
+    if N % R or groups == 0 or K % groups or (K // groups) % BLOCK:
+        raise ValueError(f"pack needs rows in multiples of {R} and groups of a multiple of {BLOCK} columns, got "
+                         f"{N} rows, {K} columns in {groups} groups")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+        raise ValueError(f"q must hold 4-bit values in [0, 15], got [{int(q.min())}, {int(q.max())}]")
     q = q.to(torch.uint8).reshape(N // R, R, K // BLOCK, 2, BLOCK // 2)  # (tiles, R, blocks, halves, 32)
     packed = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # (tiles, R, blocks, 32): column j low, j + 32 high
     packed = packed.transpose(1, 2).reshape(N // R, K // 2 * R).contiguous()  # (tiles, blocks * R * 32)
@@ -104,12 +170,15 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[to
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x (M, K) bfloat16 -> (M, N) float32, N = the packed (padded) row count."""
+    """x (M, K) bfloat16 -> (M, N) float32 on the CPU, N = the packed (padded) row count. Everything the C
+    kernel relies on is checked here first, so that no call reads or writes out of bounds."""
     for name, t, dtype in (("x", x, torch.bfloat16), ("packed", packed, torch.uint8),
                            ("scales_and_zeros", scales_and_zeros, torch.int16)):
         if t.device.type != "cpu" or t.dtype != dtype:
-            raise ValueError(f"neoxja's int4 CPU kernel takes {name} as a CPU tensor of {dtype}, got "
-                             f"{t.dtype} on {t.device}")
+            raise ValueError(f"neoxja's int4 CPU kernel takes {name} as a CPU tensor of {dtype}, got {t.dtype} on "
+                             f"{t.device}" + ("; an int4 layer quantized for this kernel runs on the CPU only: "
+                                              "quantize the float model on that device instead"
+                                              if t.device.type != "cpu" else ""))
     if x.dim() != 2 or packed.dim() != 2 or group_size <= 0:
         raise ValueError(f"neoxja's int4 CPU kernel takes x (M, K), packed (N/4, 2K) and a positive group size, "
                          f"got {tuple(x.shape)}, {tuple(packed.shape)}, {group_size}")
@@ -121,22 +190,36 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor
     if K % group_size or scales_and_zeros.numel() != 2 * N * (K // group_size):
         raise ValueError(f"group_size {group_size} does not match the layout: {K} columns, "
                          f"{scales_and_zeros.numel() // 2} scales for {N} rows")
-    x = x.contiguous()
-    y = torch.empty(M, N, dtype=torch.float32)
-    if M:
+    if max(M, N, K) > _INT_MAX:
+        raise ValueError(f"neoxja's int4 CPU kernel takes at most {_INT_MAX} rows or columns, got M={M} N={N} K={K}")
+    x = x.contiguous().resolve_neg().resolve_conj()
+    y = torch.empty(M, N, dtype=torch.float32, device="cpu")  # not the default device, whatever it is
+    if M and N:
         rc = _library().neoxja_int4_linear(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(),
                                            y.data_ptr(), M, N, K, group_size, torch.get_num_threads())
         if rc:
-            raise RuntimeError(f"neoxja_int4_linear refused M={M} N={N} K={K} group_size={group_size}")
+            raise RuntimeError(f"neoxja_int4_linear refused M={M} N={N} K={K} group_size={group_size} (it takes "
+                               f"groups of a multiple of {BLOCK} columns), or its memory for the group sums ran out")
     return y
 
 
-@torch.library.custom_op("neoxja::int4_avx512_linear", mutates_args=())
-def linear_op(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """`linear` as an opaque op, for compiled graphs (ctypes calls cannot be traced)."""
-    return linear(x, packed, scales_and_zeros, group_size)
+_linear_op = None  # the custom op, once registered
 
 
-@linear_op.register_fake
-def _(x, packed, scales_and_zeros, group_size):
-    return x.new_empty((x.shape[0], packed.shape[0] * TILE_ROWS), dtype=torch.float32)
+def linear_op():
+    """`linear` as the custom op neoxja::int4_avx512_linear(x, packed, scales_and_zeros, group_size), opaque to
+    torch.compile (a ctypes call cannot be traced). Registered on first use, not at import: the quantized
+    layer registers it when it is made (registering cannot happen while dynamo traces)."""
+    global _linear_op
+    if _linear_op is None:
+        @torch.library.custom_op("neoxja::int4_avx512_linear", mutates_args=())
+        def int4_avx512_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                               group_size: int) -> torch.Tensor:
+            return linear(x, packed, scales_and_zeros, group_size)
+
+        @int4_avx512_linear.register_fake
+        def _(x, packed, scales_and_zeros, group_size):
+            return x.new_empty((x.shape[0], packed.shape[0] * TILE_ROWS), dtype=torch.float32)
+
+        _linear_op = int4_avx512_linear
+    return _linear_op

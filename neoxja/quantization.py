@@ -272,7 +272,8 @@ class Int4WeightOnlyLinear(nn.Module):
 
     `kernel` (chosen when quantizing, see `choose_int4_kernel`):
     - "torch": torch's kernels, `torch._weight_int4pack_mm_for_cpu` on CPU, tinygemm's `_weight_int4pack_mm`
-      on CUDA; scales and zeros as one bfloat16 (K/g, N, 2) tensor. CPU: output rows padded to a multiple of
+      on CUDA; scales and zeros as one bfloat16 (K/g, N, 2) tensor (held as int16 bits, so that model.to(dtype)
+      leaves them alone). CPU: output rows padded to a multiple of
       16 (the kernel's tile) and sliced off again.
     - "avx512_bf16": neoxja's CPU kernel (`neoxja.int4_cpu`, AVX512-BF16, group sizes 64-256): weights in
       tiles of 4 rows, the scale and zero pairs (N/4, K/g, 4, 2) as the int16 bits of bfloat16 (so that
@@ -288,8 +289,11 @@ class Int4WeightOnlyLinear(nn.Module):
                  kernel: str = "torch"):
         super().__init__()
         self.kernel = kernel
+        if kernel == "avx512_bf16":
+            int4_cpu.linear_op()  # registered now: registering cannot happen while dynamo traces
         self.register_buffer("packed", packed, persistent=False)
-        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+        # bfloat16 (scale, zero) pairs held as their int16 bits, so that model.to(dtype) leaves them alone
+        self.register_buffer("scales_and_zeros", scales_and_zeros.view(torch.int16), persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
 
@@ -320,8 +324,9 @@ class Int4WeightOnlyLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         if kernel == "avx512_bf16":  # written into the final tensors chunk by chunk: no concatenated copy
             R = int4_cpu.TILE_ROWS
-            packed = torch.empty(weight.shape[0] // R, K // 2 * R, dtype=torch.uint8)
-            scales_and_zeros = torch.empty(weight.shape[0] // R, K // group_size, R, 2, dtype=torch.int16)
+            packed = torch.empty(weight.shape[0] // R, K // 2 * R, dtype=torch.uint8, device=device)
+            scales_and_zeros = torch.empty(weight.shape[0] // R, K // group_size, R, 2, dtype=torch.int16,
+                                           device=device)
             for start in chunks:
                 q, scales, zeros = int4_group_params(weight[start:start + cls.ROW_CHUNK], group_size)
                 tiles = slice(start // R, (start + q.shape[0]) // R)
@@ -346,13 +351,14 @@ class Int4WeightOnlyLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
         if self.kernel == "avx512_bf16":
             if torch.compiler.is_compiling():
-                y = int4_cpu.linear_op(x2, self.packed, self.scales_and_zeros, self.group_size)
+                y = int4_cpu.linear_op()(x2, self.packed, self.scales_and_zeros, self.group_size)
             else:
                 y = int4_cpu.linear(x2, self.packed, self.scales_and_zeros, self.group_size)
         elif self.packed.device.type == "cuda":
-            y = torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
+            y = torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros.view(torch.bfloat16))
         else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
+                                                  self.scales_and_zeros.view(torch.bfloat16))
         y = y[:, :self.out_features].to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
@@ -360,10 +366,10 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight the int4 one stands for, (out, in), computed through the kernel (x = identity)."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        eye = torch.eye(self.in_features, device=self.packed.device)  # exact in bfloat16; float32 out
         bias, self.bias = self.bias, None
         try:
-            return self(eye).float().T.contiguous()  # the kernel's float32 accumulation of one term each
+            return self(eye).T.contiguous()  # one term each: the kernel's dequantized weight
         finally:
             self.bias = bias
 
@@ -392,6 +398,9 @@ def choose_int4_kernel(kernel: str, device: torch.device | str, group_size: int)
         ok, why = int4_cpu.available()
         if ok:
             return "avx512_bf16"
+        if int4_cpu.cpu_supported() and kernel == "auto":  # a CPU it is for, where it could not be built
+            warnings.warn(f"neoxja's int4 kernel for this CPU is unavailable ({why}); using torch's int4 kernel, "
+                          f"which decodes slower here", RuntimeWarning, stacklevel=3)
     if kernel == "auto":
         return "torch"
     raise ValueError(f"the int4 kernel 'avx512_bf16' cannot run here: {why}")
