@@ -214,3 +214,24 @@ def test_compiled_generate_uses_the_packed_kernel_with_its_blocked_copy(monkeypa
     assert torch.equal(compiled, eager)
     assert head_calls.count(1) >= 11  # the prefill's head call, then one per compiled decode step
     assert (id(model.embed_out.weight), torch.float32) in kernels._BLOCKED
+
+
+def test_compiled_bfloat16_step_gives_the_eager_tokens_past_the_first_few():
+    """A cast to bfloat16 inside a fused kernel must round there, as the eager op does (inductor's
+    emulate_precision_casts, in DECODE_COMPILE_OPTIONS): without it this model's compiled greedy tokens left
+    the eager ones at token 23 (checked), on both int4 kernels as on plain bfloat16."""
+    from neoxja import int4_cpu
+    from neoxja.config import GPTNeoXJapaneseConfig
+    from neoxja.quantization import quantize
+
+    torch.manual_seed(3)
+    cfg = GPTNeoXJapaneseConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                tie_word_embeddings=False)
+    model = GPTNeoXJapaneseForCausalLM(cfg).eval().to(torch.bfloat16)
+    ids = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(3))
+    eager = model.generate(ids, max_new_tokens=40)
+    assert torch.equal(model.generate(ids, max_new_tokens=40, compile=True), eager)
+    kernel = "avx512_bf16" if int4_cpu.cpu_supported() else "torch"  # the kernel `auto` takes here
+    quantize(model, "int4", group_size=64, kernel=kernel)
+    eager = model.generate(ids, max_new_tokens=40)
+    assert torch.equal(model.generate(ids, max_new_tokens=40, compile=True), eager)
