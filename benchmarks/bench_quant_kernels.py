@@ -10,7 +10,7 @@ Kernels: float32 and bfloat16 F.linear; FBGEMM int8 (`torch.ops.quantized.linear
 weights, activations quantized per call); `torch._weight_int8pack_mm` (weight-only int8, bfloat16
 activations); torch's CPU int4 kernel `torch._weight_int4pack_mm_for_cpu` at group sizes 32, 128, 256
 (bfloat16 activations; with float32 activations it is tens of times slower); neoxja's own int4 kernel
-(`neoxja.int4_cpu`, AVX512-BF16, what `quantize(model, "int4")` chooses where it runs) at groups 128 and 256;
+(`neoxja.native`, AVX512-BF16, what `quantize(model, "int4")` chooses where it runs) at groups 128 and 256;
 with --compile, inductor's
 code for gpt-fast's weight-only int8 linear (F.linear(x, w.to(x.dtype)) * scales), with freezing on.
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from neoxja import int4_cpu  # noqa: E402
+from neoxja import native  # noqa: E402
 from neoxja.quantization import Int4WeightOnlyLinear, Int8DynamicLinear  # noqa: E402
 
 from _cpu import cpu_flags  # noqa: E402  (benchmarks/ is the script's directory)
@@ -65,7 +65,7 @@ def kernels(args) -> dict:
     for gs in (32, 128, 256):
         int4 = [Int4WeightOnlyLinear.from_float(m, gs, kernel="torch") for m in linears]
         out[f"int4 group {gs}"] = lambda int4=int4: [q(x16[q.in_features]) for q in int4]
-    ok, why = int4_cpu.available()
+    ok, why = native.available()
     if ok:
         for gs in (128, 256):
             int4 = [Int4WeightOnlyLinear.from_float(m, gs, kernel="avx512_bf16") for m in linears]

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neoxja import native
+
 __all__ = ["SkinnyLinear", "blocked_copy", "release_blocked_copies", "choose_linear_kernels", "restore_linear",
            "measure_plan", "KERNELS", "ROW_GRID", "onednn_dtypes"]
 
@@ -49,8 +51,8 @@ SLICE = 16  # weight rows per batched product of the bmm kernel
 MEASURE_ROWS = 4096  # output rows timed at most: a taller weight is timed on its first 4096 rows (a view),
                      # which ranks the kernels as the whole does (each streams the rows alike) at a fraction
                      # of the cost (the 2.7B LM head has 32000)
-CACHE_VERSION = 5  # 2: the "packed" kernel; 3: medians of calls read from memory; 4: the "mv" kernel;
-                   # 5: timed in runs of BLOCK calls
+CACHE_VERSION = 6  # 2: the "packed" kernel; 3: medians of calls read from memory; 4: the "mv" kernel;
+                   # 5: timed in runs of BLOCK calls; 6: the "gemv" kernel
 WORKING_SET_CAP = 1 << 30  # bytes of weight copies measure_plan rotates over at most (and an eighth of memory)
 BLOCK = 2  # consecutive calls of one kernel per timed sample (measure_plan)
 PACK_HINT = 2  # the row count oneDNN's blocked layout is made for (1, 2 and 64 measured alike at 1-256 rows)
@@ -82,6 +84,14 @@ def _mv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     return y if bias is None else y + bias
 
 
+def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # for one bfloat16 row (ONE_ROW_KERNELS; more rows go to F.linear): neoxja's own product for AVX512-BF16
+    # CPUs (neoxja.native.bf16_gemv, C), whose fixed cost is a few microseconds, not the libraries' 15-50
+    if x2.shape[0] != 1:
+        return F.linear(x2, weight, bias)
+    return native.bf16_gemv(x2, weight, bias)  # (1, out)
+
+
 def _onednn(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [None], "")  # (rows, out)
 
@@ -99,8 +109,11 @@ def _packed(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 # against F.linear's 2.5-3.3 (2560x7680, 10240x2560, 2560x10240), 6.6 against 9.5 for the 32000x2560 head.
 # "mv" is torch.mv: on the 2-core Xeon with AMX, a one-row bfloat16 product streamed its weight at 24-27 GB/s
 # where F.linear (oneDNN) reached 16-21 (1.22-1.68x, the 2.7B shapes); in float32 the two were within 8%.
-KERNELS = {"linear": _linear, "bmm16": _bmm16, "onednn": _onednn, "packed": _packed, "mv": _mv}
-ONE_ROW_KERNELS = {"mv"}  # kernels that take exactly one row: timed and planned for rows == 1 only
+# "gemv" is neoxja.native.bf16_gemv: on the 2-core AVX512-BF16 EPYC (2026-12-03), one bfloat16 row: 256x256
+# 5 us against packed 19 and F.linear 23; 8000x256 (the bundled LM head) 63 against 80 and 165; 2560x10240
+# 1.4 ms against 2.1 and 3.0; 32000x2560 7.0 against 8.1 and 10.2 (in cache: a scratch script).
+KERNELS = {"linear": _linear, "bmm16": _bmm16, "onednn": _onednn, "packed": _packed, "mv": _mv, "gemv": _gemv}
+ONE_ROW_KERNELS = {"mv", "gemv"}  # kernels that take exactly one row: timed and planned for rows == 1 only
 ONEDNN_KERNELS = {"onednn", "packed"}  # kernels that need oneDNN to run in the weight's dtype
 
 
@@ -165,10 +178,13 @@ def onednn_dtypes() -> frozenset:
 
 
 def candidates(weight: torch.Tensor, pack: bool = False) -> list[str]:
-    """The kernels that can take this weight: linear and mv (one row only) always, bmm16 if out % 16 == 0,
+    """The kernels that can take this weight: linear and mv (one row only) always, gemv (one row only) for a
+    bfloat16 weight where neoxja's own kernel runs (AVX512-BF16, a C compiler), bmm16 if out % 16 == 0,
     onednn if oneDNN runs in the weight's dtype on this CPU, packed also needs leave to keep a second copy
     of the weight (pack)."""
     names = ["linear", "mv"]
+    if weight.dtype == torch.bfloat16 and native.available()[0]:
+        names.append("gemv")
     if weight.shape[0] % SLICE == 0:
         names.append("bmm16")
     if weight.dtype in onednn_dtypes():
@@ -260,7 +276,7 @@ class SkinnyLinear(BlockedCopyLinear):
 
     `plan` maps a row count of ROW_GRID to a kernel name; rows above the grid's top, autograd, other
     devices and other dtypes take F.linear. "packed" keeps a blocked copy of the weight (blocked_copy), made
-    the first time a row count uses it. Under torch.compile, a one-row plan's kernel (mv, bmm16 or packed; not
+    the first time a row count uses it. Under torch.compile, a one-row plan's kernel (mv, gemv, bmm16 or packed; not
     onednn) on a weight inductor does not generate itself runs as the custom op neoxja::skinny_linear;
     everything else is F.linear."""
 

@@ -19,7 +19,7 @@ FBGEMM runs on CPU only; a model on another device is refused with a clear error
 as 4-bit integers, asymmetric, one bfloat16 scale and zero per group of `group_size` input columns of a row
 (gpt-fast's and torchao's int4 weight-only scheme); activations stay float and go through the kernel in
 bfloat16. Two kernels (`kernel=`, chosen once when quantizing; "auto" by default):
-- "avx512_bf16", neoxja's own (`neoxja.int4_cpu`, C built on first use), where the CPU has AVX512-BF16 and
+- "avx512_bf16", neoxja's own (`neoxja.native`, C built on first use), where the CPU has AVX512-BF16 and
   the groups hold 64 or more columns: torch's CPU kernel is bound by its own unpacking, and ours streams the
   weights fast enough for int4 to decode ~1.5x int8 (docs/quantization.md);
 - "torch", the kernels torch ships: `torch._weight_int4pack_mm_for_cpu` on CPU, the tinygemm
@@ -40,7 +40,7 @@ import weakref
 import torch
 from torch import nn
 
-from neoxja import int4_cpu
+from neoxja import native
 
 SUPPORTED_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 kernels take
@@ -275,7 +275,7 @@ class Int4WeightOnlyLinear(nn.Module):
       on CUDA; scales and zeros as one bfloat16 (K/g, N, 2) tensor (held as int16 bits, so that model.to(dtype)
       leaves them alone). CPU: output rows padded to a multiple of
       16 (the kernel's tile) and sliced off again.
-    - "avx512_bf16": neoxja's CPU kernel (`neoxja.int4_cpu`, AVX512-BF16, group sizes 64-256): weights in
+    - "avx512_bf16": neoxja's CPU kernel (`neoxja.native`, AVX512-BF16, group sizes 64-256): weights in
       tiles of 4 rows, the scale and zero pairs (N/4, K/g, 4, 2) as the int16 bits of bfloat16 (so that
       model.to(dtype) leaves them); float32-exact sums of the dequantized weights times the bfloat16
       activations, the same rows padding and slicing. Under torch.compile it is the opaque op
@@ -290,7 +290,7 @@ class Int4WeightOnlyLinear(nn.Module):
         super().__init__()
         self.kernel = kernel
         if kernel == "avx512_bf16":
-            int4_cpu.linear_op()  # registered now: registering cannot happen while dynamo traces
+            native.int4_linear_op()  # registered now: registering cannot happen while dynamo traces
         self.register_buffer("packed", packed, persistent=False)
         # bfloat16 (scale, zero) pairs held as their int16 bits, so that model.to(dtype) leaves them alone
         self.register_buffer("scales_and_zeros", scales_and_zeros.view(torch.int16), persistent=False)
@@ -323,14 +323,14 @@ class Int4WeightOnlyLinear(nn.Module):
         chunks = range(0, weight.shape[0], cls.ROW_CHUNK)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         if kernel == "avx512_bf16":  # written into the final tensors chunk by chunk: no concatenated copy
-            R = int4_cpu.TILE_ROWS
+            R = native.TILE_ROWS
             packed = torch.empty(weight.shape[0] // R, K // 2 * R, dtype=torch.uint8, device=device)
             scales_and_zeros = torch.empty(weight.shape[0] // R, K // group_size, R, 2, dtype=torch.int16,
                                            device=device)
             for start in chunks:
                 q, scales, zeros = int4_group_params(weight[start:start + cls.ROW_CHUNK], group_size)
                 tiles = slice(start // R, (start + q.shape[0]) // R)
-                packed[tiles], scales_and_zeros[tiles] = int4_cpu.pack(q, scales, zeros)
+                packed[tiles], scales_and_zeros[tiles] = native.pack_int4(q, scales, zeros)
             return cls(packed, scales_and_zeros, bias, K, linear.out_features, group_size, kernel)
         packed, scales_and_zeros = [], []
         for start in chunks:
@@ -351,9 +351,9 @@ class Int4WeightOnlyLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
         if self.kernel == "avx512_bf16":
             if torch.compiler.is_compiling():
-                y = int4_cpu.linear_op()(x2, self.packed, self.scales_and_zeros, self.group_size)
+                y = native.int4_linear_op()(x2, self.packed, self.scales_and_zeros, self.group_size)
             else:
-                y = int4_cpu.linear(x2, self.packed, self.scales_and_zeros, self.group_size)
+                y = native.int4_linear(x2, self.packed, self.scales_and_zeros, self.group_size)
         elif self.packed.device.type == "cuda":
             y = torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros.view(torch.bfloat16))
         else:
@@ -392,13 +392,13 @@ def choose_int4_kernel(kernel: str, device: torch.device | str, group_size: int)
     device = torch.device(device)
     if device.type != "cpu":
         why = f"it runs on CPU, not on {device}"
-    elif group_size % int4_cpu.BLOCK:
-        why = f"it takes groups of a multiple of {int4_cpu.BLOCK} columns, not {group_size}"
+    elif group_size % native.BLOCK:
+        why = f"it takes groups of a multiple of {native.BLOCK} columns, not {group_size}"
     else:
-        ok, why = int4_cpu.available()
+        ok, why = native.available()
         if ok:
             return "avx512_bf16"
-        if int4_cpu.cpu_supported() and kernel == "auto":  # a CPU it is for, where it could not be built
+        if native.cpu_supported() and kernel == "auto":  # a CPU it is for, where it could not be built
             warnings.warn(f"neoxja's int4 kernel for this CPU is unavailable ({why}); using torch's int4 kernel, "
                           f"which decodes slower here", RuntimeWarning, stacklevel=3)
     if kernel == "auto":

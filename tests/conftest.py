@@ -40,7 +40,7 @@ def bundled_dir() -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _kernel_cache_in_a_temporary_directory(tmp_path_factory):
-    """neoxja.kernels caches its measurements and neoxja.int4_cpu its built library; tests keep them out of the
+    """neoxja.kernels caches its measurements and neoxja.native its built library; tests keep them out of the
     user's ~/.cache."""
     os.environ.setdefault("NEOXJA_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels") / "linear_kernels.json"))
-    os.environ.setdefault("NEOXJA_BUILD_CACHE", str(tmp_path_factory.mktemp("build")))  # neoxja.int4_cpu's library
+    os.environ.setdefault("NEOXJA_BUILD_CACHE", str(tmp_path_factory.mktemp("build")))  # neoxja.native's library

@@ -220,7 +220,7 @@ def test_compiled_bfloat16_step_gives_the_eager_tokens_past_the_first_few():
     """A cast to bfloat16 inside a fused kernel must round there, as the eager op does (inductor's
     emulate_precision_casts, in DECODE_COMPILE_OPTIONS): without it this model's compiled greedy tokens left
     the eager ones at token 23 (checked), on both int4 kernels as on plain bfloat16."""
-    from neoxja import int4_cpu
+    from neoxja import native
     from neoxja.config import GPTNeoXJapaneseConfig
     from neoxja.quantization import quantize
 
@@ -231,7 +231,7 @@ def test_compiled_bfloat16_step_gives_the_eager_tokens_past_the_first_few():
     ids = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(3))
     eager = model.generate(ids, max_new_tokens=40)
     assert torch.equal(model.generate(ids, max_new_tokens=40, compile=True), eager)
-    kernel = "avx512_bf16" if int4_cpu.cpu_supported() else "torch"  # the kernel `auto` takes here
+    kernel = "avx512_bf16" if native.cpu_supported() else "torch"  # the kernel `auto` takes here
     quantize(model, "int4", group_size=64, kernel=kernel)
     eager = model.generate(ids, max_new_tokens=40)
     assert torch.equal(model.generate(ids, max_new_tokens=40, compile=True), eager)

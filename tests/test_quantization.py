@@ -193,9 +193,9 @@ def test_held_out_cost_of_int8_and_int4_on_the_bundled_model(aozora_path):
     rise = math.exp((int8 - fp32) / count) - 1
     assert rise < 0.01, f"perplexity +{rise:.2%}"
     bits_per_char = lambda nats: nats / math.log(2) / n_chars  # noqa: E731
-    from neoxja import int4_cpu
+    from neoxja import native
 
-    kernels = ["torch"] + (["avx512_bf16"] if int4_cpu.available()[0] else [])  # each int4 kernel there is here
+    kernels = ["torch"] + (["avx512_bf16"] if native.available()[0] else [])  # each int4 kernel there is here
     for kernel in kernels:
         int4, _ = total_nll(load_quantized(model_dir, "int4", kernel=kernel))
         ratio = bits_per_char(int4) / bits_per_char(fp32)

@@ -1,4 +1,5 @@
-"""neoxja's int4 weight-only product for CPUs with AVX512-BF16: build, layout and op.
+"""neoxja's own CPU products for AVX512-BF16, in C: the int4 weight-only product (build, layout, op) and a
+one-row bfloat16 product (`bf16_gemv`, a candidate of neoxja.kernels' measured choice).
 
 torch's int4 CPU kernel (`torch._weight_int4pack_mm_for_cpu`) is bound by its own unpacking, not by memory:
 on the AVX512-BF16 EPYC it streamed 30-35 GB/s of packed weights where FBGEMM streams 40-47 GB/s of int8
@@ -36,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "cpu_supported", "pack", "linear", "linear_op", "TILE_ROWS", "BLOCK"]
+__all__ = ["available", "cpu_supported", "pack_int4", "int4_linear", "int4_linear_op", "bf16_gemv", "TILE_ROWS", "BLOCK"]
 
-SOURCE = Path(__file__).with_name("csrc") / "int4_avx512_bf16.c"
+SOURCE = Path(__file__).with_name("csrc") / "avx512_bf16.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-shared", "-fPIC")
 TILE_ROWS = 4  # R in the C source: weight rows per tile
 BLOCK = 64  # columns per block: a group holds whole blocks
@@ -94,9 +95,10 @@ def _build(cc: list[str], path: Path) -> None:
 
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    fn = lib.neoxja_int4_linear  # AttributeError: not our library
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+    for name, pointers, ints in (("neoxja_int4_linear", 4, 5), ("neoxja_bf16_gemv", 4, 3)):
+        fn = getattr(lib, name)  # AttributeError: not our library
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int] * ints
     return lib
 
 
@@ -121,7 +123,7 @@ def _load() -> ctypes.CDLL | RuntimeError:
         cc = _compiler()
         version = subprocess.run([cc[0], "--version"], capture_output=True, text=True).stdout
         key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, FLAGS)).encode() + version.encode()).hexdigest()[:16]
-        path = _build_dir() / f"int4_avx512_bf16-{key}.so"
+        path = _build_dir() / f"avx512_bf16-{key}.so"
         if not path.exists():
             _build(cc, path)
         try:
@@ -144,7 +146,7 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q (N, K) in [0, 15], bfloat16 scales and zeros (N, K/G) (w = (q - 8) * scale + zero) -> the kernel's
     (weights (N/4, K/2 * 4) uint8, (scale, zero) pairs (N/4, K/G, 4, 2) as the int16 bits of bfloat16, so
     that model.to(dtype) leaves them as they are).
@@ -169,7 +171,7 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[to
     return packed, sz.view(torch.int16)
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """x (M, K) bfloat16 -> (M, N) float32 on the CPU, N = the packed (padded) row count. Everything the C
     kernel relies on is checked here first, so that no call reads or writes out of bounds."""
     for name, t, dtype in (("x", x, torch.bfloat16), ("packed", packed, torch.uint8),
@@ -203,23 +205,51 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor
     return y
 
 
-_linear_op = None  # the custom op, once registered
+_int4_linear_op = None  # the custom op, once registered
 
 
-def linear_op():
-    """`linear` as the custom op neoxja::int4_avx512_linear(x, packed, scales_and_zeros, group_size), opaque to
+def int4_linear_op():
+    """`int4_linear` as the custom op neoxja::int4_avx512_linear(x, packed, scales_and_zeros, group_size), opaque to
     torch.compile (a ctypes call cannot be traced). Registered on first use, not at import: the quantized
     layer registers it when it is made (registering cannot happen while dynamo traces)."""
-    global _linear_op
-    if _linear_op is None:
+    global _int4_linear_op
+    if _int4_linear_op is None:
         @torch.library.custom_op("neoxja::int4_avx512_linear", mutates_args=())
         def int4_avx512_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
                                group_size: int) -> torch.Tensor:
-            return linear(x, packed, scales_and_zeros, group_size)
+            return int4_linear(x, packed, scales_and_zeros, group_size)
 
         @int4_avx512_linear.register_fake
         def _(x, packed, scales_and_zeros, group_size):
             return x.new_empty((x.shape[0], packed.shape[0] * TILE_ROWS), dtype=torch.float32)
 
-        _linear_op = int4_avx512_linear
-    return _linear_op
+        _int4_linear_op = int4_avx512_linear
+    return _int4_linear_op
+
+
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One row: x (1, K) bfloat16 @ weight (N, K)^T (+ bias (N,)) -> (1, N) bfloat16, float32 sums rounded
+    once. The weight is read in place (an nn.Linear weight, contiguous). neoxja.kernels offers it as the
+    one-row kernel "gemv" and uses it where it measures fastest."""
+    tensors = (("x", x), ("weight", weight)) + ((("bias", bias),) if bias is not None else ())
+    for name, t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.bfloat16 or not t.is_contiguous():
+            raise ValueError(f"neoxja's bfloat16 product takes {name} as a contiguous CPU tensor of bfloat16, got "
+                             f"{t.dtype} on {t.device}{'' if t.is_contiguous() else ', not contiguous'}")
+    if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or \
+            (bias is not None and bias.shape != (weight.shape[0],)):
+        raise ValueError(f"neoxja's bfloat16 product takes x (1, K), weight (N, K) and bias (N,), got "
+                         f"{tuple(x.shape)}, {tuple(weight.shape)}, {None if bias is None else tuple(bias.shape)}")
+    N, K = weight.shape
+    if max(N, K) > _INT_MAX:
+        raise ValueError(f"neoxja's bfloat16 product takes at most {_INT_MAX} rows or columns, got {N} x {K}")
+    x = x.resolve_neg().resolve_conj()
+    y = torch.empty(1, N, dtype=torch.bfloat16, device="cpu")
+    if N and K:
+        rc = _library().neoxja_bf16_gemv(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                                         y.data_ptr(), N, K, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"neoxja_bf16_gemv refused N={N} K={K}")
+    elif N:
+        y = torch.zeros(1, N, dtype=torch.bfloat16) if bias is None else bias.clone().unsqueeze(0)
+    return y

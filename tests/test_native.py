@@ -1,4 +1,4 @@
-"""neoxja's int4 CPU kernel (neoxja/csrc/int4_avx512_bf16.c, AVX512-BF16): its sums against float64 ones of
+"""neoxja's int4 CPU kernel (neoxja/csrc/avx512_bf16.c, AVX512-BF16): its sums against float64 ones of
 the dequantized weights, its choice by quantize(kernel="auto"), the model and the compiled step on it, and
 bad input. Where the CPU lacks AVX512-BF16 the tests that run the kernel skip, and the fallback tests say
 what such a machine gets."""
@@ -14,14 +14,15 @@ import warnings
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
-from neoxja import int4_cpu
+from neoxja import native
 from neoxja.config import GPTNeoXJapaneseConfig
 from neoxja.model import GPTNeoXJapaneseForCausalLM
 from neoxja.quantization import Int4WeightOnlyLinear, choose_int4_kernel, int4_group_params, quantize
 
 # skipped only where the CPU lacks the instructions: where it has them, a kernel that fails to build fails
-needs_kernel = pytest.mark.skipif(not int4_cpu.cpu_supported(), reason="this CPU has no AVX512-BF16")
+needs_kernel = pytest.mark.skipif(not native.cpu_supported(), reason="this CPU has no AVX512-BF16")
 
 
 def dequantized(q, scales, zeros, group_size, magnitude=False):
@@ -35,7 +36,7 @@ def dequantized(q, scales, zeros, group_size, magnitude=False):
 
 @needs_kernel
 def test_the_kernel_builds_where_the_cpu_has_avx512_bf16():
-    ok, why = int4_cpu.available()
+    ok, why = native.available()
     assert ok, why
 
 
@@ -49,9 +50,9 @@ def test_kernel_sums_equal_float64_sums_of_the_dequantized_weights(M, K, N, G):
     g = torch.Generator().manual_seed(M * 1000 + K + N)
     W = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)
     q, scales, zeros = int4_group_params(W, G)
-    packed, sz = int4_cpu.pack(q, scales, zeros)
+    packed, sz = native.pack_int4(q, scales, zeros)
     x = torch.randn(M, K, generator=g).to(torch.bfloat16)
-    y = int4_cpu.linear(x, packed, sz, G)
+    y = native.int4_linear(x, packed, sz, G)
     assert y.shape == (M, N) and y.dtype == torch.float32
     Wd = dequantized(q, scales, zeros, G)
     exact = x.double() @ Wd.T
@@ -63,10 +64,10 @@ def test_kernel_sums_equal_float64_sums_of_the_dequantized_weights(M, K, N, G):
 def test_the_opaque_op_equals_the_direct_call_and_has_a_fake():
     g = torch.Generator().manual_seed(0)
     q, scales, zeros = int4_group_params(torch.randn(8, 128, generator=g), 64)
-    packed, sz = int4_cpu.pack(q, scales, zeros)
+    packed, sz = native.pack_int4(q, scales, zeros)
     x = torch.randn(3, 128, generator=g).to(torch.bfloat16)
-    assert torch.equal(int4_cpu.linear_op()(x, packed, sz, 64), int4_cpu.linear(x, packed, sz, 64))
-    torch.library.opcheck(int4_cpu.linear_op(), (x, packed, sz, 64))
+    assert torch.equal(native.int4_linear_op()(x, packed, sz, 64), native.int4_linear(x, packed, sz, 64))
+    torch.library.opcheck(native.int4_linear_op(), (x, packed, sz, 64))
 
 
 @needs_kernel
@@ -143,8 +144,8 @@ def test_compiled_decode_step_on_the_kernel_gives_eagers_tokens():
 
 
 def test_kernel_choice_falls_back_to_torchs_where_it_cannot_run(monkeypatch):
-    monkeypatch.setattr(int4_cpu, "available", lambda: (False, "this CPU (AVX2) has no AVX512-BF16"))
-    monkeypatch.setattr(int4_cpu, "cpu_supported", lambda: False)
+    monkeypatch.setattr(native, "available", lambda: (False, "this CPU (AVX2) has no AVX512-BF16"))
+    monkeypatch.setattr(native, "cpu_supported", lambda: False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a CPU the kernel is not for: falling back is no news
         assert choose_int4_kernel("auto", "cpu", 128) == "torch"
@@ -156,7 +157,7 @@ def test_kernel_choice_falls_back_to_torchs_where_it_cannot_run(monkeypatch):
 
 
 def test_kernel_choice_rules_and_clear_errors(monkeypatch):
-    monkeypatch.setattr(int4_cpu, "available", lambda: (True, "this CPU has AVX512-BF16"))
+    monkeypatch.setattr(native, "available", lambda: (True, "this CPU has AVX512-BF16"))
     assert choose_int4_kernel("auto", "cpu", 64) == "avx512_bf16"
     assert choose_int4_kernel("auto", "cpu", 32) == "torch"  # groups of 32: only torch's kernel takes them
     assert choose_int4_kernel("auto", "cuda", 128) == "torch"
@@ -179,48 +180,48 @@ def test_no_compiler_or_a_failing_build_is_a_clear_reason_and_leaves_nothing(mon
     if not (getattr(torch.cpu, "_is_avx512_bf16_supported", None) and torch.cpu._is_avx512_bf16_supported()):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     monkeypatch.setenv("NEOXJA_BUILD_CACHE", str(tmp_path))
-    int4_cpu._load.cache_clear()
+    native._load.cache_clear()
     try:
         monkeypatch.setenv("CC", "no-such-compiler-neoxja")
-        ok, why = int4_cpu.available()
+        ok, why = native.available()
         assert not ok and "no C compiler ('no-such-compiler-neoxja' is not on PATH)" in why
-        int4_cpu._load.cache_clear()
+        native._load.cache_clear()
         monkeypatch.setenv("CC", "false")  # a "compiler" that fails
-        ok, why = int4_cpu.available()
-        assert not ok and "int4_avx512_bf16.c" in why and "failed" in why
+        ok, why = native.available()
+        assert not ok and "avx512_bf16.c" in why and "failed" in why
         assert list(tmp_path.iterdir()) == []  # no half-built library left to load later
         with pytest.raises(RuntimeError, match="failed"):  # remembered, and a call says why
-            int4_cpu.linear(torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(1, 128, dtype=torch.uint8),
+            native.int4_linear(torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(1, 128, dtype=torch.uint8),
                             torch.zeros(1, 1, 4, 2, dtype=torch.int16), 64)
         with pytest.warns(RuntimeWarning, match="using torch's int4 kernel"):  # auto says what it lost
             assert choose_int4_kernel("auto", "cpu", 64) == "torch"
     finally:
-        int4_cpu._load.cache_clear()
+        native._load.cache_clear()
 
 
 @needs_kernel
 def test_the_library_is_built_once_into_the_cache_and_reused(monkeypatch, tmp_path):
     monkeypatch.setenv("NEOXJA_BUILD_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "cc -O2")  # a compiler with arguments, as $CC may be
-    int4_cpu._load.cache_clear()
+    native._load.cache_clear()
     try:
-        int4_cpu._library()
+        native._library()
         built = list(tmp_path.iterdir())
         assert len(built) == 1 and built[0].suffix == ".so" and built[0].stat().st_mode & 0o444 == 0o444
         stamp = built[0].stat().st_mtime_ns
-        int4_cpu._load.cache_clear()
-        int4_cpu._library()
+        native._load.cache_clear()
+        native._library()
         assert list(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
     finally:
-        int4_cpu._load.cache_clear()
+        native._load.cache_clear()
     # a file under its name that is not the library (a full disk, a foreign file): a new process rebuilds it
     # (in this process the library stays loaded: the loader would hand back the loaded one by its name)
     broken = tmp_path / ".broken"
     broken.write_bytes(b"not a library")
     os.replace(broken, built[0])  # a new file, as a writer would leave it; the mapped one stays intact
-    code = ("import torch\nfrom neoxja import int4_cpu\nfrom neoxja.quantization import int4_group_params\n"
+    code = ("import torch\nfrom neoxja import native\nfrom neoxja.quantization import int4_group_params\n"
             "q, s, z = int4_group_params(torch.randn(4, 64), 64)\nx = torch.randn(1, 64).to(torch.bfloat16)\n"
-            "y = int4_cpu.linear(x, *int4_cpu.pack(q, s, z), 64)\n"
+            "y = native.int4_linear(x, *native.pack_int4(q, s, z), 64)\n"
             "w = (q.double() - 8) * s.double().repeat_interleave(64, 1) + z.double().repeat_interleave(64, 1)\n"
             "assert torch.allclose(y.double(), x.double() @ w.T, rtol=1e-4, atol=1e-4)\nprint('ok')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -233,27 +234,27 @@ def test_the_library_is_built_once_into_the_cache_and_reused(monkeypatch, tmp_pa
 def test_kernel_refuses_what_would_read_out_of_bounds():
     g = torch.Generator().manual_seed(0)
     q, scales, zeros = int4_group_params(torch.randn(8, 128, generator=g), 64)
-    packed, sz = int4_cpu.pack(q, scales, zeros)
+    packed, sz = native.pack_int4(q, scales, zeros)
     x = torch.randn(2, 128, generator=g)
     with pytest.raises(ValueError, match="takes x as a CPU tensor of torch.bfloat16, got torch.float32"):
-        int4_cpu.linear(x, packed, sz, 64)
+        native.int4_linear(x, packed, sz, 64)
     with pytest.raises(ValueError, match="x has 64 columns"):
-        int4_cpu.linear(x[:, :64].to(torch.bfloat16), packed, sz, 64)
+        native.int4_linear(x[:, :64].to(torch.bfloat16), packed, sz, 64)
     with pytest.raises(ValueError, match="takes packed as a CPU tensor of torch.uint8"):
-        int4_cpu.linear(x.to(torch.bfloat16), packed.to(torch.int32), sz, 64)
+        native.int4_linear(x.to(torch.bfloat16), packed.to(torch.int32), sz, 64)
     for wrong in (32, 96, 128):  # group sizes the layout was not made with: fewer or more scales to read
         with pytest.raises(ValueError, match=f"group_size {wrong} does not match the layout"):
-            int4_cpu.linear(x.to(torch.bfloat16), packed, sz, wrong)
+            native.int4_linear(x.to(torch.bfloat16), packed, sz, wrong)
 
 
 def test_source_ships_with_the_package():
-    assert int4_cpu.SOURCE.is_file() and "neoxja_int4_linear" in int4_cpu.SOURCE.read_text()
+    assert native.SOURCE.is_file() and "neoxja_int4_linear" in native.SOURCE.read_text()
     import tomllib
     from pathlib import Path
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert "csrc/*.c" in pyproject["tool"]["setuptools"]["package-data"]["neoxja"]
-    assert os.path.basename(int4_cpu.SOURCE.parent) == "csrc"
+    assert os.path.basename(native.SOURCE.parent) == "csrc"
 
 
 @needs_kernel
@@ -265,7 +266,7 @@ def test_packing_in_row_chunks_equals_packing_at_once(monkeypatch):
     monkeypatch.setattr(Int4WeightOnlyLinear, "ROW_CHUNK", 128)
     chunked = Int4WeightOnlyLinear.from_float(linear, 64, kernel="avx512_bf16")
     W = torch.cat([linear.weight.detach(), torch.zeros(3, 128)])
-    packed, sz = int4_cpu.pack(*int4_group_params(W, 64))
+    packed, sz = native.pack_int4(*int4_group_params(W, 64))
     assert torch.equal(whole.packed, packed) and torch.equal(whole.scales_and_zeros, sz)
     assert torch.equal(chunked.packed, packed) and torch.equal(chunked.scales_and_zeros, sz)
 
@@ -274,33 +275,33 @@ def test_packing_in_row_chunks_equals_packing_at_once(monkeypatch):
 def test_more_refusals_and_what_must_still_work():
     g = torch.Generator().manual_seed(0)
     q, scales, zeros = int4_group_params(torch.randn(8, 128, generator=g), 64)
-    packed, sz = int4_cpu.pack(q, scales, zeros)
+    packed, sz = native.pack_int4(q, scales, zeros)
     x = torch.randn(2, 128, generator=g).to(torch.bfloat16)
     with pytest.raises(ValueError, match="not contiguous"):
-        int4_cpu.linear(x, packed.t().contiguous().t(), sz, 64)
+        native.int4_linear(x, packed.t().contiguous().t(), sz, 64)
     # groups of 32 packed anyway (pack refuses them; a layout made by hand): the C kernel refuses, clearly
     q32, s32, z32 = int4_group_params(torch.randn(8, 128, generator=g), 32)
     with pytest.raises(ValueError, match="groups of a multiple of 64 columns"):
-        int4_cpu.pack(q32, s32, z32)
+        native.pack_int4(q32, s32, z32)
     sz32 = torch.zeros(2, 4, 4, 2, dtype=torch.int16)
     with pytest.raises(RuntimeError, match="refused M=2 N=8 K=128 group_size=32"):
-        int4_cpu.linear(x, packed, sz32, 32)
+        native.int4_linear(x, packed, sz32, 32)
     with pytest.raises(ValueError, match=r"4-bit values in \[0, 15\], got \[0, 16\]"):
-        int4_cpu.pack(q.clamp(max=14) + (q == 15) * 2, scales, zeros)
+        native.pack_int4(q.clamp(max=14) + (q == 15) * 2, scales, zeros)
     with pytest.raises(ValueError, match="rows in multiples of 4"):
-        int4_cpu.pack(q[:6], scales[:6], zeros[:6])
+        native.pack_int4(q[:6], scales[:6], zeros[:6])
     # a default device (meta, or cuda) set around the call: the output is still made on the CPU
-    expected = int4_cpu.linear(x, packed, sz, 64)
+    expected = native.int4_linear(x, packed, sz, 64)
     with torch.device("meta"):
-        assert torch.equal(int4_cpu.linear(x, packed, sz, 64), expected)
+        assert torch.equal(native.int4_linear(x, packed, sz, 64), expected)
     # offset and transposed views of x are made contiguous first; thread counts give the same bits
     wide = torch.randn(2, 256, generator=g).to(torch.bfloat16)
     view = wide[:, 128:]
-    assert torch.equal(int4_cpu.linear(view, packed, sz, 64), int4_cpu.linear(view.contiguous(), packed, sz, 64))
+    assert torch.equal(native.int4_linear(view, packed, sz, 64), native.int4_linear(view.contiguous(), packed, sz, 64))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = int4_cpu.linear(x, packed, sz, 64)
+        one = native.int4_linear(x, packed, sz, 64)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, expected)
@@ -335,3 +336,76 @@ def test_torch_kernel_layers_survive_model_to_float32():
     before = model(ids).logits.float()
     after = model.float()(ids).logits
     assert after.dtype == torch.float32 and torch.allclose(after, before, rtol=0.05, atol=0.05)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the one-row bfloat16 product (neoxja.kernels' "gemv")
+
+
+@needs_kernel
+@pytest.mark.parametrize("N,K", [(1, 1), (5, 31), (7, 33), (4, 64), (9, 100), (13, 256), (3, 2561), (8000, 256)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_gemv_is_the_float32_sum_rounded_once(N, K, bias):
+    """Products of two bfloat16 numbers are exact in float32; the float32 sum rounds (<= 1e-6 of sum |x||w|
+    for these K) and the result rounds once to bfloat16 (half an ulp: at most 2^-8 relative). Tails of K below 32 and
+    row counts not a multiple of 4 included."""
+    g = torch.Generator().manual_seed(N * 7 + K)
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    x = torch.randn(1, K, generator=g).to(torch.bfloat16)
+    b = torch.randn(N, generator=g).to(torch.bfloat16) if bias else None
+    y = native.bf16_gemv(x, w, b)
+    assert y.shape == (1, N) and y.dtype == torch.bfloat16
+    exact = x.double() @ w.double().T + (b.double() if bias else 0)
+    bound = 2**-8 * exact.abs() + 1.01e-6 * (x.double().abs() @ w.double().abs().T + (b.double().abs() if bias else 0))
+    assert bool(((y.double() - exact).abs() <= bound + 1e-30).all())
+    from neoxja import kernels
+
+    assert kernels._same_product(y, F.linear(x, w, b))  # what measure_plan checks before it trusts a kernel
+
+
+@needs_kernel
+def test_bf16_gemv_refuses_what_it_cannot_read():
+    w = torch.randn(8, 64).to(torch.bfloat16)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="takes x as a contiguous CPU tensor of bfloat16, got torch.float32"):
+        native.bf16_gemv(x.float(), w)
+    with pytest.raises(ValueError, match="weight as a contiguous CPU tensor of bfloat16.*not contiguous"):
+        native.bf16_gemv(x, w.t().contiguous().t())
+    with pytest.raises(ValueError, match=r"takes x \(1, K\), weight \(N, K\) and bias \(N,\)"):
+        native.bf16_gemv(torch.randn(2, 64).to(torch.bfloat16), w)
+    with pytest.raises(ValueError, match=r"bias \(N,\)"):
+        native.bf16_gemv(x, w, torch.zeros(7, dtype=torch.bfloat16))
+    with torch.device("meta"):  # the output is made on the CPU whatever the default device
+        assert native.bf16_gemv(x, w).device.type == "cpu"
+
+
+@needs_kernel
+def test_the_gemv_kernel_is_a_measured_candidate_and_compiles():
+    """neoxja.kernels offers "gemv" for bfloat16 weights here; a layer planned with it uses it at one row
+    (eager, and compiled on a weight inductor does not generate itself, through neoxja::skinny_linear) and
+    gives F.linear's numbers up to the rounding of the sum."""
+    from neoxja import kernels
+    from neoxja.kernels import ROW_GRID, SkinnyLinear
+
+    assert "gemv" in kernels.candidates(torch.empty(48, 40, dtype=torch.bfloat16))
+    assert "gemv" not in kernels.candidates(torch.empty(48, 40))  # float32: not its dtype
+    calls = []
+    real = kernels.KERNELS["gemv"]
+    plan = {r: "linear" for r in ROW_GRID} | {1: "gemv"}
+    try:
+        kernels.KERNELS["gemv"] = lambda *a: (calls.append(1), real(*a))[1]
+        for in_features in (40, 2560):  # below and above inductor's bound for generating the product itself
+            torch.manual_seed(in_features)
+            layer = SkinnyLinear.from_linear(nn.Linear(in_features, 48).to(torch.bfloat16), plan)
+            x = torch.randn(1, 1, in_features).to(torch.bfloat16)
+            expected = F.linear(x, layer.weight, layer.bias)
+            with torch.no_grad():
+                assert kernels._same_product(layer(x), expected) and len(calls) == 1
+                calls.clear()
+                torch._dynamo.reset()
+                compiled = torch.compile(layer, fullgraph=True)(x)
+            assert kernels._same_product(compiled, expected)
+            assert bool(calls) == (in_features > 2048)
+            calls.clear()
+    finally:
+        kernels.KERNELS["gemv"] = real
