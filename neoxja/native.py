@@ -117,8 +117,6 @@ def _warn_if_two_openmp_runtimes() -> None:
 @functools.cache
 def _load() -> ctypes.CDLL | RuntimeError:
     """The library, or the reason it cannot be had (remembered: a failed build is not retried per call)."""
-    if not cpu_supported():
-        return RuntimeError(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no AVX512-BF16")
     try:
         cc = _compiler()
         version = subprocess.run([cc[0], "--version"], capture_output=True, text=True).stdout
@@ -140,6 +138,8 @@ def _load() -> ctypes.CDLL | RuntimeError:
 
 
 def _library() -> ctypes.CDLL:
+    if not cpu_supported():  # asked at every call, not remembered: only the build is
+        raise RuntimeError(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no AVX512-BF16")
     lib = _load()
     if isinstance(lib, RuntimeError):
         raise RuntimeError(str(lib))

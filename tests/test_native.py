@@ -409,3 +409,13 @@ def test_the_gemv_kernel_is_a_measured_candidate_and_compiles():
             calls.clear()
     finally:
         kernels.KERNELS["gemv"] = real
+
+
+@needs_kernel
+def test_a_cpu_check_answered_no_once_is_not_remembered(monkeypatch):
+    """Only the build is remembered: a CPU check that said no (a test simulating another CPU, as
+    tests/test_bf16.py does) must not disable the kernel for the rest of the process."""
+    with monkeypatch.context() as m:
+        m.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+        assert native.available() == (False, f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no AVX512-BF16")
+    assert native.available() == (True, "this CPU has AVX512-BF16")
