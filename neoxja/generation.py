@@ -105,14 +105,15 @@ def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor,
 # fallback_random: random ops run as eager torch runs them (inductor would draw from its own generator), so a
 # seeded sampled generate() draws from the same random numbers compiled or not (the compiled softmax differs
 # in the last bits, so a draw that lands on a boundary between two tokens may still differ).
-# emulate_precision_casts: a cast to bfloat16/float16 inside a fused kernel rounds there, as the eager op does
-# (inductor otherwise keeps the float32 value it computes in): without it the compiled bfloat16 step's greedy
-# tokens left the eager step's after 20-35 tokens on small random models and the 2.7B width (both int4
+DECODE_COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "fallback_random": True}
+# on a CPU also cpp_wrapper: the compiled step's wrapper (the code that calls its kernels) is C++, not Python;
+# and emulate_precision_casts: a cast to bfloat16/float16 inside a fused kernel rounds there, as the eager op
+# does (inductor otherwise keeps the float32 value it computes in): without it the compiled bfloat16 step's
+# greedy tokens left the eager step's after 20-35 tokens on small random models and the 2.7B width (both int4
 # kernels too); with it they stayed equal, at no cost measurable on the bundled model (tests/test_compile.py).
-DECODE_COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "fallback_random": True,
-                          "emulate_precision_casts": True}
-# on a CPU also cpp_wrapper: the compiled step's wrapper (the code that calls its kernels) is C++, not Python
-DECODE_COMPILE_OPTIONS_CPU = {"cpp_wrapper": True}
+# CPU only: on CUDA it also turns off FMA fusion in every Triton kernel and switches Triton's math library,
+# which no GPU here has measured.
+DECODE_COMPILE_OPTIONS_CPU = {"cpp_wrapper": True, "emulate_precision_casts": True}
 
 
 def select_tokens(sampler: SamplingBatch, stop_rules: StopRules, logits: torch.Tensor, positions: torch.Tensor,

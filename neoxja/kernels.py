@@ -9,7 +9,9 @@ bandwidth those products are bound by, where a torch.bmm against 16-row slices o
 small products, which read the weight in place without packing a copy) was 1.5-2x faster and oneDNN's
 linear (the op torch.compile uses on CPU) 1.7-2.7x faster at 13-64 rows; on a Xeon with AMX, oneDNN's linear
 on a blocked copy of the weight ("packed", which costs that copy's memory) won from 2-4 rows on, and at one
-row torch.mv (ATen's gemv) streamed a bfloat16 weight 1.2-1.7x faster than F.linear. Which kernel
+row torch.mv (ATen's gemv) streamed a bfloat16 weight 1.2-1.7x faster than F.linear; where the CPU has
+AVX512-BF16, neoxja's own one-row bfloat16 product ("gemv", neoxja.native) costs a few microseconds where the
+libraries' calls cost 15-50, and streams large weights as fast as the best of them. Which kernel
 wins, and from how many rows, depends on the CPU, the thread count, the dtype and the weight's shape, so
 nothing here is a constant: the first call times the candidates on the model's own weights, read from memory
 as a decoding step reads them, for a grid of row counts, and caches the winners (a JSON file keyed by CPU,
@@ -183,7 +185,7 @@ def candidates(weight: torch.Tensor, pack: bool = False) -> list[str]:
     onednn if oneDNN runs in the weight's dtype on this CPU, packed also needs leave to keep a second copy
     of the weight (pack)."""
     names = ["linear", "mv"]
-    if weight.dtype == torch.bfloat16 and native.available()[0]:
+    if weight.dtype == torch.bfloat16 and weight.is_contiguous() and native.available()[0]:
         names.append("gemv")
     if weight.shape[0] % SLICE == 0:
         names.append("bmm16")
@@ -282,6 +284,7 @@ class SkinnyLinear(BlockedCopyLinear):
 
     plan: dict[int, str]
     onednn_dtypes: frozenset
+    gemv_runs: bool
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, plan: dict[int, str]) -> "SkinnyLinear":
@@ -292,8 +295,19 @@ class SkinnyLinear(BlockedCopyLinear):
         new.train(linear.training)
         new.plan = dict(plan)
         new.onednn_dtypes = onednn_dtypes()  # found now: forward reads it, under torch.compile too (which cannot probe)
+        new.gemv_runs = native.available()[0]  # likewise (a cached plan may name gemv where it cannot run)
         skinny_linear_op()  # registered now: forward may run under torch.compile
         return new
+
+    def runs(self, name: str, dtype: torch.dtype) -> bool:
+        """Whether the plan's kernel `name` runs here in `dtype`: oneDNN's only in the dtypes oneDNN runs on
+        this CPU, gemv only in bfloat16 where neoxja's library runs (a plan measured in another dtype, after
+        model.to(dtype), or read from a cache shared with another machine, falls back to F.linear)."""
+        if name in ONEDNN_KERNELS:
+            return dtype in self.onednn_dtypes
+        if name == "gemv":
+            return dtype == torch.bfloat16 and self.gemv_runs
+        return True
 
     def kernel_for(self, rows: int) -> str:
         """The plan's kernel for `rows`: that of the largest grid point <= rows; F.linear above the grid."""
@@ -308,7 +322,7 @@ class SkinnyLinear(BlockedCopyLinear):
                 and x.dtype == self.weight.dtype and self.weight.is_contiguous()):
             if not torch.compiler.is_compiling():
                 name = self.kernel_for(rows)
-                if name in ONEDNN_KERNELS and x.dtype not in self.onednn_dtypes:
+                if not self.runs(name, x.dtype):
                     name = "linear"  # a plan measured in another dtype (model.to(dtype) after it was made)
                 if name != "linear":
                     x2 = x.reshape(rows, self.in_features).contiguous()  # (rows, in)
@@ -324,8 +338,7 @@ class SkinnyLinear(BlockedCopyLinear):
             # step went 15.0 -> 25.7 tok/s on a 2-core AVX512-BF16 EPYC (eager with the plan: 23.6).
             elif rows == 1:
                 name = self.plan.get(1, "linear")
-                if (name not in ("linear", "onednn") and not inductor_generates(self.weight)
-                        and (name not in ONEDNN_KERNELS or x.dtype in self.onednn_dtypes)):
+                if name not in ("linear", "onednn") and not inductor_generates(self.weight) and self.runs(name, x.dtype):
                     y = _skinny_linear_op(x.reshape(1, self.in_features), self.weight, self.bias, name)  # (1, out)
                     return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)

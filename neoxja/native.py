@@ -4,7 +4,7 @@ one-row bfloat16 product (`bf16_gemv`, a candidate of neoxja.kernels' measured c
 torch's int4 CPU kernel (`torch._weight_int4pack_mm_for_cpu`) is bound by its own unpacking, not by memory:
 on the AVX512-BF16 EPYC it streamed 30-35 GB/s of packed weights where FBGEMM streams 40-47 GB/s of int8
 ones, so int4 decoded only 1.16-1.23x int8 (docs/quantization.md), and neither torch nor a wheel on PyPI
-ships a faster x86 int4 product. `csrc/int4_avx512_bf16.c` is that product: a nibble becomes a bfloat16 by
+ships a faster x86 int4 product. `csrc/avx512_bf16.c` holds that product: a nibble becomes a bfloat16 by
 one table lookup and `vdpbf16ps` multiplies 32 of them by 32 activations into float32 sums; the group's
 bfloat16 scale multiplies each group's sum once, and its offset (zero - 8 * scale) enters through the
 group's sum of the activations. The products are exact and only float32 sums round (torch's kernel rounds
@@ -18,8 +18,9 @@ with GCC and torch's wheels, the runtime torch has already loaded; a second Open
 warned about) and runs on torch's thread count. Its custom op for compiled graphs
 (`neoxja::int4_avx512_linear`) is registered on first use, not at import.
 
-`available()` says whether it can run here and why not; `neoxja.quantization` uses it for
-`quantize(model, "int4", kernel="auto")`. Imports nothing of neoxja's.
+`available()` says whether the library can run here and why not; `neoxja.quantization` uses it for
+`quantize(model, "int4", kernel="auto")` and `neoxja.kernels` for its "gemv" candidate. Imports nothing of
+neoxja's.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _warn_if_two_openmp_runtimes() -> None:
     runtimes = {line.split()[-1] for line in maps.splitlines()
                 if any(name in line.rsplit("/", 1)[-1] for name in ("libgomp", "libomp", "libiomp"))}
     if len(runtimes) > 1:
-        warnings.warn(f"neoxja's int4 kernel: two OpenMP runtimes in this process ({', '.join(sorted(runtimes))}); "
+        warnings.warn(f"neoxja's native kernels: two OpenMP runtimes in this process ({', '.join(sorted(runtimes))}); "
                       f"their thread pools may compete for the cores", RuntimeWarning, stacklevel=3)
 
 
@@ -131,7 +132,7 @@ def _load() -> ctypes.CDLL | RuntimeError:
             lib = _open(path)
     except RuntimeError as e:
         return e
-    except (OSError, AttributeError) as e:
+    except (OSError, AttributeError, ValueError) as e:  # ValueError: a $CC shlex cannot split
         return RuntimeError(f"cannot build or load {SOURCE.name}: {e}")
     _warn_if_two_openmp_runtimes()
     return lib
@@ -233,7 +234,7 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     one-row kernel "gemv" and uses it where it measures fastest."""
     tensors = (("x", x), ("weight", weight)) + ((("bias", bias),) if bias is not None else ())
     for name, t in tensors:
-        if t.device.type != "cpu" or t.dtype != torch.bfloat16 or not t.is_contiguous():
+        if t.device.type != "cpu" or t.dtype != torch.bfloat16 or not (t.is_contiguous() or name == "x"):
             raise ValueError(f"neoxja's bfloat16 product takes {name} as a contiguous CPU tensor of bfloat16, got "
                              f"{t.dtype} on {t.device}{'' if t.is_contiguous() else ', not contiguous'}")
     if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or \
@@ -243,7 +244,9 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     N, K = weight.shape
     if max(N, K) > _INT_MAX:
         raise ValueError(f"neoxja's bfloat16 product takes at most {_INT_MAX} rows or columns, got {N} x {K}")
-    x = x.resolve_neg().resolve_conj()
+    x = x.contiguous().resolve_neg()
+    weight = weight.resolve_neg()  # a negated view: its sign applied (a copy), not read past
+    bias = None if bias is None else bias.resolve_neg()
     y = torch.empty(1, N, dtype=torch.bfloat16, device="cpu")
     if N and K:
         rc = _library().neoxja_bf16_gemv(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
@@ -251,5 +254,5 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         if rc:
             raise RuntimeError(f"neoxja_bf16_gemv refused N={N} K={K}")
     elif N:
-        y = torch.zeros(1, N, dtype=torch.bfloat16) if bias is None else bias.clone().unsqueeze(0)
+        y = torch.zeros(1, N, dtype=torch.bfloat16, device="cpu") if bias is None else bias.clone().unsqueeze(0)
     return y

@@ -419,3 +419,28 @@ def test_a_cpu_check_answered_no_once_is_not_remembered(monkeypatch):
         m.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
         assert native.available() == (False, f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no AVX512-BF16")
     assert native.available() == (True, "this CPU has AVX512-BF16")
+
+
+@needs_kernel
+def test_a_gemv_plan_falls_back_where_gemv_cannot_run():
+    """A plan naming gemv, after model.to(float32) or where the library does not run (a plan cache shared
+    with another machine): F.linear, eager and compiled, not an error. A strided one-row input works too."""
+    from neoxja import kernels
+    from neoxja.kernels import ROW_GRID, SkinnyLinear
+
+    plan = {r: "linear" for r in ROW_GRID} | {1: "gemv"}
+    layer = SkinnyLinear.from_linear(nn.Linear(2560, 8).to(torch.bfloat16), plan)
+    x = torch.randn(1, 2, 2560).to(torch.bfloat16)[:, :1]
+    strided = torch.randn(2560, 2).to(torch.bfloat16)[:, 0].reshape(1, 1, 2560)  # stride 2
+    with torch.no_grad():
+        for inp in (x, strided):
+            assert kernels._same_product(layer(inp), F.linear(inp, layer.weight, layer.bias))
+            torch._dynamo.reset()
+            got = torch.compile(layer, fullgraph=True)(inp)
+            assert kernels._same_product(got, F.linear(inp, layer.weight, layer.bias))
+        layer.float()
+        assert torch.equal(layer(x.float()), F.linear(x.float(), layer.weight, layer.bias))
+        layer.to(torch.bfloat16)
+        layer.gemv_runs = False  # as from_linear finds it where the library does not run
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert "gemv" not in kernels.candidates(torch.empty(40, 48, dtype=torch.bfloat16).t())  # not contiguous

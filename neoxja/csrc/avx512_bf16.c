@@ -13,7 +13,7 @@
    32 activations into float32 sums, so the products and sums are as exact as float32 allows; the scale and
    offset apply once per group (the offset through the group's sum of x).
 
-   Layout (made by neoxja.int4_cpu.pack): rows in tiles of R = 4; a tile's bytes run over the 64-column
+   Layout (made by neoxja.native.pack_int4): rows in tiles of R = 4; a tile's bytes run over the 64-column
    blocks of K, and within a block over the tile's 4 rows, 32 bytes each: byte j holds column j of the block
    (low nibble) and column j + 32 (high nibble). So the weights stream through memory in one sequential pass.
    sz: (scale, zero) pairs of bfloat16, (N / R, K / G, R, 2). N is a multiple of R, K of G, G of 64. */
@@ -198,7 +198,7 @@ int neoxja_bf16_gemv(const uint16_t *x, const uint16_t *w, const uint16_t *bias,
         __m512 a[R][2];
         for (int i = 0; i < R; i++) { a[i][0] = _mm512_setzero_ps(); a[i][1] = _mm512_setzero_ps(); }
         int k = 0;
-        for (; k + 64 <= kfull; k += 64) {
+        for (; k <= kfull - 64; k += 64) {
             const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + k), x1 = (__m512bh)_mm512_loadu_si512(x + k + 32);
             for (int i = 0; i < rows; i++) {
                 const uint16_t *wr = wt + (size_t)i * K + k;
