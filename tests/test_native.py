@@ -60,11 +60,16 @@ def test_kernel_sums_equal_float64_sums_of_the_dequantized_weights(M, K, N, G):
     assert bool(((y.double() - exact).abs() <= bound).all()), float(((y.double() - exact).abs() / bound).max())
 
 
-@needs_kernel
-def test_the_opaque_op_equals_the_direct_call_and_has_a_fake():
+def small_layout():
+    """(generator, q, scales, zeros, packed, sz): an 8 x 128 weight in groups of 64, packed for the kernel."""
     g = torch.Generator().manual_seed(0)
     q, scales, zeros = int4_group_params(torch.randn(8, 128, generator=g), 64)
-    packed, sz = native.pack_int4(q, scales, zeros)
+    return (g, q, scales, zeros) + native.pack_int4(q, scales, zeros)
+
+
+@needs_kernel
+def test_the_opaque_op_equals_the_direct_call_and_has_a_fake():
+    g, q, scales, zeros, packed, sz = small_layout()
     x = torch.randn(3, 128, generator=g).to(torch.bfloat16)
     assert torch.equal(native.int4_linear_op()(x, packed, sz, 64), native.int4_linear(x, packed, sz, 64))
     torch.library.opcheck(native.int4_linear_op(), (x, packed, sz, 64))
@@ -232,9 +237,7 @@ def test_the_library_is_built_once_into_the_cache_and_reused(monkeypatch, tmp_pa
 
 @needs_kernel
 def test_kernel_refuses_what_would_read_out_of_bounds():
-    g = torch.Generator().manual_seed(0)
-    q, scales, zeros = int4_group_params(torch.randn(8, 128, generator=g), 64)
-    packed, sz = native.pack_int4(q, scales, zeros)
+    g, q, scales, zeros, packed, sz = small_layout()
     x = torch.randn(2, 128, generator=g)
     with pytest.raises(ValueError, match="takes x as a CPU tensor of torch.bfloat16, got torch.float32"):
         native.int4_linear(x, packed, sz, 64)
@@ -273,9 +276,7 @@ def test_packing_in_row_chunks_equals_packing_at_once(monkeypatch):
 
 @needs_kernel
 def test_more_refusals_and_what_must_still_work():
-    g = torch.Generator().manual_seed(0)
-    q, scales, zeros = int4_group_params(torch.randn(8, 128, generator=g), 64)
-    packed, sz = native.pack_int4(q, scales, zeros)
+    g, q, scales, zeros, packed, sz = small_layout()
     x = torch.randn(2, 128, generator=g).to(torch.bfloat16)
     with pytest.raises(ValueError, match="not contiguous"):
         native.int4_linear(x, packed.t().contiguous().t(), sz, 64)
