@@ -455,6 +455,8 @@ def load_quantized(name_or_path: str | os.PathLike, mode: str = "int4", group_si
     from neoxja.model import GPTNeoXJapaneseForCausalLM
 
     hook = LayerwiseQuantizer(mode, group_size, kernel)
+    if mode == "int4" and kernel != "auto":  # a kernel that cannot run here is refused before anything is read
+        choose_int4_kernel(kernel, device or "cpu", group_size or DEFAULT_INT4_GROUP_SIZE)
     if dtype is None:
         dtype = torch.bfloat16 if mode == "int4" else torch.float32
     return load_pretrained(GPTNeoXJapaneseForCausalLM, name_or_path, dtype=dtype, device=device,

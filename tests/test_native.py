@@ -445,3 +445,13 @@ def test_a_gemv_plan_falls_back_where_gemv_cannot_run():
         layer.gemv_runs = False  # as from_linear finds it where the library does not run
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     assert "gemv" not in kernels.candidates(torch.empty(40, 48, dtype=torch.bfloat16).t())  # not contiguous
+
+
+def test_load_quantized_refuses_a_kernel_that_cannot_run_before_reading_anything(tmp_path):
+    from neoxja.quantization import load_quantized
+
+    missing = tmp_path / "no-such-model"  # were it read first, the error would be about the missing files
+    with pytest.raises(ValueError, match="groups of a multiple of 64 columns, not 32"):
+        load_quantized(missing, "int4", group_size=32, kernel="avx512_bf16")
+    with pytest.raises(ValueError, match="it runs on CPU, not on meta"):
+        load_quantized(missing, "int4", kernel="avx512_bf16", device="meta")
