@@ -167,8 +167,8 @@ def time_in_products(model: torch.nn.Module, generate, new_tokens: int) -> tuple
 
 def build_side_by_side(args):
     """Our float32 model, transformers' with the same weights, an int8 copy of ours and two int4 ones (bfloat16
-    activations: torch's CPU int4 kernel is fast only with them): with the kernel `quantize` chooses ("auto":
-    neoxja's AVX512-BF16 kernel where it runs) and with torch's."""
+    activations: torch's CPU int4 kernel is fast only with them): with --int4-kernel (default "auto", what
+    `quantize` chooses: neoxja's AVX512-BF16 kernel where it runs, else its AVX2 one) and with torch's."""
     import copy
 
     import transformers
@@ -180,7 +180,8 @@ def build_side_by_side(args):
     ref.load_state_dict(ours.state_dict())
     ours_int8 = quantize(copy.deepcopy(ours), "int8")
     choose_linear_kernels(ours)  # the skinny-product kernels `neoxja generate` applies for batches
-    ours_int4 = quantize(copy.deepcopy(ours).to(torch.bfloat16), "int4", group_size=args.group_size)
+    ours_int4 = quantize(copy.deepcopy(ours).to(torch.bfloat16), "int4", group_size=args.group_size,
+                         kernel=args.int4_kernel)
     ours_int4_torch = quantize(copy.deepcopy(ours).to(torch.bfloat16), "int4", group_size=args.group_size,
                                kernel="torch")
     return ours, ref, ours_int8, ours_int4, ours_int4_torch
@@ -309,7 +310,7 @@ def run_side_by_side(args) -> int:
           f"prompt {args.prompt}, {args.new} new tokens, greedy; {args.rounds} rounds", flush=True)
     ours, ref, ours_int8, ours_int4, ours_int4_torch = build_side_by_side(args)
     int4_kernel = next(m.kernel for m in ours_int4.modules() if isinstance(m, Int4WeightOnlyLinear))
-    print(f"int4 kernel chosen by quantize(kernel='auto'): {int4_kernel}", flush=True)
+    print(f"int4 kernel: {int4_kernel} (--int4-kernel {args.int4_kernel})", flush=True)
     prompt = torch.randint(0, 31000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     batch_prompt = prompt.repeat(8, 1)
     new = args.new
@@ -597,8 +598,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-batch", action="store_true", help="skip the batch-8 measurements")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for both sides (default: torch's choice)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
-    p.add_argument("--int4-kernel", choices=("auto", "torch", "avx512_bf16"), default="auto",
-                   help="--int4-memory: the int4 kernel (default auto: what quantize chooses here)")
+    p.add_argument("--int4-kernel", choices=("auto", "torch", "avx512_bf16", "avx2"), default="auto",
+                   help="the int4 kernel of the int4 contenders and of --int4-memory (default auto: what quantize "
+                        "chooses here); with FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 "
+                        "ONEDNN_MAX_CPU_ISA=AVX2 and --int4-kernel avx2, what an AVX2 CPU runs")
     p.add_argument("--no-ctranslate2", action="store_true", help="skip the CTranslate2 contenders")
     p.add_argument("--workdir", help="where exports and checkpoints go (default: a temporary directory)")
     p.add_argument("--int4-memory", action="store_true",

@@ -9,8 +9,12 @@ median of per-round ratios (a shared machine: load comes in bursts).
 Kernels: float32 and bfloat16 F.linear; FBGEMM int8 (`torch.ops.quantized.linear_dynamic`, per-channel
 weights, activations quantized per call); `torch._weight_int8pack_mm` (weight-only int8, bfloat16
 activations); torch's CPU int4 kernel `torch._weight_int4pack_mm_for_cpu` at group sizes 32, 128, 256
-(bfloat16 activations; with float32 activations it is tens of times slower); neoxja's own int4 kernel
-(`neoxja.native`, AVX512-BF16, what `quantize(model, "int4")` chooses where it runs) at groups 128 and 256;
+(bfloat16 activations; with float32 activations it is tens of times slower); neoxja's own int4 kernels
+(`neoxja.native`: "avx512_bf16", what `quantize(model, "int4")` chooses where it runs, and "avx2", its choice
+on CPUs with AVX2 but no AVX512-BF16) at groups 128 and 256, each where this CPU runs it. To see what an AVX2
+CPU gets on a newer one, cap every library at AVX2 (torch's kernels, FBGEMM, oneDNN):
+    FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_quant_kernels.py
+(the avx512_bf16 rows then show what AVX2 CPUs lack; the memory system stays this machine's);
 with --compile, inductor's
 code for gpt-fast's weight-only int8 linear (F.linear(x, w.to(x.dtype)) * scales), with freezing on.
 
@@ -65,13 +69,14 @@ def kernels(args) -> dict:
     for gs in (32, 128, 256):
         int4 = [Int4WeightOnlyLinear.from_float(m, gs, kernel="torch") for m in linears]
         out[f"int4 group {gs}"] = lambda int4=int4: [q(x16[q.in_features]) for q in int4]
-    ok, why = native.available()
-    if ok:
-        for gs in (128, 256):
-            int4 = [Int4WeightOnlyLinear.from_float(m, gs, kernel="avx512_bf16") for m in linears]
-            out[f"int4 neoxja avx512_bf16 group {gs}"] = lambda int4=int4: [q(x16[q.in_features]) for q in int4]
-    else:
-        print(f"neoxja's int4 kernel left out: {why}", flush=True)
+    for isa in native.ISAS:
+        ok, why = native.available(isa)
+        if ok:
+            for gs in (128, 256):
+                int4 = [Int4WeightOnlyLinear.from_float(m, gs, kernel=isa) for m in linears]
+                out[f"int4 neoxja {isa} group {gs}"] = lambda int4=int4: [q(x16[q.in_features]) for q in int4]
+        else:
+            print(f"neoxja's {isa} int4 kernel left out: {why}", flush=True)
     packs = []
     for m in linears:
         w = m.weight.detach()

@@ -1,26 +1,33 @@
-"""neoxja's own CPU products for AVX512-BF16, in C: the int4 weight-only product (build, layout, op) and a
-one-row bfloat16 product (`bf16_gemv`, a candidate of neoxja.kernels' measured choice).
+"""neoxja's own CPU products, in C: the int4 weight-only product for AVX512-BF16 CPUs and one for AVX2 CPUs
+(build, layout, ops), and a one-row bfloat16 product (`bf16_gemv`, a candidate of neoxja.kernels' measured
+choice).
 
 torch's int4 CPU kernel (`torch._weight_int4pack_mm_for_cpu`) is bound by its own unpacking, not by memory:
 on the AVX512-BF16 EPYC it streamed 30-35 GB/s of packed weights where FBGEMM streams 40-47 GB/s of int8
-ones, so int4 decoded only 1.16-1.23x int8 (docs/quantization.md), and neither torch nor a wheel on PyPI
-ships a faster x86 int4 product. `csrc/avx512_bf16.c` holds that product: a nibble becomes a bfloat16 by
-one table lookup and `vdpbf16ps` multiplies 32 of them by 32 activations into float32 sums; the group's
-bfloat16 scale multiplies each group's sum once, and its offset (zero - 8 * scale) enters through the
-group's sum of the activations. The products are exact and only float32 sums round (torch's kernel rounds
-the dequantized weights to bfloat16, ~3e-3 of the largest output).
+ones, so int4 decoded only 1.16-1.23x int8 (docs/quantization.md), and on an AVX2 CPU 0.81x; neither torch
+nor a wheel on PyPI ships a faster x86 int4 product. Two kernels here, on one packed layout:
+- `csrc/avx512_bf16.c` (kernel "avx512_bf16"): a nibble becomes a bfloat16 by one table lookup and
+  `vdpbf16ps` multiplies 32 of them by 32 activations into float32 sums; the group's bfloat16 scale
+  multiplies each group's sum once, and its offset (zero - 8 * scale) enters through the group's sum of the
+  activations. The products are exact and only float32 sums round (torch's kernel rounds the dequantized
+  weights to bfloat16, ~3e-3 of the largest output).
+- `csrc/avx2.c` (kernel "avx2", for CPUs with AVX2 and FMA but no AVX512-BF16): AVX2 has no bfloat16 dot
+  product, so, as llama.cpp's Q4_0 x Q8_0, each group of activations is quantized to int8 with one scale and
+  `vpmaddubsw` multiplies nibbles by them in exact integer sums; the activations' rounding to 8 bits is its
+  only error beyond float32 sums (at most half their group's scale per activation).
 
-The C source is compiled on first use with the system's C compiler (`$CC`, which may carry arguments, else
-`cc`) into `$NEOXJA_BUILD_CACHE` (default `$XDG_CACHE_HOME/neoxja/build`, `~/.cache` by default), named by a
-hash of the source, the flags and the compiler's version, and loaded with ctypes; a cached library that does
-not load is rebuilt once. A failed build is remembered for the process. It links OpenMP (`libgomp.so.1`:
-with GCC and torch's wheels, the runtime torch has already loaded; a second OpenMP runtime in the process is
-warned about) and runs on torch's thread count. Its custom op for compiled graphs
-(`neoxja::int4_avx512_linear`) is registered on first use, not at import.
+The C sources are compiled on first use with the system's C compiler (`$CC`, which may carry arguments, else
+`cc`), each with its own instruction-set flags, into one library in `$NEOXJA_BUILD_CACHE` (default
+`$XDG_CACHE_HOME/neoxja/build`, `~/.cache` by default), named by a hash of the sources, the flags and the
+compiler's version, and loaded with ctypes; a cached library that does not load is rebuilt once. A failed
+build is remembered for the process. Each kernel asks the CPU for its instructions at every call. It links
+OpenMP (`libgomp.so.1`: with GCC and torch's wheels, the runtime torch has already loaded; a second OpenMP
+runtime in the process is warned about) and runs on torch's thread count. The custom ops for compiled graphs
+(`neoxja::int4_avx512_linear`, `neoxja::int4_avx2_linear`) are registered on first use, not at import.
 
-`available()` says whether the library can run here and why not; `neoxja.quantization` uses it for
-`quantize(model, "int4", kernel="auto")` and `neoxja.kernels` for its "gemv" candidate. Imports nothing of
-neoxja's.
+`available(isa)` says whether a kernel can run on this machine and why not; `neoxja.quantization` uses it
+for `quantize(model, "int4", kernel="auto")` and `neoxja.kernels` for its "gemv" candidate. Imports nothing
+of neoxja's.
 """
 
 from __future__ import annotations
@@ -38,35 +45,54 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "cpu_supported", "pack_int4", "int4_linear", "int4_linear_op", "bf16_gemv", "TILE_ROWS", "BLOCK"]
+__all__ = ["available", "cpu_supported", "pack_int4", "int4_linear", "int4_linear_op", "bf16_gemv", "TILE_ROWS",
+           "BLOCK", "ISAS"]
 
-SOURCE = Path(__file__).with_name("csrc") / "avx512_bf16.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-shared", "-fPIC")
+CSRC = Path(__file__).with_name("csrc")
+# each translation unit with the instruction sets it may use (an AVX2 CPU never runs the AVX-512 one's code)
+SOURCES = {CSRC / "avx512_bf16.c": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"),
+           CSRC / "avx2.c": ("-mavx2", "-mfma")}
+FLAGS = ("-O3", "-fopenmp", "-fPIC")  # every unit's, and the link's (-shared)
+ISAS = ("avx512_bf16", "avx2")  # the instruction sets of the kernels, as the int4 kernels are named
+INT4_FUNCTIONS = {"avx512_bf16": "neoxja_int4_linear", "avx2": "neoxja_int4_linear_avx2"}
+INT4_OPS = {"avx512_bf16": "int4_avx512_linear", "avx2": "int4_avx2_linear"}  # neoxja::<name> under torch.compile
 TILE_ROWS = 4  # R in the C source: weight rows per tile
 BLOCK = 64  # columns per block: a group holds whole blocks
 _INT_MAX = 2**31 - 1  # the C kernel's int arguments
 
 
-def cpu_supported() -> bool:
-    """Whether this CPU has AVX512-BF16 (torch's own check), which the kernel's instructions need."""
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+def _check_isa(isa) -> None:
+    if isa not in ISAS:
+        raise ValueError(f"unknown instruction set {isa!r}; neoxja's kernels are for {ISAS}")
+
+
+def cpu_supported(isa: str = "avx512_bf16") -> bool:
+    """Whether this CPU has the instructions of the kernels for `isa` (torch's own checks, of the hardware):
+    AVX512-BF16, or AVX2 (with FMA, which every AVX2 CPU has)."""
+    _check_isa(isa)
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported" if isa == "avx512_bf16" else "_is_avx2_supported", None)
     return bool(check is not None and check())
 
 
-def available() -> tuple[bool, str]:
-    """(whether the kernel can run on this machine, why not). Builds it on the first call that can."""
+def available(isa: str = "avx512_bf16") -> tuple[bool, str]:
+    """(whether the kernels for `isa` can run on this machine, why not). Builds the library on the first call
+    that can."""
     try:
-        _library()
+        _library(isa)
     except RuntimeError as e:
         return False, str(e)
-    return True, "this CPU has AVX512-BF16"
+    return True, f"this CPU has {ISA_NAMES[isa]}"
+
+
+ISA_NAMES = {"avx512_bf16": "AVX512-BF16", "avx2": "AVX2"}
 
 
 def _compiler() -> list[str]:
     cc = shlex.split(os.environ.get("CC") or "cc")
     found = shutil.which(cc[0]) if cc else None
     if found is None:
-        raise RuntimeError(f"no C compiler ({os.environ.get('CC') or 'cc'!r} is not on PATH) to build {SOURCE.name}")
+        raise RuntimeError(f"no C compiler ({os.environ.get('CC') or 'cc'!r} is not on PATH) to build "
+                           f"{', '.join(p.name for p in SOURCES)}")
     return [found, *cc[1:]]
 
 
@@ -80,13 +106,20 @@ def _build_dir() -> Path:
 
 
 def _build(cc: list[str], path: Path) -> None:
+    """Each source to an object with its own flags, then one library; built aside, renamed in one step."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=path.parent)  # built aside, renamed in one step
+    fd, tmp = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"building {SOURCE} with {shlex.join(cc)} failed:\n{done.stderr.strip()}")
+        with tempfile.TemporaryDirectory(prefix=".objects-", dir=path.parent) as objects:
+            commands = [[*cc, *FLAGS, *isa_flags, "-c", str(source), "-o", os.path.join(objects, source.stem + ".o")]
+                        for source, isa_flags in SOURCES.items()]
+            commands.append([*cc, *FLAGS, "-shared", *(c[-1] for c in commands), "-o", tmp])
+            for command in commands:
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode:
+                    what = command[command.index("-c") + 1] if "-c" in command else "the library"
+                    raise RuntimeError(f"building {what} with {shlex.join(cc)} failed:\n{done.stderr.strip()}")
         os.chmod(tmp, 0o755)  # mkstemp made it 0600: readable by everyone sharing the cache
         os.replace(tmp, path)
     finally:
@@ -96,7 +129,8 @@ def _build(cc: list[str], path: Path) -> None:
 
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    for name, pointers, ints in (("neoxja_int4_linear", 4, 5), ("neoxja_bf16_gemv", 4, 3)):
+    for name, pointers, ints in (("neoxja_int4_linear", 4, 5), ("neoxja_int4_linear_avx2", 4, 5),
+                                 ("neoxja_bf16_gemv", 4, 3)):
         fn = getattr(lib, name)  # AttributeError: not our library
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int] * ints
@@ -121,8 +155,9 @@ def _load() -> ctypes.CDLL | RuntimeError:
     try:
         cc = _compiler()
         version = subprocess.run([cc[0], "--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, FLAGS)).encode() + version.encode()).hexdigest()[:16]
-        path = _build_dir() / f"avx512_bf16-{key}.so"
+        sources = b"".join(p.read_bytes() for p in SOURCES)
+        key = hashlib.sha256(sources + repr((cc, FLAGS, SOURCES)).encode() + version.encode()).hexdigest()[:16]
+        path = _build_dir() / f"neoxja-native-{key}.so"
         if not path.exists():
             _build(cc, path)
         try:
@@ -133,14 +168,14 @@ def _load() -> ctypes.CDLL | RuntimeError:
     except RuntimeError as e:
         return e
     except (OSError, AttributeError, ValueError) as e:  # ValueError: a $CC shlex cannot split
-        return RuntimeError(f"cannot build or load {SOURCE.name}: {e}")
+        return RuntimeError(f"cannot build or load neoxja's native library: {e}")
     _warn_if_two_openmp_runtimes()
     return lib
 
 
-def _library() -> ctypes.CDLL:
-    if not cpu_supported():  # asked at every call, not remembered: only the build is
-        raise RuntimeError(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no AVX512-BF16")
+def _library(isa: str = "avx512_bf16") -> ctypes.CDLL:
+    if not cpu_supported(isa):  # asked at every call, not remembered: only the build is
+        raise RuntimeError(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no {ISA_NAMES[isa]}")
     lib = _load()
     if isinstance(lib, RuntimeError):
         raise RuntimeError(str(lib))
@@ -172,9 +207,12 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tup
     return packed, sz.view(torch.int16)
 
 
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x (M, K) bfloat16 -> (M, N) float32 on the CPU, N = the packed (padded) row count. Everything the C
-    kernel relies on is checked here first, so that no call reads or writes out of bounds."""
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                isa: str = "avx512_bf16") -> torch.Tensor:
+    """x (M, K) bfloat16 -> (M, N) float32 on the CPU, N = the packed (padded) row count, by the kernel for
+    `isa` ("avx512_bf16" or "avx2"; the same layout). Everything the C kernel relies on is checked here
+    first, so that no call reads or writes out of bounds."""
+    _check_isa(isa)
     for name, t, dtype in (("x", x, torch.bfloat16), ("packed", packed, torch.uint8),
                            ("scales_and_zeros", scales_and_zeros, torch.int16)):
         if t.device.type != "cpu" or t.dtype != dtype:
@@ -198,34 +236,37 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     x = x.contiguous().resolve_neg().resolve_conj()
     y = torch.empty(M, N, dtype=torch.float32, device="cpu")  # not the default device, whatever it is
     if M and N:
-        rc = _library().neoxja_int4_linear(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(),
-                                           y.data_ptr(), M, N, K, group_size, torch.get_num_threads())
+        function = getattr(_library(isa), INT4_FUNCTIONS[isa])
+        rc = function(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(), M, N, K,
+                      group_size, torch.get_num_threads())
         if rc:
-            raise RuntimeError(f"neoxja_int4_linear refused M={M} N={N} K={K} group_size={group_size} (it takes "
+            raise RuntimeError(f"{INT4_FUNCTIONS[isa]} refused M={M} N={N} K={K} group_size={group_size} (it takes "
                                f"groups of a multiple of {BLOCK} columns), or its memory for the group sums ran out")
     return y
 
 
-_int4_linear_op = None  # the custom op, once registered
+_int4_linear_ops = {}  # isa -> its custom op, once registered
 
 
-def int4_linear_op():
-    """`int4_linear` as the custom op neoxja::int4_avx512_linear(x, packed, scales_and_zeros, group_size), opaque to
-    torch.compile (a ctypes call cannot be traced). Registered on first use, not at import: the quantized
-    layer registers it when it is made (registering cannot happen while dynamo traces)."""
-    global _int4_linear_op
-    if _int4_linear_op is None:
-        @torch.library.custom_op("neoxja::int4_avx512_linear", mutates_args=())
-        def int4_avx512_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
-                               group_size: int) -> torch.Tensor:
-            return int4_linear(x, packed, scales_and_zeros, group_size)
+def int4_linear_op(isa: str = "avx512_bf16"):
+    """`int4_linear` on the kernel for `isa` as the custom op neoxja::int4_avx512_linear or
+    neoxja::int4_avx2_linear (x, packed, scales_and_zeros, group_size), opaque to torch.compile (a ctypes call
+    cannot be traced). Registered on first use, not at import: the quantized layer registers it when it is
+    made (registering cannot happen while dynamo traces)."""
+    _check_isa(isa)
+    if isa not in _int4_linear_ops:
+        def product(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                    group_size: int) -> torch.Tensor:
+            return int4_linear(x, packed, scales_and_zeros, group_size, isa)
 
-        @int4_avx512_linear.register_fake
+        op = torch.library.custom_op(f"neoxja::{INT4_OPS[isa]}", product, mutates_args=())
+
+        @op.register_fake
         def _(x, packed, scales_and_zeros, group_size):
             return x.new_empty((x.shape[0], packed.shape[0] * TILE_ROWS), dtype=torch.float32)
 
-        _int4_linear_op = int4_avx512_linear
-    return _int4_linear_op
+        _int4_linear_ops[isa] = op
+    return _int4_linear_ops[isa]
 
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

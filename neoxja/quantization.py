@@ -18,10 +18,13 @@ FBGEMM runs on CPU only; a model on another device is refused with a clear error
 `quantize(model, "int4", group_size=128)` replaces every `nn.Linear` with an `Int4WeightOnlyLinear`: weights
 as 4-bit integers, asymmetric, one bfloat16 scale and zero per group of `group_size` input columns of a row
 (gpt-fast's and torchao's int4 weight-only scheme); activations stay float and go through the kernel in
-bfloat16. Two kernels (`kernel=`, chosen once when quantizing; "auto" by default):
+bfloat16. Three kernels (`kernel=`, chosen once when quantizing; "auto" by default, the first that runs):
 - "avx512_bf16", neoxja's own (`neoxja.native`, C built on first use), where the CPU has AVX512-BF16 and
   the groups hold 64 or more columns: torch's CPU kernel is bound by its own unpacking, and ours streams the
   weights fast enough for int4 to decode ~1.5x int8 (docs/quantization.md);
+- "avx2", neoxja's own for CPUs with AVX2 but no AVX512-BF16 (same layout and groups): the activations are
+  quantized to int8 per group inside the kernel (as llama.cpp's Q4_0 x Q8_0), so it adds their rounding to
+  the weights' (held-out bits/char stays within the goal, tests/test_quantization.py);
 - "torch", the kernels torch ships: `torch._weight_int4pack_mm_for_cpu` on CPU, the tinygemm
   `torch._weight_int4pack_mm` on CUDA, and wherever ours cannot run. torchao's int4 weight-only layout for
   CPU calls the same CPU kernel, and its PyPI wheel carries no other x86 kernel.
@@ -198,8 +201,8 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int | None = None
     """Quantize `model` in place and return it. `mode`: "int8", "int4" or "none" (no change).
 
     `group_size` (int4 only; 32, 64, 128 or 256, default 128): input columns sharing one scale and zero.
-    `kernel` (int4 only): "auto" (neoxja's AVX512-BF16 CPU kernel where it runs, else torch's), "torch" or
-    "avx512_bf16" (an error where it cannot run); see `choose_int4_kernel`.
+    `kernel` (int4 only): "auto" (neoxja's AVX512-BF16 CPU kernel where it runs, else its AVX2 one, else
+    torch's), "torch", "avx512_bf16" or "avx2" (an error where it cannot run); see `choose_int4_kernel`.
     Every nn.Linear is replaced, one at a time so that each float weight can be freed as soon as its
     quantized copy exists (peak memory stays near the float model's). Tied embeddings: the input embedding
     keeps its float weight (it is a lookup, not a matmul); only the LM head is quantized. A model is
@@ -280,6 +283,8 @@ class Int4WeightOnlyLinear(nn.Module):
       model.to(dtype) leaves them); float32-exact sums of the dequantized weights times the bfloat16
       activations, the same rows padding and slicing. Under torch.compile it is the opaque op
       `neoxja::int4_avx512_linear`.
+    - "avx2": neoxja's CPU kernel for AVX2 (`neoxja.native`), the same layout; activations quantized to int8
+      per group inside the kernel, integer sums. Under torch.compile the opaque op `neoxja::int4_avx2_linear`.
     """
 
     ROW_CHUNK = 1024  # rows quantized and packed at a time; a multiple of the CPU packing's 64-row blocks
@@ -289,8 +294,8 @@ class Int4WeightOnlyLinear(nn.Module):
                  kernel: str = "torch"):
         super().__init__()
         self.kernel = kernel
-        if kernel == "avx512_bf16":
-            native.int4_linear_op()  # registered now: registering cannot happen while dynamo traces
+        if kernel in native.ISAS:
+            native.int4_linear_op(kernel)  # registered now: registering cannot happen while dynamo traces
         self.register_buffer("packed", packed, persistent=False)
         # bfloat16 (scale, zero) pairs held as their int16 bits, so that model.to(dtype) leaves them alone
         self.register_buffer("scales_and_zeros", scales_and_zeros.view(torch.int16), persistent=False)
@@ -322,7 +327,7 @@ class Int4WeightOnlyLinear(nn.Module):
         # largest weight (the CPU packings work on row blocks of 64 and 4, so chunks of ROW_CHUNK rows pack alike)
         chunks = range(0, weight.shape[0], cls.ROW_CHUNK)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        if kernel == "avx512_bf16":  # written into the final tensors chunk by chunk: no concatenated copy
+        if kernel in native.ISAS:  # neoxja's layout, written into the final tensors chunk by chunk: no concatenated copy
             R = native.TILE_ROWS
             packed = torch.empty(weight.shape[0] // R, K // 2 * R, dtype=torch.uint8, device=device)
             scales_and_zeros = torch.empty(weight.shape[0] // R, K // group_size, R, 2, dtype=torch.int16,
@@ -349,11 +354,11 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
-        if self.kernel == "avx512_bf16":
+        if self.kernel in native.ISAS:
             if torch.compiler.is_compiling():
-                y = native.int4_linear_op()(x2, self.packed, self.scales_and_zeros, self.group_size)
+                y = native.int4_linear_op(self.kernel)(x2, self.packed, self.scales_and_zeros, self.group_size)
             else:
-                y = native.int4_linear(x2, self.packed, self.scales_and_zeros, self.group_size)
+                y = native.int4_linear(x2, self.packed, self.scales_and_zeros, self.group_size, self.kernel)
         elif self.packed.device.type == "cuda":
             y = torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros.view(torch.bfloat16))
         else:
@@ -378,13 +383,13 @@ class Int4WeightOnlyLinear(nn.Module):
                 f"int4 weight-only, group_size={self.group_size}, kernel={self.kernel}")
 
 
-INT4_KERNELS = ("auto", "torch", "avx512_bf16")
+INT4_KERNELS = ("auto", "torch", *native.ISAS)
 
 
 def choose_int4_kernel(kernel: str, device: torch.device | str, group_size: int) -> str:
-    """The int4 kernel `kernel` names, on `device`, for `group_size`: "auto" is neoxja's "avx512_bf16" where it
-    runs (a CPU with AVX512-BF16, a C compiler, groups of 64 or more), else torch's. Naming "avx512_bf16"
-    where it cannot run is an error that says why."""
+    """The int4 kernel `kernel` names, on `device`, for `group_size`: "auto" is the first of neoxja's
+    "avx512_bf16" and "avx2" that runs (a CPU with its instructions, a C compiler, groups of 64 or more),
+    else torch's. Naming one of neoxja's where it cannot run is an error that says why."""
     if not isinstance(kernel, str) or kernel not in INT4_KERNELS:
         raise ValueError(f"unknown int4 kernel {kernel!r}; expected one of {INT4_KERNELS}")
     if kernel == "torch":
@@ -395,15 +400,17 @@ def choose_int4_kernel(kernel: str, device: torch.device | str, group_size: int)
     elif group_size % native.BLOCK:
         why = f"it takes groups of a multiple of {native.BLOCK} columns, not {group_size}"
     else:
-        ok, why = native.available()
-        if ok:
-            return "avx512_bf16"
-        if native.cpu_supported() and kernel == "auto":  # a CPU it is for, where it could not be built
-            warnings.warn(f"neoxja's int4 kernel for this CPU is unavailable ({why}); using torch's int4 kernel, "
-                          f"which decodes slower here", RuntimeWarning, stacklevel=3)
+        for isa in native.ISAS if kernel == "auto" else (kernel,):
+            ok, why = native.available(isa)
+            if ok:
+                return isa
+            if native.cpu_supported(isa) and kernel == "auto":  # a CPU it is for, where it could not be built
+                warnings.warn(f"neoxja's int4 kernel for this CPU is unavailable ({why}); using torch's int4 "
+                              f"kernel, which decodes slower here", RuntimeWarning, stacklevel=3)
+                break
     if kernel == "auto":
         return "torch"
-    raise ValueError(f"the int4 kernel 'avx512_bf16' cannot run here: {why}")
+    raise ValueError(f"the int4 kernel {kernel!r} cannot run here: {why}")
 
 
 # ----------------------------------------------------------------------------------------------------------
