@@ -45,7 +45,8 @@ import torch  # noqa: E402
 from neoxja.config import GPTNeoXJapaneseConfig  # noqa: E402
 from neoxja.model import GPTNeoXJapaneseForCausalLM  # noqa: E402
 from neoxja.kernels import choose_linear_kernels  # noqa: E402
-from neoxja.quantization import Int4WeightOnlyLinear, Int8DynamicLinear, quantize  # noqa: E402
+from neoxja import native  # noqa: E402
+from neoxja.quantization import Int4WeightOnlyLinear, Int8DynamicLinear, choose_int4_kernel, quantize  # noqa: E402
 
 
 # the goals `make bench` enforces: name -> (numerator, denominator, minimum ratio of their tokens/s).
@@ -180,8 +181,10 @@ def build_side_by_side(args):
     ref.load_state_dict(ours.state_dict())
     ours_int8 = quantize(copy.deepcopy(ours), "int8")
     choose_linear_kernels(ours)  # the skinny-product kernels `neoxja generate` applies for batches
-    ours_int4 = quantize(copy.deepcopy(ours).to(torch.bfloat16), "int4", group_size=args.group_size,
-                         kernel=args.int4_kernel)
+    kernel = choose_int4_kernel(args.int4_kernel, "cpu", args.group_size)
+    # neoxja's AVX2 kernel takes float32 activations: an AVX2 CPU runs the rest of the model in float32
+    int4_dtype = native.INT4_ACTIVATIONS.get(kernel, torch.bfloat16)
+    ours_int4 = quantize(copy.deepcopy(ours).to(int4_dtype), "int4", group_size=args.group_size, kernel=kernel)
     ours_int4_torch = quantize(copy.deepcopy(ours).to(torch.bfloat16), "int4", group_size=args.group_size,
                                kernel="torch")
     return ours, ref, ours_int8, ours_int4, ours_int4_torch

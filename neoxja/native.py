@@ -56,6 +56,7 @@ FLAGS = ("-O3", "-fopenmp", "-fPIC")  # every unit's, and the link's (-shared)
 ISAS = ("avx512_bf16", "avx2")  # the instruction sets of the kernels, as the int4 kernels are named
 INT4_FUNCTIONS = {"avx512_bf16": "neoxja_int4_linear", "avx2": "neoxja_int4_linear_avx2"}
 INT4_OPS = {"avx512_bf16": "int4_avx512_linear", "avx2": "int4_avx2_linear"}  # neoxja::<name> under torch.compile
+INT4_ACTIVATIONS = {"avx512_bf16": torch.bfloat16, "avx2": torch.float32}  # the dtype each int4 kernel takes x in
 TILE_ROWS = 4  # R in the C source: weight rows per tile
 BLOCK = 64  # columns per block: a group holds whole blocks
 _INT_MAX = 2**31 - 1  # the C kernel's int arguments
@@ -209,11 +210,11 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tup
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                 isa: str = "avx512_bf16") -> torch.Tensor:
-    """x (M, K) bfloat16 -> (M, N) float32 on the CPU, N = the packed (padded) row count, by the kernel for
-    `isa` ("avx512_bf16" or "avx2"; the same layout). Everything the C kernel relies on is checked here
-    first, so that no call reads or writes out of bounds."""
+    """x (M, K) -> (M, N) float32 on the CPU, N = the packed (padded) row count, by the kernel for `isa`
+    ("avx512_bf16": x in bfloat16; "avx2": x in float32; the same layout). Everything the C kernel relies on
+    is checked here first, so that no call reads or writes out of bounds."""
     _check_isa(isa)
-    for name, t, dtype in (("x", x, torch.bfloat16), ("packed", packed, torch.uint8),
+    for name, t, dtype in (("x", x, INT4_ACTIVATIONS[isa]), ("packed", packed, torch.uint8),
                            ("scales_and_zeros", scales_and_zeros, torch.int16)):
         if t.device.type != "cpu" or t.dtype != dtype:
             raise ValueError(f"neoxja's int4 CPU kernel takes {name} as a CPU tensor of {dtype}, got {t.dtype} on "

@@ -270,8 +270,8 @@ class Int4WeightOnlyLinear(nn.Module):
     """y = x W^T (+ b) with W in 4 bits, asymmetric per group of `group_size` input columns.
 
     Holds the kernel's packed weight (half a byte per weight), the group scales and zeros in the kernel's
-    layout, and the bias if any. The product runs on bfloat16 activations; its output is cast back to the
-    input's dtype. No state_dict entries: a quantized model is for inference.
+    layout, and the bias if any. The product runs on bfloat16 activations (float32 on the "avx2" kernel); its
+    output is cast back to the input's dtype. No state_dict entries: a quantized model is for inference.
 
     `kernel` (chosen when quantizing, see `choose_int4_kernel`):
     - "torch": torch's kernels, `torch._weight_int4pack_mm_for_cpu` on CPU, tinygemm's `_weight_int4pack_mm`
@@ -353,7 +353,7 @@ class Int4WeightOnlyLinear(nn.Module):
         return cls(packed, scales_and_zeros, bias, K, linear.out_features, group_size, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
+        x2 = x.reshape(-1, self.in_features).to(native.INT4_ACTIVATIONS.get(self.kernel, torch.bfloat16))  # (B*T, K)
         if self.kernel in native.ISAS:
             if torch.compiler.is_compiling():
                 y = native.int4_linear_op(self.kernel)(x2, self.packed, self.scales_and_zeros, self.group_size)

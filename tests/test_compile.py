@@ -231,7 +231,9 @@ def test_compiled_bfloat16_step_gives_the_eager_tokens_past_the_first_few():
     ids = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(3))
     eager = model.generate(ids, max_new_tokens=40)
     assert torch.equal(model.generate(ids, max_new_tokens=40, compile=True), eager)
-    kernel = "avx512_bf16" if native.available()[0] else "torch"  # the kernel `auto` takes here
+    from neoxja.quantization import choose_int4_kernel
+
+    kernel = choose_int4_kernel("auto", "cpu", 64)  # the kernel `auto` takes here
     quantize(model, "int4", group_size=64, kernel=kernel)
     eager = model.generate(ids, max_new_tokens=40)
     assert torch.equal(model.generate(ids, max_new_tokens=40, compile=True), eager)

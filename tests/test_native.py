@@ -1,7 +1,7 @@
-"""neoxja's int4 CPU kernel (neoxja/csrc/avx512_bf16.c, AVX512-BF16): its sums against float64 ones of
-the dequantized weights, its choice by quantize(kernel="auto"), the model and the compiled step on it, and
-bad input. Where the CPU lacks AVX512-BF16 the tests that run the kernel skip, and the fallback tests say
-what such a machine gets."""
+"""neoxja's int4 CPU kernels (neoxja/csrc/avx512_bf16.c for AVX512-BF16, neoxja/csrc/avx2.c for AVX2) and
+its one-row bfloat16 product: their sums against float64 ones of the dequantized weights, the choice by
+quantize(kernel="auto"), the model and the compiled step on them, and bad input. Where the CPU lacks a
+kernel's instructions the tests that run it skip, and the fallback tests say what such a machine gets."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ from neoxja.quantization import Int4WeightOnlyLinear, choose_int4_kernel, int4_g
 
 # skipped only where the CPU lacks the instructions: where it has them, a kernel that fails to build fails
 needs_kernel = pytest.mark.skipif(not native.cpu_supported(), reason="this CPU has no AVX512-BF16")
+needs_avx2 = pytest.mark.skipif(not native.cpu_supported("avx2"), reason="this CPU has no AVX2")
+each_isa = pytest.mark.parametrize("isa", [pytest.param("avx512_bf16", marks=needs_kernel),
+                                           pytest.param("avx2", marks=needs_avx2)])
 
 
 def dequantized(q, scales, zeros, group_size, magnitude=False):
@@ -34,9 +37,9 @@ def dequantized(q, scales, zeros, group_size, magnitude=False):
     return scaled.abs() + offset.abs() if magnitude else scaled + offset
 
 
-@needs_kernel
-def test_the_kernel_builds_where_the_cpu_has_avx512_bf16():
-    ok, why = native.available()
+@each_isa
+def test_the_kernel_builds_where_the_cpu_has_its_instructions(isa):
+    ok, why = native.available(isa)
     assert ok, why
 
 
@@ -60,6 +63,39 @@ def test_kernel_sums_equal_float64_sums_of_the_dequantized_weights(M, K, N, G):
     assert bool(((y.double() - exact).abs() <= bound).all()), float(((y.double() - exact).abs() / bound).max())
 
 
+@needs_avx2
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 9])
+@pytest.mark.parametrize("K,N,G", [(64, 4, 64), (256, 20, 128), (640, 12, 128), (512, 8, 256), (384, 36, 64)])
+def test_avx2_kernel_is_the_exact_sum_over_int8_activations(M, K, N, G):
+    """The AVX2 kernel quantizes each group of G activations to int8 (round(x * (127 / max|x|)) in float32,
+    to nearest even, as torch.round) and sums nibbles times those integers exactly; each group's sum then
+    becomes float once, times the weight's and the activations' scales, and the offset multiplies the group's
+    float32 sum of the original activations. Recomputed here in float64 from the same quantized activations:
+    equal within the float32 sums' rounding (1e-6 of the sum of the terms' magnitudes). And against the exact
+    product of the unquantized activations: within the activations' rounding, half a group's scale each."""
+    g = torch.Generator().manual_seed(M * 1000 + K + N + 7)
+    W = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)
+    q, scales, zeros = int4_group_params(W, G)
+    packed, sz = native.pack_int4(q, scales, zeros)
+    x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4  # float32: the kernel's input
+    x[0, :G] = 0  # an all-zero group: scale 0, nothing divided by it
+    y = native.int4_linear(x, packed, sz, G, "avx2")
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    xg = x.float().view(M, K // G, G)
+    amax = xg.abs().amax(-1, keepdim=True)  # (M, K/G, 1)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    xq = torch.round(xg * inv).view(M, K)  # int8 values, as float
+    x_scale = (amax / 127).squeeze(-1).double().repeat_interleave(G, 1)  # (M, K): each column's group scale
+    w_scaled = q.double() * scales.double().repeat_interleave(G, 1)  # (N, K)
+    offset = (zeros.float() - 8 * scales.float()).double().repeat_interleave(G, 1)  # (N, K)
+    expected = (xq.double() * x_scale) @ w_scaled.T + x.double() @ offset.T
+    terms = (xq.double().abs() * x_scale) @ w_scaled.abs().T + x.double().abs() @ offset.abs().T
+    assert bool(((y.double() - expected).abs() <= 1e-6 * terms + 1e-30).all())
+    exact = x.double() @ (w_scaled + offset).T
+    rounding = (x_scale / 2) @ w_scaled.abs().T  # |x - xq * scale| <= scale / 2 per activation
+    assert bool(((y.double() - exact).abs() <= rounding * 1.0001 + 1e-6 * terms + 1e-30).all())
+
+
 def small_layout():
     """(generator, q, scales, zeros, packed, sz): an 8 x 128 weight in groups of 64, packed for the kernel."""
     g = torch.Generator().manual_seed(0)
@@ -67,12 +103,14 @@ def small_layout():
     return (g, q, scales, zeros) + native.pack_int4(q, scales, zeros)
 
 
-@needs_kernel
-def test_the_opaque_op_equals_the_direct_call_and_has_a_fake():
+@each_isa
+def test_the_opaque_op_equals_the_direct_call_and_has_a_fake(isa):
     g, q, scales, zeros, packed, sz = small_layout()
-    x = torch.randn(3, 128, generator=g).to(torch.bfloat16)
-    assert torch.equal(native.int4_linear_op()(x, packed, sz, 64), native.int4_linear(x, packed, sz, 64))
-    torch.library.opcheck(native.int4_linear_op(), (x, packed, sz, 64))
+    x = torch.randn(3, 128, generator=g).to(native.INT4_ACTIVATIONS[isa])
+    op = native.int4_linear_op(isa)
+    assert op._qualname == f"neoxja::{native.INT4_OPS[isa]}"
+    assert torch.equal(op(x, packed, sz, 64), native.int4_linear(x, packed, sz, 64, isa))
+    torch.library.opcheck(op, (x, packed, sz, 64))
 
 
 @needs_kernel
@@ -127,21 +165,43 @@ def test_quantize_auto_takes_the_kernel_and_the_model_generates_what_torchs_kern
     assert out.shape == (2, 18) and torch.equal(out[:, :12], ids)
 
 
-@needs_kernel
-def test_compiled_decode_step_on_the_kernel_gives_eagers_tokens():
-    """Under torch.compile the product is the opaque op neoxja::int4_avx512_linear (ctypes cannot be
-    traced): the compiled step calls it (the profiler sees the op, which the eager path never dispatches)
-    and gives the eager step's greedy tokens."""
-    model = quantize(make_model(seed=1).to(torch.bfloat16), "int4", group_size=64)
+@each_isa
+def test_compiled_decode_step_on_the_kernel_gives_eagers_tokens(isa):
+    """Under torch.compile the product is the opaque op neoxja::int4_avx512_linear or neoxja::int4_avx2_linear
+    (ctypes cannot be traced): the compiled step calls it (the profiler sees the op, which the eager path
+    never dispatches) and gives the eager step's greedy tokens."""
+    model = quantize(make_model(seed=1).to(torch.bfloat16), "int4", group_size=64, kernel=isa)
+    op = f"neoxja::{native.INT4_OPS[isa]}"
     ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(2))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         eager = model.generate(ids, max_new_tokens=8)
-    assert not [e for e in prof.events() if e.name == "neoxja::int4_avx512_linear"]
+    assert not [e for e in prof.events() if e.name == op]
     torch._dynamo.reset()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         compiled = model.generate(ids, max_new_tokens=8, compile=True)
     assert torch.equal(compiled, eager)
-    assert [e for e in prof.events() if e.name == "neoxja::int4_avx512_linear"]
+    assert [e for e in prof.events() if e.name == op]
+
+
+@needs_avx2
+@pytest.mark.parametrize("bias", [False, True])
+def test_module_on_the_avx2_kernel_is_the_kernel_call_and_near_torchs(bias):
+    """The layer on the AVX2 kernel (rows padded to 16, output sliced, bias added): the kernel's own product
+    of the bfloat16 input, and within a few percent of torch's int4 kernel on the same quantized weights (the
+    activations' 8-bit rounding: llama.cpp's Q8_0 activations)."""
+    g = torch.Generator().manual_seed(10 + int(bias))
+    linear = nn.Linear(256, 37, bias=bias)
+    ours = Int4WeightOnlyLinear.from_float(linear, 64, kernel="avx2")
+    theirs = Int4WeightOnlyLinear.from_float(linear, 64, kernel="torch")
+    assert ours.kernel == "avx2" and "kernel=avx2" in repr(ours)
+    x = torch.randn(2, 5, 256, generator=g)
+    y = ours(x)
+    assert y.shape == (2, 5, 37) and y.dtype == torch.float32
+    direct = native.int4_linear(x.reshape(10, 256), ours.packed, ours.scales_and_zeros, 64, "avx2")
+    expected = direct[:, :37] + (linear.bias.detach() if bias else 0)
+    assert torch.equal(y.reshape(10, 37), expected)
+    ref = theirs(x)
+    assert float((y - ref).norm() / ref.norm()) < 0.02
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,20 +209,44 @@ def test_compiled_decode_step_on_the_kernel_gives_eagers_tokens():
 
 
 def test_kernel_choice_falls_back_to_torchs_where_it_cannot_run(monkeypatch):
-    monkeypatch.setattr(native, "available", lambda: (False, "this CPU (AVX2) has no AVX512-BF16"))
-    monkeypatch.setattr(native, "cpu_supported", lambda: False)
+    monkeypatch.setattr(native, "available", lambda isa="avx512_bf16": (False, f"this CPU (DEFAULT) has no {isa}"))
+    monkeypatch.setattr(native, "cpu_supported", lambda isa="avx512_bf16": False)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a CPU the kernel is not for: falling back is no news
+        warnings.simplefilter("error")  # a CPU the kernels are not for: falling back is no news
         assert choose_int4_kernel("auto", "cpu", 128) == "torch"
-    with pytest.raises(ValueError, match=r"'avx512_bf16' cannot run here: this CPU \(AVX2\) has no AVX512-BF16"):
+    with pytest.raises(ValueError, match=r"'avx512_bf16' cannot run here: this CPU \(DEFAULT\) has no avx512_bf16"):
         choose_int4_kernel("avx512_bf16", "cpu", 128)
+    with pytest.raises(ValueError, match=r"'avx2' cannot run here: this CPU \(DEFAULT\) has no avx2"):
+        choose_int4_kernel("avx2", "cpu", 128)
     model = quantize(make_model(), "int4", group_size=64)  # auto on such a machine: torch's kernel, working
     assert {m.kernel for m in model.modules() if isinstance(m, Int4WeightOnlyLinear)} == {"torch"}
     assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
 
+@needs_avx2
+def test_auto_takes_the_avx2_kernel_on_a_cpu_without_avx512_bf16(monkeypatch):
+    real = native.available
+    monkeypatch.setattr(native, "available", lambda isa="avx512_bf16": (
+        (False, "this CPU (AVX2) has no AVX512-BF16") if isa == "avx512_bf16" else real(isa)))
+    monkeypatch.setattr(native, "cpu_supported", lambda isa="avx512_bf16": isa == "avx2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose_int4_kernel("auto", "cpu", 128) == "avx2"
+    assert choose_int4_kernel("auto", "cpu", 32) == "torch"  # groups of 32: only torch's kernel takes them
+    model = make_model().to(torch.bfloat16)
+    ours = quantize(copy.deepcopy(model), "int4", group_size=64)
+    theirs = quantize(copy.deepcopy(model), "int4", group_size=64, kernel="torch")
+    assert {m.kernel for m in ours.modules() if isinstance(m, Int4WeightOnlyLinear)} == {"avx2"}
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(ids).logits.float(), theirs(ids).logits.float()
+    assert float((a - b).norm() / b.norm()) < 0.05  # the activations' rounding on top of the weights'
+    out = ours.generate(ids, max_new_tokens=6)
+    assert out.shape == (2, 18) and torch.equal(out[:, :12], ids)
+
+
 def test_kernel_choice_rules_and_clear_errors(monkeypatch):
-    monkeypatch.setattr(native, "available", lambda: (True, "this CPU has AVX512-BF16"))
+    monkeypatch.setattr(native, "available", lambda isa="avx512_bf16": (True, "this CPU has AVX512-BF16"))
     assert choose_int4_kernel("auto", "cpu", 64) == "avx512_bf16"
     assert choose_int4_kernel("auto", "cpu", 32) == "torch"  # groups of 32: only torch's kernel takes them
     assert choose_int4_kernel("auto", "cuda", 128) == "torch"
@@ -250,14 +334,16 @@ def test_kernel_refuses_what_would_read_out_of_bounds():
             native.int4_linear(x.to(torch.bfloat16), packed, sz, wrong)
 
 
-def test_source_ships_with_the_package():
-    assert native.SOURCE.is_file() and "neoxja_int4_linear" in native.SOURCE.read_text()
+def test_sources_ship_with_the_package():
+    for source, function in zip(native.SOURCES, ("neoxja_int4_linear", "neoxja_int4_linear_avx2")):
+        assert source.is_file() and function in source.read_text()
+        assert os.path.basename(source.parent) == "csrc"
+    assert "-mavx512f" not in native.SOURCES[native.CSRC / "avx2.c"]  # an AVX2 CPU runs that one
     import tomllib
     from pathlib import Path
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert "csrc/*.c" in pyproject["tool"]["setuptools"]["package-data"]["neoxja"]
-    assert os.path.basename(native.SOURCE.parent) == "csrc"
 
 
 @needs_kernel

@@ -195,7 +195,7 @@ def test_held_out_cost_of_int8_and_int4_on_the_bundled_model(aozora_path):
     bits_per_char = lambda nats: nats / math.log(2) / n_chars  # noqa: E731
     from neoxja import native
 
-    kernels = ["torch"] + (["avx512_bf16"] if native.available()[0] else [])  # each int4 kernel there is here
+    kernels = ["torch"] + [isa for isa in native.ISAS if native.available(isa)[0]]  # each int4 kernel there is here
     for kernel in kernels:
         int4, _ = total_nll(load_quantized(model_dir, "int4", kernel=kernel))
         ratio = bits_per_char(int4) / bits_per_char(fp32)

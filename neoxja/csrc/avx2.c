@@ -1,7 +1,7 @@
 /* neoxja's int4 weight-only product for x86 CPUs with AVX2 and FMA, but no AVX512-BF16 (Haswell to Ice Lake,
    Zen 1-3): neoxja_int4_linear_avx2, built with -mavx2 -mfma only, so it runs on any CPU that has them.
 
-   y (M, N) float32 = x (M, K) bfloat16 @ W^T, with W as in avx512_bf16.c: W[n, k] = q[n, k] * scale[n, g]
+   y (M, N) float32 = x (M, K) float32 @ W^T, with W as in avx512_bf16.c: W[n, k] = q[n, k] * scale[n, g]
    + offset[n, g], q in [0, 15], g = k / G, offset = zero - 8 * scale; the same packed layout (tiles of R = 4
    rows, 64-column blocks, byte j = column j low nibble, column j + 32 high nibble) and (scale, zero) pairs.
 
@@ -14,7 +14,9 @@
    group's sum becomes float once, times the weight scale and the activation scale. The offset enters
    through the group's float sum of the original activations (not the quantized ones). So the only
    rounding beyond float32 sums is the activations' to 8 bits: an error of at most scale_x / 2 per
-   activation, where torch's kernel rounds the weights to bfloat16 instead (neoxja.native's tests bound it). */
+   activation, where torch's kernel rounds the weights to bfloat16 instead (neoxja.native's tests bound it).
+   The activations come in float32: an AVX2 CPU computes the rest of the model in float32 (bfloat16 has no
+   hardware there, and neoxja.preferred_dtype picks float32), and the kernel rounds them to 8 bits anyway. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -36,10 +38,6 @@ static inline float offset_of(const uint16_t *sz, int j) {
     return bf16_to_float(sz[2 * j + 1]) - 8.0f * bf16_to_float(sz[2 * j]);
 }
 
-static inline __m256 load8_bf16(const uint16_t *p) {  /* 8 bfloat16 -> float32: the bits shifted up by 16 */
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -55,11 +53,11 @@ static inline float hmax(__m256 v) {
 }
 
 /* one group of G activations (G a multiple of 16) -> G int8 (round to nearest even), its scale and sum */
-static void quantize_group(const uint16_t *x, int G, int8_t *q, float *scale, float *sum) {
+static void quantize_group(const float *x, int G, int8_t *q, float *scale, float *sum) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     __m256 mx = _mm256_setzero_ps(), s = _mm256_setzero_ps();
     for (int k = 0; k < G; k += 8) {
-        const __m256 v = load8_bf16(x + k);
+        const __m256 v = _mm256_loadu_ps(x + k);
         s = _mm256_add_ps(s, v);
         mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
     }
@@ -68,8 +66,8 @@ static void quantize_group(const uint16_t *x, int G, int8_t *q, float *scale, fl
     *scale = amax / 127.0f;  /* inf or nan for such activations: the product is nan, as the exact one */
     const __m256 inv = _mm256_set1_ps(amax > 0.0f && amax <= 3.4e38f ? 127.0f / amax : 0.0f);
     for (int k = 0; k < G; k += 16) {
-        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(load8_bf16(x + k), inv));
-        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(load8_bf16(x + k + 8), inv));
+        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), inv));
+        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), inv));
         const __m256i ab = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  /* 16 int16, in order */
         _mm_storeu_si128((__m128i *)(q + k),
                          _mm_packs_epi16(_mm256_castsi256_si128(ab), _mm256_extracti128_si256(ab, 1)));
@@ -124,7 +122,7 @@ static inline __attribute__((always_inline)) void tile_rows(
 }
 
 /* Returns 0, or -1 when the shapes break the layout's rules or memory for the quantized activations is short. */
-int neoxja_int4_linear_avx2(const uint16_t *x, const uint8_t *qw, const uint16_t *sz, float *y,
+int neoxja_int4_linear_avx2(const float *x, const uint8_t *qw, const uint16_t *sz, float *y,
                             int M, int N, int K, int G, int nthreads) {
     if (M < 1 || N < R || N % R || G < 64 || G % 64 || K < G || K % G || nthreads < 1) return -1;
     const int ng = K / G;
