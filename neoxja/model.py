@@ -596,6 +596,14 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     views, so nothing of the cache is copied."""
     B, nh, T, hs = q.shape
     S = k.shape[2]
+    if T == 1 and torch.compiler.is_compiling():  # one query per row, compiled: products inductor fuses
+        # with the mask and softmax into its own kernels (two library bmm calls per layer cost ~20 us each,
+        # more than their arithmetic); the same math as below, bfloat16/float16 inputs with float32 sums
+        # (compiled steps already differ from eager ones in the last bits: docs/serving.md)
+        att = (q.float() * k.float()).sum(-1) * scale  # (B, nh, S): q (B, nh, 1, hs) against each key
+        att = (att.unsqueeze(2) + mask).softmax(dim=-1)  # (B, nh, 1, S)
+        y = (att.to(v.dtype).float().transpose(2, 3) * v.float()).sum(2, keepdim=True)  # (B, nh, 1, hs)
+        return y.to(v.dtype)
     if S < 16:
         k, v = F.pad(k, (0, 0, 0, 16 - S)), F.pad(v, (0, 0, 0, 16 - S))  # (B, nh, 16, hs)
         mask = F.pad(mask, (0, 16 - S), value=float("-inf"))  # (B, 1, T, 16)
