@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neoxja._ops import define_op
 from neoxja.kernels import (BlockedCopyLinear, blocked_copy, linear_fake, onednn_dtypes, onednn_linear_available,
                             pack_fits, release_blocked_copies)
 
@@ -70,13 +71,10 @@ def _row_invariant_op():
     weight's blocked copy, looked up inside the op (a graph cannot make it)."""
     global _ROW_INVARIANT_OP
     if _ROW_INVARIANT_OP is None:
-        @torch.library.custom_op("neoxja::row_invariant_linear", mutates_args=())
-        def row_invariant_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-                                 prepack: bool) -> torch.Tensor:
-            return _product(x, w, bias, prepack).clone()  # a fresh tensor: a custom op's output may not be a view
-
-        row_invariant_linear.register_fake(linear_fake)
-        _ROW_INVARIANT_OP = row_invariant_linear
+        _ROW_INVARIANT_OP = define_op(
+            "row_invariant_linear", "(Tensor x, Tensor w, Tensor? bias, bool prepack) -> Tensor",
+            lambda x, w, bias, prepack: _product(x, w, bias, prepack).clone(),  # an op's output may not be a view
+            linear_fake)
     return _ROW_INVARIANT_OP
 
 

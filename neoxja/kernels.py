@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neoxja import native
+from neoxja._ops import define_op
 
 __all__ = ["SkinnyLinear", "blocked_copy", "release_blocked_copies", "choose_linear_kernels", "restore_linear",
            "measure_plan", "KERNELS", "ROW_GRID", "onednn_dtypes"]
@@ -134,13 +135,9 @@ def skinny_linear_op():
     registers it when it is made, because registering cannot happen while dynamo traces."""
     global _skinny_linear_op
     if _skinny_linear_op is None:
-        @torch.library.custom_op("neoxja::skinny_linear", mutates_args=())
-        def skinny_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          kernel: str) -> torch.Tensor:
-            return KERNELS[kernel](x2, weight, bias)
-
-        skinny_linear.register_fake(linear_fake)
-        _skinny_linear_op = skinny_linear
+        _skinny_linear_op = define_op("skinny_linear", "(Tensor x2, Tensor weight, Tensor? bias, str kernel) -> Tensor",
+                                      lambda x2, weight, bias, kernel: KERNELS[kernel](x2, weight, bias),
+                                      linear_fake)
     return _skinny_linear_op
 
 

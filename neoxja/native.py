@@ -26,8 +26,8 @@ runtime in the process is warned about) and runs on torch's thread count. The cu
 (`neoxja::int4_avx512_linear`, `neoxja::int4_avx2_linear`) are registered on first use, not at import.
 
 `available(isa)` says whether a kernel can run on this machine and why not; `neoxja.quantization` uses it
-for `quantize(model, "int4", kernel="auto")` and `neoxja.kernels` for its "gemv" candidate. Imports nothing
-of neoxja's.
+for `quantize(model, "int4", kernel="auto")` and `neoxja.kernels` for its "gemv" candidate. Imports only
+neoxja._ops (the operators' definition).
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from neoxja._ops import define_op
 
 __all__ = ["available", "cpu_supported", "pack_int4", "int4_linear", "int4_linear_op", "bf16_gemv", "TILE_ROWS",
            "BLOCK", "ISAS"]
@@ -260,13 +262,11 @@ def int4_linear_op(isa: str = "avx512_bf16"):
                     group_size: int) -> torch.Tensor:
             return int4_linear(x, packed, scales_and_zeros, group_size, isa)
 
-        op = torch.library.custom_op(f"neoxja::{INT4_OPS[isa]}", product, mutates_args=())
-
-        @op.register_fake
-        def _(x, packed, scales_and_zeros, group_size):
+        def fake(x, packed, scales_and_zeros, group_size):
             return x.new_empty((x.shape[0], packed.shape[0] * TILE_ROWS), dtype=torch.float32)
 
-        _int4_linear_ops[isa] = op
+        _int4_linear_ops[isa] = define_op(
+            INT4_OPS[isa], "(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size) -> Tensor", product, fake)
     return _int4_linear_ops[isa]
 
 

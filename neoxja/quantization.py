@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from neoxja import native
+from neoxja._ops import define_op
 
 SUPPORTED_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 kernels take
@@ -125,7 +126,6 @@ def int8_dynamic_linear_op():
     (dynamo's recompile limit, 8 by default, bounds how many one process compiles)."""
     global _int8_dynamic_linear_op
     if _int8_dynamic_linear_op is None:
-        @torch.library.custom_op("neoxja::int8_dynamic_linear", mutates_args=())
         def int8_dynamic_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
             packed = _PACKED.get(key)
             if packed is None:
@@ -133,11 +133,11 @@ def int8_dynamic_linear_op():
                                    f"freed)")
             return _fbgemm_dynamic_linear(x, packed)
 
-        @int8_dynamic_linear.register_fake
-        def _(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+        def fake(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
             return x.new_empty(*x.shape[:-1], out_features)
 
-        _int8_dynamic_linear_op = int8_dynamic_linear
+        _int8_dynamic_linear_op = define_op("int8_dynamic_linear", "(Tensor x, int key, int out_features) -> Tensor",
+                                            int8_dynamic_linear, fake)
     return _int8_dynamic_linear_op
 
 

@@ -108,7 +108,7 @@ def test_the_opaque_op_equals_the_direct_call_and_has_a_fake(isa):
     g, q, scales, zeros, packed, sz = small_layout()
     x = torch.randn(3, 128, generator=g).to(native.INT4_ACTIVATIONS[isa])
     op = native.int4_linear_op(isa)
-    assert op._qualname == f"neoxja::{native.INT4_OPS[isa]}"
+    assert op.name() == f"neoxja::{native.INT4_OPS[isa]}"
     assert torch.equal(op(x, packed, sz, 64), native.int4_linear(x, packed, sz, 64, isa))
     torch.library.opcheck(op, (x, packed, sz, 64))
 
