@@ -74,7 +74,8 @@ def kernels(args) -> dict:
         if ok:
             for gs in (128, 256):
                 int4 = [Int4WeightOnlyLinear.from_float(m, gs, kernel=isa) for m in linears]
-                out[f"int4 neoxja {isa} group {gs}"] = lambda int4=int4: [q(x16[q.in_features]) for q in int4]
+                xs = x32 if isa == "avx2" else x16  # the activations each kernel takes (no casts around it)
+                out[f"int4 neoxja {isa} group {gs}"] = lambda int4=int4, xs=xs: [q(xs[q.in_features]) for q in int4]
         else:
             print(f"neoxja's {isa} int4 kernel left out: {why}", flush=True)
     packs = []

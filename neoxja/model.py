@@ -595,15 +595,16 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     than 16 positions are padded with masked ones. k and v are views of the cache: flatten(0, 1) keeps them
     views, so nothing of the cache is copied.
 
-    Under torch.compile a single query is computed as elementwise products and sums instead, which inductor
-    fuses with the mask, the softmax and the float32 conversion of the cache into its own kernels (compiled
-    steps give up bitwise batch invariance anyway: docs/serving.md). At the 2.7B width in bfloat16 the two
-    library bmm calls took 1.7-10x as long (8 rows at 2048 positions: 84 ms per layer, converting the whole
-    cache to float32 first; fused 8.4 ms); benchmarks in docs/bf16.md."""
+    Under torch.compile a single query is computed as elementwise products and sums instead (in bfloat16 and
+    float16, and in float32 at one row), which inductor fuses with the mask, the softmax and the float32
+    conversion of the cache into its own kernels (compiled steps give up bitwise batch invariance anyway:
+    docs/serving.md). At the 2.7B width in bfloat16 the two library bmm calls took 2.4-10x as long (8 rows at
+    2048 positions: 84 ms per layer, converting the whole cache to float32 first; fused 8.4 ms), in float32
+    1.6-2.2x as long at one row, and 0.94x at 8 rows and 2048 positions, where bmm stays (docs/bf16.md)."""
     B, nh, T, hs = q.shape
     S = k.shape[2]
-    if T == 1 and torch.compiler.is_compiling():  # one query per row, compiled: fused by inductor (see above);
-        # the same math as below: bfloat16/float16 inputs, float32 products and sums
+    if T == 1 and torch.compiler.is_compiling() and (q.dtype != torch.float32 or B == 1):  # fused (see above):
+        # the same math as below, bfloat16/float16 inputs with float32 products and sums
         att = (q.float() * k.float()).sum(-1) * scale  # (B, nh, S): q (B, nh, 1, hs) against each key
         att = (att.unsqueeze(2) + mask).softmax(dim=-1)  # (B, nh, 1, S)
         y = (att.to(v.dtype).float().transpose(2, 3) * v.float()).sum(2, keepdim=True)  # (B, nh, 1, hs)

@@ -16,9 +16,9 @@ nor a wheel on PyPI ships a faster x86 int4 product. Two kernels here, on one pa
   `vpmaddubsw` multiplies nibbles by them in exact integer sums; the activations' rounding to 8 bits is its
   only error beyond float32 sums (at most half their group's scale per activation).
 
-The C sources are compiled on first use with the system's C compiler (`$CC`, which may carry arguments, else
-`cc`), each with its own instruction-set flags, into one library in `$NEOXJA_BUILD_CACHE` (default
-`$XDG_CACHE_HOME/neoxja/build`, `~/.cache` by default), named by a hash of the sources, the flags and the
+Each C source is compiled on first use with the system's C compiler (`$CC`, which may carry arguments, else
+`cc`), with its own instruction-set flags, into a library of its own in `$NEOXJA_BUILD_CACHE` (default
+`$XDG_CACHE_HOME/neoxja/build`, `~/.cache` by default), named by a hash of the source, the flags and the
 compiler's version, and loaded with ctypes; a cached library that does not load is rebuilt once. A failed
 build is remembered for the process. Each kernel asks the CPU for its instructions at every call. It links
 OpenMP (`libgomp.so.1`: with GCC and torch's wheels, the runtime torch has already loaded; a second OpenMP
@@ -51,11 +51,16 @@ __all__ = ["available", "cpu_supported", "pack_int4", "int4_linear", "int4_linea
            "BLOCK", "ISAS"]
 
 CSRC = Path(__file__).with_name("csrc")
-# each translation unit with the instruction sets it may use (an AVX2 CPU never runs the AVX-512 one's code)
-SOURCES = {CSRC / "avx512_bf16.c": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"),
-           CSRC / "avx2.c": ("-mavx2", "-mfma")}
-FLAGS = ("-O3", "-fopenmp", "-fPIC")  # every unit's, and the link's (-shared)
 ISAS = ("avx512_bf16", "avx2")  # the instruction sets of the kernels, as the int4 kernels are named
+# one library per instruction set, each from its source with the instructions it may use: an AVX2 CPU never
+# runs the AVX-512 one's code, and a compiler that cannot build one (GCC < 10 has no -mavx512bf16) still
+# builds the other
+SOURCES = {"avx512_bf16": (CSRC / "avx512_bf16.c",
+                           ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma")),
+           "avx2": (CSRC / "avx2.c", ("-mavx2", "-mfma"))}
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+FUNCTIONS = {"avx512_bf16": (("neoxja_int4_linear", 4, 5), ("neoxja_bf16_gemv", 4, 3)),  # (name, pointers, ints)
+             "avx2": (("neoxja_int4_linear_avx2", 4, 5),)}
 INT4_FUNCTIONS = {"avx512_bf16": "neoxja_int4_linear", "avx2": "neoxja_int4_linear_avx2"}
 INT4_OPS = {"avx512_bf16": "int4_avx512_linear", "avx2": "int4_avx2_linear"}  # neoxja::<name> under torch.compile
 INT4_ACTIVATIONS = {"avx512_bf16": torch.bfloat16, "avx2": torch.float32}  # the dtype each int4 kernel takes x in
@@ -70,10 +75,13 @@ def _check_isa(isa) -> None:
 
 
 def cpu_supported(isa: str = "avx512_bf16") -> bool:
-    """Whether this CPU has the instructions of the kernels for `isa` (torch's own checks, of the hardware):
-    AVX512-BF16, or AVX2 (with FMA, which every AVX2 CPU has)."""
+    """Whether this CPU has the instructions of the kernels for `isa`, by torch's own checks: AVX512-BF16
+    (of the hardware); AVX2 and FMA (ATen's capability AVX2 or AVX512 needs both; ATEN_CPU_CAPABILITY, which
+    can only lower it, lowers this too)."""
     _check_isa(isa)
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported" if isa == "avx512_bf16" else "_is_avx2_supported", None)
+    if isa == "avx2":
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return bool(check is not None and check())
 
 
@@ -95,7 +103,7 @@ def _compiler() -> list[str]:
     found = shutil.which(cc[0]) if cc else None
     if found is None:
         raise RuntimeError(f"no C compiler ({os.environ.get('CC') or 'cc'!r} is not on PATH) to build "
-                           f"{', '.join(p.name for p in SOURCES)}")
+                           f"neoxja's native kernels")
     return [found, *cc[1:]]
 
 
@@ -108,21 +116,15 @@ def _build_dir() -> Path:
     return root / "neoxja" / "build"
 
 
-def _build(cc: list[str], path: Path) -> None:
-    """Each source to an object with its own flags, then one library; built aside, renamed in one step."""
+def _build(cc: list[str], isa: str, path: Path) -> None:
+    source, isa_flags = SOURCES[isa]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=path.parent)  # built aside, renamed in one step
     os.close(fd)
     try:
-        with tempfile.TemporaryDirectory(prefix=".objects-", dir=path.parent) as objects:
-            commands = [[*cc, *FLAGS, *isa_flags, "-c", str(source), "-o", os.path.join(objects, source.stem + ".o")]
-                        for source, isa_flags in SOURCES.items()]
-            commands.append([*cc, *FLAGS, "-shared", *(c[-1] for c in commands), "-o", tmp])
-            for command in commands:
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode:
-                    what = command[command.index("-c") + 1] if "-c" in command else "the library"
-                    raise RuntimeError(f"building {what} with {shlex.join(cc)} failed:\n{done.stderr.strip()}")
+        done = subprocess.run([*cc, *FLAGS, *isa_flags, str(source), "-o", tmp], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"building {source} with {shlex.join(cc)} failed:\n{done.stderr.strip()}")
         os.chmod(tmp, 0o755)  # mkstemp made it 0600: readable by everyone sharing the cache
         os.replace(tmp, path)
     finally:
@@ -130,10 +132,9 @@ def _build(cc: list[str], path: Path) -> None:
             os.unlink(tmp)
 
 
-def _open(path: Path) -> ctypes.CDLL:
+def _open(isa: str, path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    for name, pointers, ints in (("neoxja_int4_linear", 4, 5), ("neoxja_int4_linear_avx2", 4, 5),
-                                 ("neoxja_bf16_gemv", 4, 3)):
+    for name, pointers, ints in FUNCTIONS[isa]:
         fn = getattr(lib, name)  # AttributeError: not our library
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int] * ints
@@ -153,25 +154,27 @@ def _warn_if_two_openmp_runtimes() -> None:
 
 
 @functools.cache
-def _load() -> ctypes.CDLL | RuntimeError:
-    """The library, or the reason it cannot be had (remembered: a failed build is not retried per call)."""
+def _load(isa: str) -> ctypes.CDLL | RuntimeError:
+    """The library for `isa`, or the reason it cannot be had (remembered: a failed build is not retried per
+    call)."""
+    source, isa_flags = SOURCES[isa]
     try:
         cc = _compiler()
         version = subprocess.run([cc[0], "--version"], capture_output=True, text=True).stdout
-        sources = b"".join(p.read_bytes() for p in SOURCES)
-        key = hashlib.sha256(sources + repr((cc, FLAGS, SOURCES)).encode() + version.encode()).hexdigest()[:16]
-        path = _build_dir() / f"neoxja-native-{key}.so"
+        key = hashlib.sha256(source.read_bytes() + repr((cc, FLAGS, isa_flags)).encode()
+                             + version.encode()).hexdigest()[:16]
+        path = _build_dir() / f"{source.stem}-{key}.so"
         if not path.exists():
-            _build(cc, path)
+            _build(cc, isa, path)
         try:
-            lib = _open(path)
+            lib = _open(isa, path)
         except (OSError, AttributeError):  # a truncated or foreign file under our name: build it again, once
-            _build(cc, path)
-            lib = _open(path)
+            _build(cc, isa, path)
+            lib = _open(isa, path)
     except RuntimeError as e:
         return e
     except (OSError, AttributeError, ValueError) as e:  # ValueError: a $CC shlex cannot split
-        return RuntimeError(f"cannot build or load neoxja's native library: {e}")
+        return RuntimeError(f"cannot build or load {source.name}: {e}")
     _warn_if_two_openmp_runtimes()
     return lib
 
@@ -179,7 +182,7 @@ def _load() -> ctypes.CDLL | RuntimeError:
 def _library(isa: str = "avx512_bf16") -> ctypes.CDLL:
     if not cpu_supported(isa):  # asked at every call, not remembered: only the build is
         raise RuntimeError(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no {ISA_NAMES[isa]}")
-    lib = _load()
+    lib = _load(isa)
     if isinstance(lib, RuntimeError):
         raise RuntimeError(str(lib))
     return lib
@@ -265,7 +268,7 @@ def int4_linear_op(isa: str = "avx512_bf16"):
         def fake(x, packed, scales_and_zeros, group_size):
             return x.new_empty((x.shape[0], packed.shape[0] * TILE_ROWS), dtype=torch.float32)
 
-        _int4_linear_ops[isa] = define_op(
+        _int4_linear_ops[isa] = define_op(  # under define_op's lock: a second thread gets the same operator
             INT4_OPS[isa], "(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size) -> Tensor", product, fake)
     return _int4_linear_ops[isa]
 

@@ -18,7 +18,7 @@ FBGEMM runs on CPU only; a model on another device is refused with a clear error
 `quantize(model, "int4", group_size=128)` replaces every `nn.Linear` with an `Int4WeightOnlyLinear`: weights
 as 4-bit integers, asymmetric, one bfloat16 scale and zero per group of `group_size` input columns of a row
 (gpt-fast's and torchao's int4 weight-only scheme); activations stay float and go through the kernel in
-bfloat16. Three kernels (`kernel=`, chosen once when quantizing; "auto" by default, the first that runs):
+bfloat16 (float32 on the "avx2" kernel). Three kernels (`kernel=`, chosen once when quantizing; "auto" by default, the first that runs):
 - "avx512_bf16", neoxja's own (`neoxja.native`, C built on first use), where the CPU has AVX512-BF16 and
   the groups hold 64 or more columns: torch's CPU kernel is bound by its own unpacking, and ours streams the
   weights fast enough for int4 to decode ~1.5x int8 (docs/quantization.md);

@@ -187,7 +187,7 @@ def test_compiled_decode_step_on_the_kernel_gives_eagers_tokens(isa):
 @pytest.mark.parametrize("bias", [False, True])
 def test_module_on_the_avx2_kernel_is_the_kernel_call_and_near_torchs(bias):
     """The layer on the AVX2 kernel (rows padded to 16, output sliced, bias added): the kernel's own product
-    of the bfloat16 input, and within a few percent of torch's int4 kernel on the same quantized weights (the
+    of the float32 input, and within a few percent of torch's int4 kernel on the same quantized weights (the
     activations' 8-bit rounding: llama.cpp's Q8_0 activations)."""
     g = torch.Generator().manual_seed(10 + int(bias))
     linear = nn.Linear(256, 37, bias=bias)
@@ -335,10 +335,10 @@ def test_kernel_refuses_what_would_read_out_of_bounds():
 
 
 def test_sources_ship_with_the_package():
-    for source, function in zip(native.SOURCES, ("neoxja_int4_linear", "neoxja_int4_linear_avx2")):
-        assert source.is_file() and function in source.read_text()
+    for isa, (source, flags) in native.SOURCES.items():
+        assert source.is_file() and native.INT4_FUNCTIONS[isa] in source.read_text()
         assert os.path.basename(source.parent) == "csrc"
-    assert "-mavx512f" not in native.SOURCES[native.CSRC / "avx2.c"]  # an AVX2 CPU runs that one
+    assert not any(f.startswith("-mavx512") for f in native.SOURCES["avx2"][1])  # an AVX2 CPU runs that one
     import tomllib
     from pathlib import Path
 
@@ -541,3 +541,84 @@ def test_load_quantized_refuses_a_kernel_that_cannot_run_before_reading_anything
         load_quantized(missing, "int4", group_size=32, kernel="avx512_bf16")
     with pytest.raises(ValueError, match="it runs on CPU, not on meta"):
         load_quantized(missing, "int4", kernel="avx512_bf16", device="meta")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the AVX2 kernel's edges, its library apart from the AVX-512 one, the operators' refusal of autograd
+
+
+@needs_avx2
+def test_avx2_kernel_refuses_what_would_read_out_of_bounds():
+    g, q, scales, zeros, packed, sz = small_layout()
+    x = torch.randn(2, 128, generator=g)
+    with pytest.raises(ValueError, match="takes x as a CPU tensor of torch.float32, got torch.bfloat16"):
+        native.int4_linear(x.to(torch.bfloat16), packed, sz, 64, "avx2")
+    with pytest.raises(ValueError, match="x has 64 columns"):
+        native.int4_linear(x[:, :64], packed, sz, 64, "avx2")
+    with pytest.raises(ValueError, match="group_size 128 does not match the layout"):
+        native.int4_linear(x, packed, sz, 128, "avx2")
+    with pytest.raises(ValueError, match="unknown instruction set 'avx3'"):
+        native.int4_linear(x, packed, sz, 64, "avx3")
+    with pytest.raises(ValueError, match="unknown instruction set"):
+        native.available("sse2")
+
+
+@needs_avx2
+def test_avx2_kernel_on_tiny_huge_and_non_finite_activations():
+    """A group whose largest activation is so small that 127 / max overflows contributes only its offset term
+    (the products' term, below 1e-36 of sum |w|, is dropped, not garbage); a huge one (near float32's
+    largest) keeps its scale; nan or inf activations give nan, never a finite wrong number."""
+    g = torch.Generator().manual_seed(5)
+    q, scales, zeros = int4_group_params(torch.randn(8, 128, generator=g), 64)
+    packed, sz = native.pack_int4(q, scales, zeros)
+    Wd = dequantized(q, scales, zeros, 64)
+    tiny = torch.randn(1, 128, generator=g) * 1e-38  # subnormal and tiny normal values
+    y = native.int4_linear(tiny, packed, sz, 64, "avx2")
+    offset = (zeros.float() - 8 * scales.float()).double().repeat_interleave(64, 1)
+    assert torch.allclose(y.double(), tiny.double() @ offset.T, rtol=1e-5, atol=1e-44)
+    assert float((y.double() - tiny.double() @ Wd.T).abs().max()) < 1e-36
+    huge = torch.randn(1, 128, generator=g) * 1e36
+    y = native.int4_linear(huge, packed, sz, 64, "avx2")
+    exact = huge.double() @ Wd.T
+    assert y.isfinite().all() and float(((y.double() - exact).abs() / exact.abs().max()).max()) < 0.05
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(2, 128, generator=g)
+        x[1, 70] = bad
+        y = native.int4_linear(x, packed, sz, 64, "avx2")
+        assert y[0].isfinite().all() and y[1].isnan().all()
+
+
+def test_a_compiler_without_avx512_bf16_still_builds_the_avx2_kernel(monkeypatch, tmp_path):
+    """One library per instruction set: a compiler that rejects -mavx512bf16 (GCC < 10) costs the AVX-512
+    kernels only, and says which source failed."""
+    if not native.cpu_supported("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    if not native.cpu_supported():
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    wrapper = tmp_path / "old-cc"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -mavx512bf16 ] && '
+                       '{ echo "unrecognized command-line option -mavx512bf16" >&2; exit 1; }; done\nexec cc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("NEOXJA_BUILD_CACHE", str(tmp_path / "cache"))
+    native._load.cache_clear()
+    try:
+        ok, why = native.available("avx512_bf16")
+        assert not ok and "avx512_bf16.c" in why and "-mavx512bf16" in why
+        assert native.available("avx2") == (True, "this CPU has AVX2")
+        g, q, scales, zeros, packed, sz = small_layout()
+        assert native.int4_linear(torch.randn(1, 128, generator=g), packed, sz, 64, "avx2").isfinite().all()
+        assert [p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()] == ["avx2"]
+    finally:
+        native._load.cache_clear()
+
+
+@each_isa
+def test_the_operators_refuse_autograd_instead_of_dropping_the_gradient(isa):
+    g, q, scales, zeros, packed, sz = small_layout()
+    x = torch.randn(2, 128, generator=g).to(native.INT4_ACTIVATIONS[isa]).requires_grad_()
+    op = native.int4_linear_op(isa)
+    with pytest.raises(RuntimeError, match=f"neoxja::{native.INT4_OPS[isa]} has no autograd formula"):
+        op(x, packed, sz, 64)
+    with torch.no_grad():
+        assert op(x, packed, sz, 64).shape == (2, 8)

@@ -23,7 +23,7 @@
 #include <string.h>
 
 #define R 4    /* weight rows per tile */
-#define MR 2   /* activation rows per pass over a tile (16 ymm registers: 4 x 2 int32 sums, 2 x 2 inputs) */
+#define MR 2   /* activation rows per pass over a tile (4 x 2 int32 sums and 2 x 2 inputs in 16 ymm registers) */
 #define PREFETCH 1024  /* bytes ahead of the weight stream */
 
 static inline float bf16_to_float(uint16_t h) {
@@ -63,11 +63,17 @@ static void quantize_group(const float *x, int G, int8_t *q, float *scale, float
     }
     const float amax = hmax(mx);
     *sum = hsum(s);
-    *scale = amax / 127.0f;  /* inf or nan for such activations: the product is nan, as the exact one */
-    const __m256 inv = _mm256_set1_ps(amax > 0.0f && amax <= 3.4e38f ? 127.0f / amax : 0.0f);
+    float inv = 127.0f / amax;
+    *scale = amax / 127.0f;
+    if (!(amax > 0.0f) || !(inv <= 3.4028235e38f)) {  /* all zero, nan, or so small that 127 / amax overflows: */
+        inv = 0.0f;                                    /* the products' term is dropped (below 1e-36 * sum |w|) */
+        if (amax == amax) *scale = 0.0f;               /* (nan stays nan: the result is nan, as the exact one) */
+    }
+    /* an infinite activation: inv = 0 and scale = inf, so the products' term is nan (the exact one is +-inf) */
+    const __m256 vinv = _mm256_set1_ps(inv);
     for (int k = 0; k < G; k += 16) {
-        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), inv));
-        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), inv));
+        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
+        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv));
         const __m256i ab = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  /* 16 int16, in order */
         _mm_storeu_si128((__m128i *)(q + k),
                          _mm_packs_epi16(_mm256_castsi256_si128(ab), _mm256_extracti128_si256(ab, 1)));
