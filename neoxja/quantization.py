@@ -456,15 +456,16 @@ def load_quantized(name_or_path: str | os.PathLike, mode: str = "int4", group_si
                    dtype=None, device=None, kernel: str = "auto", **kwargs) -> nn.Module:
     """from_pretrained and quantize in one pass: each linear layer is quantized as soon as it is loaded.
 
-    int4 computes in bfloat16, so its default dtype (for embeddings, norms and activations) is bfloat16;
-    int8 (FBGEMM) computes in float32 and defaults to float32."""
+    int4 computes in bfloat16, so its default dtype (for embeddings, norms and activations) is bfloat16, except
+    on neoxja's AVX2 kernel, which takes float32 activations (an AVX2 CPU has no bfloat16 arithmetic): float32
+    there; int8 (FBGEMM) computes in float32 and defaults to float32."""
     from neoxja.checkpoint import load_pretrained
     from neoxja.model import GPTNeoXJapaneseForCausalLM
 
     hook = LayerwiseQuantizer(mode, group_size, kernel)
-    if mode == "int4" and kernel != "auto":  # a kernel that cannot run here is refused before anything is read
-        choose_int4_kernel(kernel, device or "cpu", group_size or DEFAULT_INT4_GROUP_SIZE)
+    if mode == "int4":  # chosen now: a kernel that cannot run here is refused before anything is read
+        kernel = hook.kernel = choose_int4_kernel(kernel, device or "cpu", group_size or DEFAULT_INT4_GROUP_SIZE)
     if dtype is None:
-        dtype = torch.bfloat16 if mode == "int4" else torch.float32
+        dtype = native.INT4_ACTIVATIONS.get(kernel, torch.bfloat16) if mode == "int4" else torch.float32
     return load_pretrained(GPTNeoXJapaneseForCausalLM, name_or_path, dtype=dtype, device=device,
                            quantize=hook, **kwargs)

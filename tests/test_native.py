@@ -622,3 +622,15 @@ def test_the_operators_refuse_autograd_instead_of_dropping_the_gradient(isa):
         op(x, packed, sz, 64)
     with torch.no_grad():
         assert op(x, packed, sz, 64).shape == (2, 8)
+
+
+@needs_avx2
+def test_load_quantized_on_the_avx2_kernel_defaults_to_float32(tmp_path):
+    from neoxja.quantization import load_quantized
+
+    make_model().save_pretrained(tmp_path)
+    model = load_quantized(tmp_path, "int4", group_size=64, kernel="avx2")
+    assert model.dtype == torch.float32
+    assert {m.kernel for m in model.modules() if isinstance(m, Int4WeightOnlyLinear)} == {"avx2"}
+    assert load_quantized(tmp_path, "int4", group_size=64, kernel="torch").dtype == torch.bfloat16
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3).shape == (1, 6)
