@@ -161,7 +161,8 @@ def _load(isa: str) -> ctypes.CDLL | RuntimeError:
     try:
         cc = _compiler()
         version = subprocess.run([cc[0], "--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256(source.read_bytes() + repr((cc, FLAGS, isa_flags)).encode()
+        headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # what the sources include
+        key = hashlib.sha256(source.read_bytes() + headers + repr((cc, FLAGS, isa_flags)).encode()
                              + version.encode()).hexdigest()[:16]
         path = _build_dir() / f"{source.stem}-{key}.so"
         if not path.exists():

@@ -343,7 +343,8 @@ def test_sources_ship_with_the_package():
     from pathlib import Path
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    assert "csrc/*.c" in pyproject["tool"]["setuptools"]["package-data"]["neoxja"]
+    assert {"csrc/*.c", "csrc/*.h"} <= set(pyproject["tool"]["setuptools"]["package-data"]["neoxja"])
+    assert (native.CSRC / "int4_layout.h").is_file()
 
 
 @needs_kernel

@@ -22,21 +22,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define R 4    /* weight rows per tile */
+#include "int4_layout.h"  /* R (4 weight rows per tile), the (scale, zero) pairs */
+
 #define MR 2   /* activation rows per pass over a tile (4 x 2 int32 sums and 2 x 2 inputs in 16 ymm registers) */
 #define PREFETCH 1024  /* bytes ahead of the weight stream */
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline float scale_of(const uint16_t *sz, int j) { return bf16_to_float(sz[2 * j]); }
-static inline float offset_of(const uint16_t *sz, int j) {
-    return bf16_to_float(sz[2 * j + 1]) - 8.0f * bf16_to_float(sz[2 * j]);
-}
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

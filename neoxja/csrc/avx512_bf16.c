@@ -22,7 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define R 4            /* weight rows per tile */
+#include "int4_layout.h"  /* R (4 weight rows per tile), the (scale, zero) pairs */
+
 #define MR 4           /* activation rows multiplied per pass over a tile */
 #define PREFETCH 1024  /* bytes ahead of the weight stream */
 
@@ -30,18 +31,6 @@ static inline __m512i nibble_table(void) {  /* bfloat16 bits of 0.0, 1.0, ..., 1
     return _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                             0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100,
                             0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000);
-}
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline float scale_of(const uint16_t *sz, int j) { return bf16_to_float(sz[2 * j]); }
-static inline float offset_of(const uint16_t *sz, int j) {
-    return bf16_to_float(sz[2 * j + 1]) - 8.0f * bf16_to_float(sz[2 * j]);
 }
 
 /* one block of 64 columns of one row: (low 32 columns, high 32 columns) as bfloat16 */
