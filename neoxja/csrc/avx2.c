@@ -24,7 +24,7 @@
 
 #include "int4_layout.h"  /* R (4 weight rows per tile), the (scale, zero) pairs */
 
-#define MR 2   /* activation rows per pass over a tile (4 x 2 int32 sums and 2 x 2 inputs in 16 ymm registers) */
+#define MR 2   /* activation rows per pass over a tile (4 x 2 int32 sums and 2 x 2 inputs stay in the 16 ymm registers) */
 #define PREFETCH 1024  /* bytes ahead of the weight stream */
 
 static inline float hsum(__m256 v) {
