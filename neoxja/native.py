@@ -52,6 +52,7 @@ __all__ = ["available", "cpu_supported", "pack_int4", "int4_linear", "int4_linea
 
 CSRC = Path(__file__).with_name("csrc")
 ISAS = ("avx512_bf16", "avx2")  # the instruction sets of the kernels, as the int4 kernels are named
+ISA_NAMES = {"avx512_bf16": "AVX512-BF16", "avx2": "AVX2"}
 # one library per instruction set, each from its source with the instructions it may use: an AVX2 CPU never
 # runs the AVX-512 one's code, and a compiler that cannot build one (GCC < 10 has no -mavx512bf16) still
 # builds the other
@@ -61,7 +62,7 @@ SOURCES = {"avx512_bf16": (CSRC / "avx512_bf16.c",
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 FUNCTIONS = {"avx512_bf16": (("neoxja_int4_linear", 4, 5), ("neoxja_bf16_gemv", 4, 3)),  # (name, pointers, ints)
              "avx2": (("neoxja_int4_linear_avx2", 4, 5),)}
-INT4_FUNCTIONS = {"avx512_bf16": "neoxja_int4_linear", "avx2": "neoxja_int4_linear_avx2"}
+INT4_FUNCTIONS = {isa: functions[0][0] for isa, functions in FUNCTIONS.items()}  # each library's int4 product
 INT4_OPS = {"avx512_bf16": "int4_avx512_linear", "avx2": "int4_avx2_linear"}  # neoxja::<name> under torch.compile
 INT4_ACTIVATIONS = {"avx512_bf16": torch.bfloat16, "avx2": torch.float32}  # the dtype each int4 kernel takes x in
 TILE_ROWS = 4  # R in the C source: weight rows per tile
@@ -93,9 +94,6 @@ def available(isa: str = "avx512_bf16") -> tuple[bool, str]:
     except RuntimeError as e:
         return False, str(e)
     return True, f"this CPU has {ISA_NAMES[isa]}"
-
-
-ISA_NAMES = {"avx512_bf16": "AVX512-BF16", "avx2": "AVX2"}
 
 
 def _compiler() -> list[str]:
@@ -227,7 +225,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                              f"{t.device}" + ("; an int4 layer quantized for this kernel runs on the CPU only: "
                                               "quantize the float model on that device instead"
                                               if t.device.type != "cpu" else ""))
-    if x.dim() != 2 or packed.dim() != 2 or group_size <= 0:
+    if x.dim() != 2 or packed.dim() != 2 or isinstance(group_size, bool) or not isinstance(group_size, int) \
+            or group_size <= 0:
         raise ValueError(f"neoxja's int4 CPU kernel takes x (M, K), packed (N/4, 2K) and a positive group size, "
                          f"got {tuple(x.shape)}, {tuple(packed.shape)}, {group_size}")
     M, K = x.shape

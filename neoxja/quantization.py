@@ -159,8 +159,7 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
 def _check_mode(mode, group_size, kernel="auto"):
     if not isinstance(mode, str) or mode not in SUPPORTED_MODES:
         raise ValueError(f"unsupported quantization mode {mode!r}; expected one of {SUPPORTED_MODES}")
-    if not isinstance(kernel, str) or kernel not in INT4_KERNELS:
-        raise ValueError(f"unknown int4 kernel {kernel!r}; expected one of {INT4_KERNELS}")
+    _check_kernel_name(kernel)
     if kernel != "auto" and mode != "int4":
         raise ValueError(f"kernel={kernel!r} applies to int4 only, not to {mode!r}")
     if group_size is not None:
@@ -386,12 +385,16 @@ class Int4WeightOnlyLinear(nn.Module):
 INT4_KERNELS = ("auto", "torch", *native.ISAS)
 
 
+def _check_kernel_name(kernel) -> None:
+    if not isinstance(kernel, str) or kernel not in INT4_KERNELS:
+        raise ValueError(f"unknown int4 kernel {kernel!r}; expected one of {INT4_KERNELS}")
+
+
 def choose_int4_kernel(kernel: str, device: torch.device | str, group_size: int) -> str:
     """The int4 kernel `kernel` names, on `device`, for `group_size`: "auto" is the first of neoxja's
     "avx512_bf16" and "avx2" that runs (a CPU with its instructions, a C compiler, groups of 64 or more),
     else torch's. Naming one of neoxja's where it cannot run is an error that says why."""
-    if not isinstance(kernel, str) or kernel not in INT4_KERNELS:
-        raise ValueError(f"unknown int4 kernel {kernel!r}; expected one of {INT4_KERNELS}")
+    _check_kernel_name(kernel)
     if kernel == "torch":
         return kernel
     device = torch.device(device)

@@ -558,6 +558,8 @@ def test_avx2_kernel_refuses_what_would_read_out_of_bounds():
         native.int4_linear(x[:, :64], packed, sz, 64, "avx2")
     with pytest.raises(ValueError, match="group_size 128 does not match the layout"):
         native.int4_linear(x, packed, sz, 128, "avx2")
+    with pytest.raises(ValueError, match="a positive group size, got .* 64.0"):
+        native.int4_linear(x, packed, sz, 64.0, "avx2")
     with pytest.raises(ValueError, match="unknown instruction set 'avx3'"):
         native.int4_linear(x, packed, sz, 64, "avx3")
     with pytest.raises(ValueError, match="unknown instruction set"):
