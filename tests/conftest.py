@@ -44,3 +44,13 @@ def _kernel_cache_in_a_temporary_directory(tmp_path_factory):
     user's ~/.cache."""
     os.environ.setdefault("NEOXJA_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels") / "linear_kernels.json"))
     os.environ.setdefault("NEOXJA_BUILD_CACHE", str(tmp_path_factory.mktemp("build")))  # neoxja.native's library
+
+
+@pytest.fixture(autouse=True)
+def _two_fused_steps(monkeypatch):
+    """generate(compile=True) unrolls neoxja.generation.FUSED_STEPS decode steps into one graph, and compiling
+    takes about that many times as long; the tests compile 2 (the loop's bookkeeping is the same for any count),
+    except tests/test_compile.py's test of the default count, on a tiny model."""
+    import neoxja.generation
+
+    monkeypatch.setattr(neoxja.generation, "FUSED_STEPS", 2)

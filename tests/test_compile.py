@@ -237,3 +237,47 @@ def test_compiled_bfloat16_step_gives_the_eager_tokens_past_the_first_few():
     quantize(model, "int4", group_size=64, kernel=kernel)
     eager = model.generate(ids, max_new_tokens=40)
     assert torch.equal(model.generate(ids, max_new_tokens=40, compile=True), eager)
+
+
+def test_fused_steps_at_the_default_count_give_the_eager_output(monkeypatch):
+    """generate(compile=True) on a small model runs FUSED_STEPS (the default, not the tests' 2) decode steps per
+    compiled call (generation.decode_steps), writing all but the last token itself: left-padded rows, penalties
+    that read each row's history (so the tokens written inside the graph must be there for the next step), a
+    row finishing at EOS in the middle of a call and the other running on, and a tail of fewer steps than a
+    call (one step at a time) give eager's output. (The other tests here run 2 steps per call, sampled too.)"""
+    from neoxja import generation
+    from neoxja.config import GPTNeoXJapaneseConfig
+
+    monkeypatch.setattr(generation, "FUSED_STEPS", 8)  # the default (conftest sets 2 for the other tests)
+    torch.manual_seed(0)
+    config = GPTNeoXJapaneseConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   max_position_embeddings=128, eos_token_id=None, bos_token_id=1)
+    model = GPTNeoXJapaneseForCausalLM(config).eval()
+    assert generation.fused_steps(model) == 8
+    ids = torch.tensor([[0, 0, 5, 9, 12], [7, 3, 3, 8, 2]])
+    kw = dict(attention_mask=torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), max_new_tokens=27, pad_token_id=0,
+              repetition_penalty=1.3, no_repeat_ngram_size=2)  # 26 steps: 3 calls of 8, then 2 single steps
+    free = model.generate(ids, eos_token_id=[], **kw)
+    eos = int(free[0, 5 + 10])  # row 0's 11th new token: inside the second call
+    eager = model.generate(ids, eos_token_id=eos, **kw)
+    rows_end = [(row[5:] == eos).nonzero()[0, 0].item() if (row[5:] == eos).any() else None for row in eager]
+    assert rows_end[0] is not None and rows_end[0] <= 10 and rows_end[1] != rows_end[0], rows_end
+    assert torch.equal(model.generate(ids, eos_token_id=eos, compile=True, **kw), eager)
+    assert any(key[0] is generation.decode_steps for key in model.__dict__["_neoxja_compiled_decode"][1])
+
+
+def test_fused_steps_only_where_a_step_is_short():
+    """fused_steps(model): FUSED_STEPS where the weights (tied ones once, KV caches not) take at most
+    FUSE_MAX_BYTES, one step per call above: the 2.7B width with one layer (no weights allocated)."""
+    from neoxja import generation
+    from neoxja.config import GPTNeoXJapaneseConfig
+
+    small = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                             num_attention_heads=2))
+    assert generation.fused_steps(small) == generation.FUSED_STEPS
+    small.setup_caches(max_batch_size=64, max_seq_length=2048)  # caches are not weights
+    assert generation.fused_steps(small) == generation.FUSED_STEPS
+    with torch.device("meta"):
+        wide = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(vocab_size=32000, hidden_size=2560,
+                                                                num_hidden_layers=1, num_attention_heads=32))
+    assert generation.fused_steps(wide) == 1
