@@ -5,7 +5,8 @@ rotated order; each ratio is the median of the per-round ratios (load from other
   main      today's path: generate() of the git main checkout at --main (default /work/main), if present;
   main-comp that checkout's generate(compile=True);
   eager     this tree's generate() (step functions, eager);
-  compiled  this tree's generate(compile=True) (decode step through torch.compile; compile time printed
+  compiled  this tree's generate(compile=True) (decode steps through torch.compile, several per call on a small
+            model: generation.decode_steps; compile time printed
             apart, it is paid once per process and shape);
   products  only the weight products of the same decode steps (each linear once per token at one row, one
             oneDNN/MKL call each): what any implementation that calls these library kernels spends at the

@@ -17,10 +17,13 @@ max_seq_length)`; each cache row is a slot holding one sequence from position 0,
   pipeline and sampler (neoxja.sampling), then the stop rules. `decode_and_select(model, ...)`: one
   decode_one_token and the select_tokens after it, as one function, so that a compiled generate() runs no
   small op eagerly between two tokens (the host loop only writes the token and asks every STOP_CHECK_EVERY
-  steps whether every row has finished).
+  steps whether every row has finished). `decode_steps(model, ..., steps)`: that many decode_and_select calls
+  in a row, writing the tokens between them, so that a compiled call covers several tokens.
 - `compile_decode(model, fn=decode_one_token)`: fn compiled with torch.compile, cached per model;
-  generate(compile=True) compiles decode_and_select, the serving engine decode_one_token. It pays off for long
-  generations and servers, not for one short call (compiling takes seconds).
+  generate(compile=True) compiles decode_steps (FUSED_STEPS steps per call, on a model small enough that a
+  step's fixed cost matters: fused_steps) and decode_and_select (one step: the rest, and larger models), the
+  serving engine decode_one_token. It pays off for long generations and servers, not for one short call
+  (compiling takes seconds).
 
 Batch invariance: what a row gets from these functions does not depend on the other rows of the call when the
 model's products are row-count invariant; see neoxja.batch_invariant (`make_batch_invariant(model)`).
@@ -29,8 +32,8 @@ generate(): each prompt row (left padding stripped) is prefilled into its own sl
 step is one decode_one_token over all rows, then per-row processing, sampling and stop rules (neoxja.sampling:
 SamplingBatch, StopRules). Rows that finish are padded with pad_token_id; the output is left-padded as the
 input was, as transformers returns it. Whether every row has finished is asked of the device every
-STOP_CHECK_EVERY steps (every step with a streamer or stop strings), and the output is trimmed to the step at
-which the last row finished, so the result equals checking every step.
+STOP_CHECK_EVERY steps (every step with a streamer or stop strings; after each call of fused steps), and the
+output is trimmed to the step at which the last row finished, so the result equals checking every step.
 """
 
 from __future__ import annotations
@@ -279,8 +282,9 @@ class GenerationMixin:
         know the tokenizer, so by default (None) it masks nothing and may return any id < config.vocab_size;
         the `neoxja generate` command passes len(tokenizer).
         `compile=True` runs each decode step and the choice after it through
-        `compile_decode(self, decode_and_select)` (torch.compile, cached on the model): worth it for long or
-        repeated generations, not for one short call. Seeded draws use the eager ones' random numbers
+        `compile_decode(self, decode_and_select)` (torch.compile, cached on the model), on a small model
+        (fused_steps) FUSED_STEPS of them per compiled call (decode_steps): worth it for long or repeated
+        generations, not for one short call. Seeded draws use the eager ones' random numbers
         (inductor's fallback_random); the logits differ from eager in the last bits (fused small ops; in
         float32 greedy tokens are equal in the tests), so a draw on a boundary between two tokens may differ.
         """
