@@ -365,8 +365,7 @@ class GenerationMixin:
                         if stop_strings else None)
         check_every = 1 if streamer is not None or stop_checker is not None else STOP_CHECK_EVERY
         step = _may_recompile_first(compile_decode(self, decode_and_select)) if compile else decode_and_select
-        # with compile, and no host work per token (streamer, stop strings): `fuse` steps per compiled call
-        fuse = fused_steps(self) if compile and check_every == STOP_CHECK_EVERY else 1
+        fuse = fused_steps(self) if compile else 1  # decode steps per compiled call
         fused = _may_recompile_first(compile_decode(self, decode_steps)) if fuse > 1 else None
 
         self.setup_caches(max_batch_size=batch, max_seq_length=cache_length)
@@ -376,31 +375,38 @@ class GenerationMixin:
             next_tokens, unfinished, end_column = select_tokens(sampler, stop_rules, logits, positions, unfinished,
                                                                 end_column, history, pad_token_id)
             length = prompt_length
+            new = 1  # tokens the last call chose (a fused call wrote all but the last into `tokens` itself)
             while True:
-                tokens[:, length] = next_tokens
-                length += 1
-                if streamer is not None:
-                    streamer.put(next_tokens.cpu())
-                if stop_checker is not None:
-                    hits = unfinished & stop_checker.found(tokens[:, :length], unfinished)
-                    end_column = torch.where(hits, length, end_column)
-                    unfinished = unfinished & ~hits
+                first, length = length, length + new
+                tokens[:, length - 1] = next_tokens
+                for seen in range(first + 1, length + 1):  # the host's work per new token (column seen - 1)
+                    if streamer is not None and (bool(unfinished[0]) or seen <= int(end_column[0])):
+                        streamer.put(tokens[:, seen - 1].cpu())  # its text, up to its EOS (batch 1)
+                    if stop_checker is not None:
+                        # rows that had not finished at this token (a fused call may have run a row on past
+                        # its EOS: its later tokens are padding, end_column says where it ended)
+                        checking = unfinished | (seen < end_column)
+                        hits = checking & stop_checker.found(tokens[:, :seen], checking)
+                        end_column = torch.where(hits, seen, end_column)
+                        unfinished = unfinished & ~hits
+                        tokens[hits, seen:length] = pad_token_id  # what a fused call chose past the stop
                 if length == total_length:
                     break
                 if fused is not None and total_length - length >= fuse:
-                    # `fuse` steps in one call (it writes all but the last token); asked after each call
+                    # `fuse` steps in one call; whether every row has finished is asked before each call
                     if not bool(unfinished.any()):
                         break
                     next_tokens, unfinished, end_column, positions = fused(
                         self, sampler, stop_rules, next_tokens, positions, unfinished, end_column, history,
                         pad_token_id, fuse)
-                    length += fuse - 1
+                    new = fuse
                     continue
                 if (length - prompt_length) % check_every == 0 and not bool(unfinished.any()):
                     break
                 # one step: each row's newest token at its position, and the choice of the next
                 next_tokens, unfinished, end_column, positions = step(
                     self, sampler, stop_rules, next_tokens, positions, unfinished, end_column, history, pad_token_id)
+                new = 1
         finally:
             self.clear_caches()
             if streamer is not None:

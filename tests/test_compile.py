@@ -81,6 +81,56 @@ def test_generate_compiled_left_padded_batch_with_eos_and_stop_strings(bundled):
                        model.generate(ids, attention_mask=mask, **stops))
 
 
+def test_fused_steps_stream_and_stop_at_the_eager_token(bundled):
+    """With a streamer or stop strings a compiled generate() still runs several steps per call (2 here, see
+    conftest), then streams and checks the tokens one by one: the streamer gets eager's tokens, up to and
+    including the EOS (not the padding chosen after it in the same call), and a stop string completed by the
+    first or the second token of a call ends the output where eager ends it (what the call chose after it
+    becomes padding)."""
+    model, tok = bundled
+
+    class Recorder:
+        def __init__(self):
+            self.got, self.ended = [], False
+
+        def put(self, value):
+            self.got.append(value.flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    x = torch.tensor([tok.encode("吾輩は猫である。")])
+    free = model.generate(x, max_new_tokens=30, eos_token_id=[])[0, x.shape[1]:].tolist()
+    for at in (9, 10):  # the stop token is the first of a fused call, then the second
+        for kw in (dict(eos_token_id=free[at]), dict(eos_token_id=[], stop_strings=[tok.decode(free[at - 1:at + 1])],
+                                                     tokenizer=tok)):
+            runs = []
+            for compile in (False, True):
+                streamer = Recorder()
+                out = model.generate(x, max_new_tokens=30, streamer=streamer, compile=compile, **kw)
+                runs.append((out.tolist(), streamer.got, streamer.ended))
+            assert runs[1] == runs[0], (at, kw)
+            assert len(runs[0][0][0]) < x.shape[1] + 30  # it did stop early
+    # two rows (the left-padded batch of the test above, its graph): a stop string ends row 0 inside a call
+    # while row 1 runs on, so row 0's columns after its stop must be padding, as eager gives them
+    rows = [tok.encode("春はあけぼの。"), tok.encode("国境の長いトンネルを抜けると雪国であった。")]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    common = dict(attention_mask=mask, max_new_tokens=40, eos_token_id=[])
+    free = model.generate(ids, **common)[:, width:].tolist()
+    checked = 0
+    for at in (11, 12):  # the first token of a call, then the second
+        stop = tok.decode(free[0][at - 3:at + 1])
+        if stop in tok.decode(free[1]) or stop in tok.decode(free[0][:at]):
+            continue  # row 1 would stop too, or row 0 earlier
+        eager = model.generate(ids, stop_strings=[stop], tokenizer=tok, **common)
+        assert eager.shape[1] == width + 40 and bool((eager[0, width + at + 1:] == 0).all())  # row 0 padded
+        assert torch.equal(model.generate(ids, stop_strings=[stop], tokenizer=tok, compile=True, **common), eager)
+        checked += 1
+    assert checked == 2
+
+
 def test_engine_compiled_equals_eager(bundled):
     """The same greedy tokens (and seeded draws) with the compiled step. Not bit-for-bit: inductor fuses the
     small ops (layer norm, softmax, GELU) into its own kernels, so the compiled step's logits differ from the
