@@ -215,6 +215,36 @@ def test_cached_path_arguments_are_checked():
             ours.forward_cached(ids, torch.zeros(2, 3, dtype=torch.long), kv_length=bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cached_attention_copies_the_keys_in_pieces_with_the_same_bits(monkeypatch, dtype):
+    """In bfloat16/float16 on a CPU, _cached_attention's float32 scores come from float32 copies of the keys a
+    few heads at a time (KEY_COPY_BYTES; a copy of the whole cache is fresh memory at every step): any piece
+    size gives the bits of one whole copy, for one query (computed as two) and for several."""
+    from neoxja import model as model_module
+
+    gen = torch.Generator().manual_seed(0)
+    for B, T, S in ((3, 1, 40), (2, 5, 24), (1, 1, 7)):
+        q, k, v = (torch.randn(B, 4, n, 16, generator=gen).to(dtype) for n in (T, S, S))
+        mask = torch.zeros(B, 1, T, S)
+        mask[0, :, :, S // 2:] = float("-inf")
+        outs, calls = [], []
+        real_bmm = torch.bmm
+        keys = max(S, 16) * 16 * 4  # one head's float32 keys (fewer than 16 positions are padded to 16)
+        for piece in (1 << 40, keys, 3 * keys + 5):  # whole, one head per copy, three
+            monkeypatch.setattr(model_module, "KEY_COPY_BYTES", piece)
+            counted = []
+            monkeypatch.setattr(torch, "bmm", lambda *a: counted.append(1) or real_bmm(*a))
+            outs.append(model_module._cached_attention(q, k, v, mask, 0.25))
+            monkeypatch.setattr(torch, "bmm", real_bmm)
+            calls.append(len(counted))
+        assert calls == [2, B * 4 + 1, -(-B * 4 // 3) + 1]  # the scores' pieces, then one product with v
+        assert outs[0].dtype == dtype and outs[0].shape == (B, 4, T, 16)
+        for out in outs[1:]:
+            assert torch.equal(out, outs[0])
+        reference = ((q.float() @ k.float().transpose(-1, -2)) * 0.25 + mask).softmax(-1).to(dtype).float() @ v.float()
+        torch.testing.assert_close(outs[0].float(), reference, atol=2e-2, rtol=2e-2)
+
+
 def test_forward_cached_reads_only_each_rows_own_written_positions():
     """Garbage in every other position of the cache (other slots, stale positions past a row's length)
     changes nothing, and kv_length (the first positions only) gives bitwise the logits of the whole cache."""
