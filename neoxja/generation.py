@@ -20,20 +20,19 @@ max_seq_length)`; each cache row is a slot holding one sequence from position 0,
   steps whether every row has finished). `decode_steps(model, ..., steps)`: that many decode_and_select calls
   in a row, writing the tokens between them, so that a compiled call covers several tokens.
 - `compile_decode(model, fn=decode_one_token)`: fn compiled with torch.compile, cached per model;
-  generate(compile=True) compiles decode_steps (FUSED_STEPS steps per call, on a model small enough that a
-  step's fixed cost matters: fused_steps) and decode_and_select (one step: the rest, and larger models), the
-  serving engine decode_one_token. It pays off for long generations and servers, not for one short call
-  (compiling takes seconds).
+  generate(compile=True) compiles decode_steps and decode_and_select, the serving engine decode_one_token. It
+  pays off for long generations and servers, not for one short call (compiling takes seconds).
 
 Batch invariance: what a row gets from these functions does not depend on the other rows of the call when the
 model's products are row-count invariant; see neoxja.batch_invariant (`make_batch_invariant(model)`).
 
 generate(): each prompt row (left padding stripped) is prefilled into its own slot from position 0, then every
 step is one decode_one_token over all rows, then per-row processing, sampling and stop rules (neoxja.sampling:
-SamplingBatch, StopRules). Rows that finish are padded with pad_token_id; the output is left-padded as the
+SamplingBatch, StopRules). On a small model (steps_per_call) the steps go STEPS_PER_CALL at a time through
+decode_steps, compiled or not, and the host streams and checks stop strings on each call's tokens afterwards. Rows that finish are padded with pad_token_id; the output is left-padded as the
 input was, as transformers returns it. Whether every row has finished is asked of the device every
-STOP_CHECK_EVERY steps (every step with a streamer or stop strings; after each call of fused steps), and the
-output is trimmed to the step at which the last row finished, so the result equals checking every step.
+STOP_CHECK_EVERY steps (every step with a streamer or stop strings; before each call of decode_steps), and
+the output is trimmed to the step at which the last row finished, so the result equals checking every step.
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ from typing import Iterable, Sequence
 
 import torch
 
-from neoxja.kv_cache import KVCache
 from neoxja.sampling import (FINISH_NONE, History, SamplingBatch, SamplingParams, StopRules,
                              validate_sampling_args)
 
@@ -54,10 +52,8 @@ DEFAULT_MAX_LENGTH = 20  # when neither max_length nor max_new_tokens is given
 DEFAULT_TOP_K = 50  # when sampling and top_k is None
 PREFILL_CHUNK = 256  # prompt tokens per prefill call (the serving engine's chunk size too)
 STOP_CHECK_EVERY = 4  # decode steps between host checks of "has every row finished?"
-# generate(compile=True) runs FUSED_STEPS decode steps per compiled call for a model whose weights take at most
-# FUSE_MAX_BYTES (fused_steps): see decode_steps
-FUSED_STEPS = 8
-FUSE_MAX_BYTES = 64 << 20
+STEPS_PER_CALL = 8  # decode steps per call of decode_steps in generate(), on a small model: steps_per_call
+SMALL_MODEL_WEIGHTS = 32 << 20  # weights (numbers, whatever their dtype) of a model that steps_per_call calls small
 
 
 # ---- step functions ----
@@ -165,8 +161,8 @@ def decode_steps(model, sampler: SamplingBatch, stop_rules: StopRules, tokens: t
     so dynamo's guards, the call into the graph and generate()'s host loop are paid once per `steps` tokens,
     not per token. Each chosen token but the last is written into history.tokens at its column
     (start + position), as generate()'s host loop writes it; returns what the last decode_and_select returns.
-    On the bundled model (bfloat16, 2 threads, 2-core EPYC) 8 steps per call decoded 1.36-1.44x as fast as
-    one, and compiling took ~3x as long (docs/bf16.md)."""
+    On the bundled model (bfloat16, 2 threads, 2-core EPYC) 8 steps per call decoded 1.36-1.56x as fast as
+    one compiled step per call, and compiling took ~3x as long (docs/bf16.md)."""
     rows = torch.arange(tokens.shape[0], device=tokens.device)  # (B,)
     for i in range(steps):
         tokens, unfinished, end_column, positions = decode_and_select(
@@ -176,21 +172,31 @@ def decode_steps(model, sampler: SamplingBatch, stop_rules: StopRules, tokens: t
     return tokens, unfinished, end_column, positions
 
 
-def fused_steps(model) -> int:
-    """Decode steps per compiled call in generate(compile=True): FUSED_STEPS where the model's weights take at
-    most FUSE_MAX_BYTES, else 1. What fusing saves is fixed per call (~0.3 ms on a 2-core CPU: dynamo's guards,
-    the graph's wrappers, the host loop), while compiling takes FUSED_STEPS times as long: it pays where a step
-    is that short, as on small models (the bundled one: ~0.7 ms a step), and not where a step streams hundreds
-    of MB (the 2.7B width: ~40 ms)."""
-    weights = {id(t): t for m in model.modules() if not isinstance(m, KVCache)  # tied weights once, caches not
-               for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
-    size = sum(t.numel() * t.element_size() for t in weights.values())
-    return FUSED_STEPS if size <= FUSE_MAX_BYTES else 1
+def model_weights(model) -> int:
+    """The numbers in a model's weights: its parameters (a tied one once) and, for a layer that keeps its
+    weight in another form (neoxja.quantization's int8 and int4 layers), in_features x out_features. Buffers
+    (KV caches, rotary tables) do not count."""
+    params = {id(p): p.numel() for p in model.parameters()}
+    hidden = sum(m.in_features * m.out_features for m in model.modules()
+                 if hasattr(m, "in_features") and hasattr(m, "out_features")
+                 and not any(True for _ in m.parameters(recurse=False)))
+    return sum(params.values()) + hidden
+
+
+def steps_per_call(model) -> int:
+    """Decode steps per call in generate(): STEPS_PER_CALL on a model of at most SMALL_MODEL_WEIGHTS weights
+    (32 Mi: 64 MiB in bfloat16), else 1. What several steps per call save is fixed per call (~0.3 ms on a
+    2-core CPU: dynamo's guards, the compiled graph's wrappers, the host loop), while compiling them takes
+    several times as long (~3x for 8 steps on the bundled model): it pays where a step is that short (the
+    bundled model's compiled step: ~0.7 ms), not where a step streams hundreds of MB (the 2.7B width: ~40 ms).
+    The eager path takes the same steps per call, so that compiled or not a generate() draws the same random
+    numbers (the caller's generator is left in the same state) and streams the same way."""
+    return STEPS_PER_CALL if model_weights(model) <= SMALL_MODEL_WEIGHTS else 1
 
 
 def compile_decode(model, fn=decode_one_token, **compile_kwargs):
-    """`fn(model, ...)` (decode_one_token, or generate()'s decode_and_select) compiled with torch.compile, cached
-    on the model: compiled once per function and options. decode_one_token's shapes change only with the row
+    """`fn(model, ...)` (decode_one_token, or generate()'s decode_and_select and decode_steps) compiled with
+    torch.compile, cached on the model: compiled once per function and options. decode_one_token's shapes change only with the row
     count and the cache size, so a server compiles it a few times (Engine.warm_up); decode_and_select also
     compiles anew for each sampling setup (and, with penalties, output width). Extra keywords go to
     torch.compile (e.g. mode="reduce-overhead" for CUDA graphs on a GPU); without `mode` or `options`,
@@ -283,7 +289,7 @@ class GenerationMixin:
         the `neoxja generate` command passes len(tokenizer).
         `compile=True` runs each decode step and the choice after it through
         `compile_decode(self, decode_and_select)` (torch.compile, cached on the model), on a small model
-        (fused_steps) FUSED_STEPS of them per compiled call (decode_steps): worth it for long or repeated
+        (steps_per_call) STEPS_PER_CALL of them per compiled call (decode_steps): worth it for long or repeated
         generations, not for one short call. Seeded draws use the eager ones' random numbers
         (inductor's fallback_random); the logits differ from eager in the last bits (fused small ops; in
         float32 greedy tokens are equal in the tests), so a draw on a boundary between two tokens may differ.
@@ -365,8 +371,10 @@ class GenerationMixin:
                         if stop_strings else None)
         check_every = 1 if streamer is not None or stop_checker is not None else STOP_CHECK_EVERY
         step = _may_recompile_first(compile_decode(self, decode_and_select)) if compile else decode_and_select
-        fuse = fused_steps(self) if compile else 1  # decode steps per compiled call
-        fused = _may_recompile_first(compile_decode(self, decode_steps)) if fuse > 1 else None
+        # on a small model, `per_call` steps at a time (compiled or not: the same draws, the same streaming)
+        per_call = steps_per_call(self)
+        steps = None if per_call == 1 else (
+            _may_recompile_first(compile_decode(self, decode_steps)) if compile else decode_steps)
 
         self.setup_caches(max_batch_size=batch, max_seq_length=cache_length)
         try:
@@ -375,7 +383,7 @@ class GenerationMixin:
             next_tokens, unfinished, end_column = select_tokens(sampler, stop_rules, logits, positions, unfinished,
                                                                 end_column, history, pad_token_id)
             length = prompt_length
-            new = 1  # tokens the last call chose (a fused call wrote all but the last into `tokens` itself)
+            new = 1  # tokens the last call chose (decode_steps wrote all but the last into `tokens` itself)
             while True:
                 first, length = length, length + new
                 tokens[:, length - 1] = next_tokens
@@ -383,23 +391,23 @@ class GenerationMixin:
                     if streamer is not None and (bool(unfinished[0]) or seen <= int(end_column[0])):
                         streamer.put(tokens[:, seen - 1].cpu())  # its text, up to its EOS (batch 1)
                     if stop_checker is not None:
-                        # rows that had not finished at this token (a fused call may have run a row on past
+                        # rows that had not finished at this token (decode_steps may have run a row on past
                         # its EOS: its later tokens are padding, end_column says where it ended)
                         checking = unfinished | (seen < end_column)
                         hits = checking & stop_checker.found(tokens[:, :seen], checking)
                         end_column = torch.where(hits, seen, end_column)
                         unfinished = unfinished & ~hits
-                        tokens[hits, seen:length] = pad_token_id  # what a fused call chose past the stop
+                        tokens[hits, seen:length] = pad_token_id  # what the call chose past the stop
                 if length == total_length:
                     break
-                if fused is not None and total_length - length >= fuse:
-                    # `fuse` steps in one call; whether every row has finished is asked before each call
+                if steps is not None and total_length - length >= per_call:
+                    # `per_call` steps in one call; whether every row has finished is asked before each call
                     if not bool(unfinished.any()):
                         break
-                    next_tokens, unfinished, end_column, positions = fused(
+                    next_tokens, unfinished, end_column, positions = steps(
                         self, sampler, stop_rules, next_tokens, positions, unfinished, end_column, history,
-                        pad_token_id, fuse)
-                    new = fuse
+                        pad_token_id, per_call)
+                    new = per_call
                     continue
                 if (length - prompt_length) % check_every == 0 and not bool(unfinished.any()):
                     break

@@ -48,9 +48,9 @@ def _kernel_cache_in_a_temporary_directory(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _two_fused_steps(monkeypatch):
-    """generate(compile=True) unrolls neoxja.generation.FUSED_STEPS decode steps into one graph, and compiling
+    """generate(compile=True) unrolls neoxja.generation.STEPS_PER_CALL decode steps into one graph, and compiling
     takes about that many times as long; the tests compile 2 (the loop's bookkeeping is the same for any count),
     except tests/test_compile.py's test of the default count, on a tiny model."""
     import neoxja.generation
 
-    monkeypatch.setattr(neoxja.generation, "FUSED_STEPS", 2)
+    monkeypatch.setattr(neoxja.generation, "STEPS_PER_CALL", 2)

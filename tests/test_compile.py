@@ -48,10 +48,13 @@ def test_generate_compiled_samples_and_stops_as_eager(bundled, seeding, kwargs):
             extra["generator"] = torch.Generator().manual_seed(3)
         else:
             torch.manual_seed(3)
-        return model.generate(torch.tensor([tok.encode("吾輩は猫である。")]), max_new_tokens=40, compile=compile,
-                              **kwargs, **extra)
+        # two calls on one generator: the second starts where the first left it, so compiled and eager must
+        # also draw the same numbers after the rows have finished (steps_per_call: the same steps per call)
+        return [model.generate(torch.tensor([tok.encode(text)]), max_new_tokens=40, compile=compile, **kwargs, **extra)
+                for text in ("吾輩は猫である。", "吾輩は猫である。")]
 
-    assert torch.equal(run(compile=True), run(compile=False))
+    compiled, eager = run(compile=True), run(compile=False)
+    assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
 
 
 def test_generate_compiled_left_padded_batch_with_eos_and_stop_strings(bundled):
@@ -81,12 +84,14 @@ def test_generate_compiled_left_padded_batch_with_eos_and_stop_strings(bundled):
                        model.generate(ids, attention_mask=mask, **stops))
 
 
-def test_fused_steps_stream_and_stop_at_the_eager_token(bundled):
-    """With a streamer or stop strings a compiled generate() still runs several steps per call (2 here, see
-    conftest), then streams and checks the tokens one by one: the streamer gets eager's tokens, up to and
-    including the EOS (not the padding chosen after it in the same call), and a stop string completed by the
-    first or the second token of a call ends the output where eager ends it (what the call chose after it
+def test_steps_per_call_stream_and_stop_where_one_step_per_call_does(bundled, monkeypatch):
+    """Several steps per call (2 here, see conftest; compiled or not), then the host streams and checks the
+    call's tokens one by one: the streamer gets the tokens one step per call gives it, up to and including the
+    EOS (not the padding chosen after it in the same call), and a stop string completed by the first or the
+    second token of a call ends the output where one step per call ends it (what the call chose after it
     becomes padding)."""
+    from neoxja import generation
+
     model, tok = bundled
 
     class Recorder:
@@ -99,20 +104,23 @@ def test_fused_steps_stream_and_stop_at_the_eager_token(bundled):
         def end(self):
             self.ended = True
 
+    def run(per_call, compile, x, **kw):
+        monkeypatch.setattr(generation, "STEPS_PER_CALL", per_call)
+        streamer = Recorder() if x.shape[0] == 1 else None
+        out = model.generate(x, streamer=streamer, compile=compile, **kw)
+        return out.tolist(), streamer and (streamer.got, streamer.ended)
+
     x = torch.tensor([tok.encode("吾輩は猫である。")])
     free = model.generate(x, max_new_tokens=30, eos_token_id=[])[0, x.shape[1]:].tolist()
-    for at in (9, 10):  # the stop token is the first of a fused call, then the second
+    for at in (9, 10):  # the stop token is the first of a call, then the second
         for kw in (dict(eos_token_id=free[at]), dict(eos_token_id=[], stop_strings=[tok.decode(free[at - 1:at + 1])],
                                                      tokenizer=tok)):
-            runs = []
-            for compile in (False, True):
-                streamer = Recorder()
-                out = model.generate(x, max_new_tokens=30, streamer=streamer, compile=compile, **kw)
-                runs.append((out.tolist(), streamer.got, streamer.ended))
-            assert runs[1] == runs[0], (at, kw)
-            assert len(runs[0][0][0]) < x.shape[1] + 30  # it did stop early
+            one = run(1, False, x, max_new_tokens=30, **kw)
+            assert len(one[0][0]) < x.shape[1] + 30  # it did stop early
+            assert run(2, False, x, max_new_tokens=30, **kw) == one, (at, kw)
+            assert run(2, True, x, max_new_tokens=30, **kw) == one, (at, kw)
     # two rows (the left-padded batch of the test above, its graph): a stop string ends row 0 inside a call
-    # while row 1 runs on, so row 0's columns after its stop must be padding, as eager gives them
+    # while row 1 runs on, so row 0's columns after its stop must be padding
     rows = [tok.encode("春はあけぼの。"), tok.encode("国境の長いトンネルを抜けると雪国であった。")]
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
@@ -124,9 +132,10 @@ def test_fused_steps_stream_and_stop_at_the_eager_token(bundled):
         stop = tok.decode(free[0][at - 3:at + 1])
         if stop in tok.decode(free[1]) or stop in tok.decode(free[0][:at]):
             continue  # row 1 would stop too, or row 0 earlier
-        eager = model.generate(ids, stop_strings=[stop], tokenizer=tok, **common)
-        assert eager.shape[1] == width + 40 and bool((eager[0, width + at + 1:] == 0).all())  # row 0 padded
-        assert torch.equal(model.generate(ids, stop_strings=[stop], tokenizer=tok, compile=True, **common), eager)
+        one = run(1, False, ids, stop_strings=[stop], tokenizer=tok, **common)[0]
+        assert len(one[0]) == width + 40 and one[0][width + at + 1:] == [0] * (40 - at - 1)  # row 0 padded
+        assert run(2, False, ids, stop_strings=[stop], tokenizer=tok, **common)[0] == one
+        assert run(2, True, ids, stop_strings=[stop], tokenizer=tok, **common)[0] == one
         checked += 1
     assert checked == 2
 
@@ -289,45 +298,66 @@ def test_compiled_bfloat16_step_gives_the_eager_tokens_past_the_first_few():
     assert torch.equal(model.generate(ids, max_new_tokens=40, compile=True), eager)
 
 
-def test_fused_steps_at_the_default_count_give_the_eager_output(monkeypatch):
-    """generate(compile=True) on a small model runs FUSED_STEPS (the default, not the tests' 2) decode steps per
-    compiled call (generation.decode_steps), writing all but the last token itself: left-padded rows, penalties
-    that read each row's history (so the tokens written inside the graph must be there for the next step), a
-    row finishing at EOS in the middle of a call and the other running on, and a tail of fewer steps than a
-    call (one step at a time) give eager's output. (The other tests here run 2 steps per call, sampled too.)"""
+def test_steps_per_call_at_the_default_count_give_one_steps_output(monkeypatch):
+    """generate() on a small model runs STEPS_PER_CALL (the default, not the tests' 2) decode steps per call
+    (generation.decode_steps, compiled here), writing all but the last token itself: left-padded rows,
+    penalties that read each row's history (so the tokens written inside the graph must be there for the next
+    step), a row finishing at EOS inside a call while the other runs on to the end, and a tail of fewer steps
+    than a call (one step at a time) give what one step per call gives."""
     from neoxja import generation
     from neoxja.config import GPTNeoXJapaneseConfig
 
-    monkeypatch.setattr(generation, "FUSED_STEPS", 8)  # the default (conftest sets 2 for the other tests)
     torch.manual_seed(0)
     config = GPTNeoXJapaneseConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    max_position_embeddings=128, eos_token_id=None, bos_token_id=1)
     model = GPTNeoXJapaneseForCausalLM(config).eval()
-    assert generation.fused_steps(model) == 8
     ids = torch.tensor([[0, 0, 5, 9, 12], [7, 3, 3, 8, 2]])
     kw = dict(attention_mask=torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), max_new_tokens=27, pad_token_id=0,
               repetition_penalty=1.3, no_repeat_ngram_size=2)  # 26 steps: 3 calls of 8, then 2 single steps
+    monkeypatch.setattr(generation, "STEPS_PER_CALL", 1)
     free = model.generate(ids, eos_token_id=[], **kw)
-    eos = int(free[0, 5 + 10])  # row 0's 11th new token: inside the second call
-    eager = model.generate(ids, eos_token_id=eos, **kw)
-    rows_end = [(row[5:] == eos).nonzero()[0, 0].item() if (row[5:] == eos).any() else None for row in eager]
-    assert rows_end[0] is not None and rows_end[0] <= 10 and rows_end[1] != rows_end[0], rows_end
-    assert torch.equal(model.generate(ids, eos_token_id=eos, compile=True, **kw), eager)
+    eos = int(free[0, 5 + 11])  # row 0's 12th new token: the 3rd of the second call
+    one = model.generate(ids, eos_token_id=eos, **kw)
+    rows_end = [(row[5:] == eos).nonzero()[0, 0].item() if (row[5:] == eos).any() else None for row in one]
+    assert rows_end[0] is not None and rows_end[0] <= 11 and rows_end[1] is None, rows_end  # row 1: to the end
+    monkeypatch.setattr(generation, "STEPS_PER_CALL", 8)  # the default (conftest sets 2 for the other tests)
+    assert generation.steps_per_call(model) == 8
+    assert torch.equal(model.generate(ids, eos_token_id=eos, compile=True, **kw), one)
     assert any(key[0] is generation.decode_steps for key in model.__dict__["_neoxja_compiled_decode"][1])
 
 
-def test_fused_steps_only_where_a_step_is_short():
-    """fused_steps(model): FUSED_STEPS where the weights (tied ones once, KV caches not) take at most
-    FUSE_MAX_BYTES, one step per call above: the 2.7B width with one layer (no weights allocated)."""
+def test_steps_per_call_only_on_a_small_model(monkeypatch):
+    """steps_per_call(model): STEPS_PER_CALL on a model of at most SMALL_MODEL_WEIGHTS weights, 1 above.
+    model_weights counts a tied weight once and KV caches not at all, and an int8 or int4 layer (whose weight
+    is no parameter) as its in x out: the same as the float model when nothing is tied. The 2.7B width with
+    one layer (no weights allocated) is not small."""
     from neoxja import generation
     from neoxja.config import GPTNeoXJapaneseConfig
+    from neoxja.quantization import quantize
 
-    small = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                                             num_attention_heads=2))
-    assert generation.fused_steps(small) == generation.FUSED_STEPS
-    small.setup_caches(max_batch_size=64, max_seq_length=2048)  # caches are not weights
-    assert generation.fused_steps(small) == generation.FUSED_STEPS
+    def tiny(tie):
+        torch.manual_seed(0)
+        return GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(
+            vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            tie_word_embeddings=tie)).eval()
+
+    default = generation.SMALL_MODEL_WEIGHTS
+    model = tiny(tie=True)
+    weights = sum(p.numel() for p in model.parameters())  # the head's weight is the embedding's: once
+    assert generation.model_weights(model) == weights
+    assert weights < sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+    model.setup_caches(max_batch_size=64, max_seq_length=2048)  # caches are not weights
+    assert generation.model_weights(model) == weights
+    monkeypatch.setattr(generation, "SMALL_MODEL_WEIGHTS", weights)
+    assert generation.steps_per_call(model) == generation.STEPS_PER_CALL
+    monkeypatch.setattr(generation, "SMALL_MODEL_WEIGHTS", weights - 1)
+    assert generation.steps_per_call(model) == 1
+    untied = generation.model_weights(tiny(tie=False))
+    assert generation.model_weights(quantize(tiny(tie=False), "int8")) == untied
+    assert generation.model_weights(quantize(tiny(tie=False), "int4", group_size=32, kernel="torch")) == untied
+    monkeypatch.setattr(generation, "SMALL_MODEL_WEIGHTS", default)
+    assert generation.steps_per_call(tiny(tie=True)) == generation.STEPS_PER_CALL
     with torch.device("meta"):
         wide = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(vocab_size=32000, hidden_size=2560,
                                                                 num_hidden_layers=1, num_attention_heads=32))
-    assert generation.fused_steps(wide) == 1
+    assert generation.steps_per_call(wide) == 1

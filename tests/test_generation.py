@@ -380,3 +380,66 @@ def test_bfloat16_generation_runs_and_mostly_agrees():
     assert got.dtype == torch.long and got.shape == want.shape
     # the first new token of each row: logits are far apart, bf16 rounding cannot flip them
     assert torch.equal(got[:, ids.shape[1]], want[:, ids.shape[1]])
+
+
+@pytest.mark.parametrize("per_call", [3, 8])
+def test_several_steps_per_call_give_what_one_step_per_call_gives(monkeypatch, per_call):
+    """On a small model generate() runs STEPS_PER_CALL decode steps per call (generation.decode_steps), then
+    streams and checks stop strings on the call's tokens one by one. Against one step per call, eagerly:
+    a stop string met inside a call and an EOS later in the same call (the row ends at the stop string), a
+    streamer (the same tokens, up to the EOS), a row of a batch stopped by a stop string while the other runs on
+    (its later columns padding), and a seeded sampled call (the same output; where the generator is left may
+    differ, as the "all finished?" check comes at other steps: compiled and eager share the cadence,
+    tests/test_compile.py)."""
+    from neoxja import generation
+
+    class Chars:  # a tokenizer for the stop strings: one character per id
+        def decode(self, ids, **kwargs):
+            return "".join(chr(0x4E00 + i) for i in ids)
+
+    class Recorder:
+        def __init__(self):
+            self.got = []
+
+        def put(self, value):
+            self.got.append(value.flatten().tolist())
+
+        def end(self):
+            self.got.append("end")
+
+    torch.manual_seed(0)
+    model = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64,
+        eos_token_id=None, bos_token_id=1)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    x = torch.tensor([[7, 3, 3, 8, 2, 4]])
+    base = dict(max_new_tokens=20, no_repeat_ngram_size=1, pad_token_id=0)  # no token twice: unique stop strings
+
+    def both(fn):
+        results = []
+        for steps in (1, per_call):
+            monkeypatch.setattr(generation, "STEPS_PER_CALL", steps)
+            results.append(fn())
+        assert results[0] == results[1]
+        return results[0]
+
+    free = model.generate(x, eos_token_id=[], **base)[0, 6:].tolist()
+    at = per_call + 1  # the first token of the second call (the first call starts after the prefill's token)
+    kw = dict(base, eos_token_id=free[at + 1], stop_strings=[Chars().decode([free[at]])], tokenizer=Chars())
+    out = both(lambda: model.generate(x, **kw).tolist())
+    assert out[0][6:] == free[:at + 1]  # ended at the stop string, not at the EOS after it
+    streamed = both(lambda: (lambda r: (model.generate(x, streamer=r, eos_token_id=free[at + 1], **base), r.got)[1])(
+        Recorder()))
+    assert streamed[1:-1] == [[t] for t in free[:at + 2]] and streamed[-1] == "end"  # prompt, new up to EOS, end
+    batch = torch.tensor([[7, 3, 3, 8, 2, 4], [35, 14, 47, 61, 38, 54]])
+    other = model.generate(batch, eos_token_id=[], **base)[1].tolist()
+    stop = Chars().decode(free[at - 1:at + 1])  # two tokens: not in the other row's text
+    assert stop not in Chars().decode(other)
+    rows = both(lambda: model.generate(batch, eos_token_id=[], stop_strings=[stop], tokenizer=Chars(),
+                                       **base).tolist())
+    assert rows[0][6:] == free[:at + 1] + [0] * (20 - at - 1) and rows[1] == other
+    sample = dict(max_new_tokens=20, do_sample=True, eos_token_id=free[3], pad_token_id=0)
+
+    both(lambda: model.generate(x, generator=torch.Generator().manual_seed(1), **sample).tolist())
