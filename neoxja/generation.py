@@ -29,10 +29,11 @@ model's products are row-count invariant; see neoxja.batch_invariant (`make_batc
 generate(): each prompt row (left padding stripped) is prefilled into its own slot from position 0, then every
 step is one decode_one_token over all rows, then per-row processing, sampling and stop rules (neoxja.sampling:
 SamplingBatch, StopRules). On a small model (steps_per_call) the steps go STEPS_PER_CALL at a time through
-decode_steps, compiled or not, and the host streams and checks stop strings on each call's tokens afterwards. Rows that finish are padded with pad_token_id; the output is left-padded as the
-input was, as transformers returns it. Whether every row has finished is asked of the device every
-STOP_CHECK_EVERY steps (every step with a streamer or stop strings; before each call of decode_steps), and
-the output is trimmed to the step at which the last row finished, so the result equals checking every step.
+decode_steps, compiled or not, and the host streams and checks stop strings on each call's tokens afterwards.
+Rows that finish are padded with pad_token_id; the output is left-padded as the input was, as transformers
+returns it. Whether every row has finished is asked of the device every STOP_CHECK_EVERY steps (every step
+with a streamer or stop strings; before each call of decode_steps), and the output is trimmed to the step at
+which the last row finished, so the result equals checking every step.
 """
 
 from __future__ import annotations
@@ -196,11 +197,11 @@ def steps_per_call(model) -> int:
 
 def compile_decode(model, fn=decode_one_token, **compile_kwargs):
     """`fn(model, ...)` (decode_one_token, or generate()'s decode_and_select and decode_steps) compiled with
-    torch.compile, cached on the model: compiled once per function and options. decode_one_token's shapes change only with the row
-    count and the cache size, so a server compiles it a few times (Engine.warm_up); decode_and_select also
-    compiles anew for each sampling setup (and, with penalties, output width). Extra keywords go to
-    torch.compile (e.g. mode="reduce-overhead" for CUDA graphs on a GPU); without `mode` or `options`,
-    DECODE_COMPILE_OPTIONS apply, and on a CPU DECODE_COMPILE_OPTIONS_CPU too."""
+    torch.compile, cached on the model: compiled once per function and options. decode_one_token's shapes
+    change only with the row count and the cache size, so a server compiles it a few times (Engine.warm_up);
+    decode_and_select and decode_steps also compile anew for each sampling setup (and output width). Extra
+    keywords go to torch.compile (e.g. mode="reduce-overhead" for CUDA graphs on a GPU); without `mode` or
+    `options`, DECODE_COMPILE_OPTIONS apply, and on a CPU DECODE_COMPILE_OPTIONS_CPU too."""
     key = (fn, tuple(sorted(compile_kwargs.items())))
     owner, cache = model.__dict__.get("_neoxja_compiled_decode", (None, None))
     if owner is None or owner() is not model:  # none yet, or copied along by copy.deepcopy(model): the
@@ -289,10 +290,11 @@ class GenerationMixin:
         the `neoxja generate` command passes len(tokenizer).
         `compile=True` runs each decode step and the choice after it through
         `compile_decode(self, decode_and_select)` (torch.compile, cached on the model), on a small model
-        (steps_per_call) STEPS_PER_CALL of them per compiled call (decode_steps): worth it for long or repeated
-        generations, not for one short call. Seeded draws use the eager ones' random numbers
-        (inductor's fallback_random); the logits differ from eager in the last bits (fused small ops; in
-        float32 greedy tokens are equal in the tests), so a draw on a boundary between two tokens may differ.
+        (steps_per_call) STEPS_PER_CALL of them per compiled call (decode_steps; the eager path takes as many
+        per call, so both draw alike): worth it for long or repeated generations, not for one short call.
+        Seeded draws use the eager ones' random numbers (inductor's fallback_random); the logits differ from
+        eager in the last bits (fused small ops; in float32 greedy tokens are equal in the tests), so a draw on
+        a boundary between two tokens may differ.
         """
         cfg = self.config
         device = self.device
