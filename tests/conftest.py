@@ -47,10 +47,11 @@ def _kernel_cache_in_a_temporary_directory(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _two_fused_steps(monkeypatch):
-    """generate(compile=True) unrolls neoxja.generation.STEPS_PER_CALL decode steps into one graph, and compiling
-    takes about that many times as long; the tests compile 2 (the loop's bookkeeping is the same for any count),
-    except tests/test_compile.py's test of the default count, on a tiny model."""
+def _two_steps_per_call(monkeypatch):
+    """generate() runs neoxja.generation.STEPS_PER_CALL decode steps per call on a small model, and compiled it
+    unrolls them into one graph, which takes several times as long to compile; the tests run 2 (the loop's
+    bookkeeping is the same for any count), except where a test sets the count itself (tests/test_compile.py
+    compiles the default 8 once, on a tiny model; tests/test_generation.py compares 3 and 8 with 1)."""
     import neoxja.generation
 
     monkeypatch.setattr(neoxja.generation, "STEPS_PER_CALL", 2)
