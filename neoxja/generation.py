@@ -177,11 +177,11 @@ def model_weights(model) -> int:
     """The numbers in a model's weights: its parameters (a tied one once) and, for a layer that keeps its
     weight in another form (neoxja.quantization's int8 and int4 layers), in_features x out_features. Buffers
     (KV caches, rotary tables) do not count."""
-    params = {id(p): p.numel() for p in model.parameters()}
+    params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied one once
     hidden = sum(m.in_features * m.out_features for m in model.modules()
                  if hasattr(m, "in_features") and hasattr(m, "out_features")
-                 and not any(True for _ in m.parameters(recurse=False)))
-    return sum(params.values()) + hidden
+                 and next(m.parameters(recurse=False), None) is None)
+    return params + hidden
 
 
 def steps_per_call(model) -> int:
