@@ -44,12 +44,17 @@ def test_the_kernel_builds_where_the_cpu_has_its_instructions(isa):
 
 
 @needs_kernel
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
-@pytest.mark.parametrize("K,N,G", [(64, 4, 64), (256, 20, 128), (640, 12, 128), (512, 8, 256), (384, 36, 64)])
-def test_kernel_sums_equal_float64_sums_of_the_dequantized_weights(M, K, N, G):
+@pytest.mark.parametrize("M,path", [(M, "tiles") for M in (1, 2, 3, 4, 5, 9, 13, 40)] +  # one row: always tiles
+                                   [(M, "panels") for M in (2, 3, 5, 6, 7, 13, 40)])
+@pytest.mark.parametrize("K,N,G", [(64, 4, 64), (256, 20, 128), (640, 12, 128), (512, 8, 256), (384, 36, 64),
+                                   (256, 132, 64)])
+def test_kernel_sums_equal_float64_sums_of_the_dequantized_weights(M, K, N, G, path, monkeypatch):
     """Products of a bfloat16 activation and a nibble are exact in float32; only the float32 sums round, over
-    terms of size |x_k| |q_nk scale| and, through the group's sum of x, |x_k| |offset|: the error is within
-    1e-6 * sum_k |x_k| (|q_nk scale| + |offset|) (K <= 640 terms, unit roundoff 6e-8)."""
+    terms of size |x_k| |q_nk scale| and, through the group's sum of x, |x_k| |offset|. The tiles (one row, and
+    few rows) sum K / 32 terms per lane and fold the lanes at the end: the error is within 1e-6 * sum_k |x_k|
+    (|q_nk scale| + |offset|) (K <= 640 terms, unit roundoff 6e-8). The panels (many rows) sum a group's
+    columns one after another, G roundings, then 2 per group: within (G + 2 K / G + 4) unit roundoffs of it."""
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 2 if path == "panels" else 10**6)
     g = torch.Generator().manual_seed(M * 1000 + K + N)
     W = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)
     q, scales, zeros = int4_group_params(W, G)
@@ -59,11 +64,30 @@ def test_kernel_sums_equal_float64_sums_of_the_dequantized_weights(M, K, N, G):
     assert y.shape == (M, N) and y.dtype == torch.float32
     Wd = dequantized(q, scales, zeros, G)
     exact = x.double() @ Wd.T
-    bound = 1e-6 * (x.double().abs() @ dequantized(q, scales, zeros, G, magnitude=True).T) + 1e-30
+    relative = 1e-6 if path == "tiles" else (G + 2 * K // G + 4) * 2.0 ** -24
+    bound = relative * (x.double().abs() @ dequantized(q, scales, zeros, G, magnitude=True).T) + 1e-30
     assert bool(((y.double() - exact).abs() <= bound).all()), float(((y.double() - exact).abs() / bound).max())
 
 
-@needs_avx2
+@needs_kernel
+def test_the_panels_and_the_tiles_give_each_row_alike_and_the_switch_is_where_it_says(monkeypatch):
+    """The many-row path is taken from native.INT4_PANEL_ROWS rows up, and gives each row what the tiles give
+    it up to the float32 sums' order (differences at the 1e-6 level of the outputs, not a wrong row or column)."""
+    g = torch.Generator().manual_seed(7)
+    K, N, G = 512, 200, 128  # 200 rows: three full panels of 64 and a partial one
+    q, scales, zeros = int4_group_params(torch.randn(N, K, generator=g), G)
+    packed, sz = native.pack_int4(q, scales, zeros)
+    x = torch.randn(native.INT4_PANEL_ROWS + 7, K, generator=g).to(torch.bfloat16)
+    panels = native.int4_linear(x, packed, sz, G)
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 10**6)
+    tiles = native.int4_linear(x, packed, sz, G)
+    torch.testing.assert_close(panels, tiles, rtol=0, atol=1e-6 * float(tiles.abs().max()))
+    assert not torch.equal(panels, tiles)  # the default row count took the other path
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 1)  # the C kernel refuses a threshold below 2
+    with pytest.raises(RuntimeError, match="refused"):
+        native.int4_linear(x, packed, sz, G)
+
+
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 9])
 @pytest.mark.parametrize("K,N,G", [(64, 4, 64), (256, 20, 128), (640, 12, 128), (512, 8, 256), (384, 36, 64)])
 def test_avx2_kernel_is_the_exact_sum_over_int8_activations(M, K, N, G):

@@ -130,10 +130,156 @@ static void tile_many_rows(const uint16_t *x, const float *xsum, const uint8_t *
     }
 }
 
-/* Returns 0, or -1 when the shapes break the layout's rules or memory for the group sums is short. */
+/* Many rows (a prefill, a long batch): the tiles above give each activation load R sums and each weight
+   load mr (<= 4), as many loads as products, while a vector of 16 outputs is what a product needs to be
+   reused: here the weights of PN = 64 rows and one group are unpacked once into a panel of (column pair,
+   row) bfloat16 pairs, and MB activation rows at a time run over it, each broadcast pair of activations
+   times 4 vectors of 16 rows' pairs: MB * 4 sums in registers, 4 loads per 4 * MB products. The unpacking
+   (a 16 x 16 transpose of 32-bit pairs per 64 columns of 16 rows) costs about as much as 4 activation rows,
+   so neoxja_int4_linear takes this path from `panel_rows` rows up. The products are exact as above; a sum
+   runs over a group's column pairs in order, then folds in scale and offset per group. */
+#define MB 6                /* activation rows per pass over a panel */
+#define NV 4                /* 16-row vectors per panel */
+#define PN (NV * 16)        /* weight rows per panel */
+
+static inline void transpose16(__m512i r[16]) {  /* a 16 x 16 matrix of 32-bit elements, rows in r */
+    __m512i a[16], b[16], c[16];
+    for (int i = 0; i < 16; i += 2) {
+        a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+        b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+        b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+        b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        c[i] = _mm512_shuffle_i32x4(b[i], b[i + 4], 0x88);
+        c[i + 4] = _mm512_shuffle_i32x4(b[i], b[i + 4], 0xdd);
+        c[i + 8] = _mm512_shuffle_i32x4(b[i + 8], b[i + 12], 0x88);
+        c[i + 12] = _mm512_shuffle_i32x4(b[i + 8], b[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_i32x4(c[i], c[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(c[i], c[i + 8], 0xdd);
+    }
+}
+
+/* the panel (G / 2, PN) of 32-bit pairs for rows n0.. (rows of them real, the rest zero) and group g:
+   element (p, n) = row n's columns 2p and 2p + 1 of the group, as bfloat16 */
+static void build_panel(const uint8_t *qw, int n0, int rows, int K, int G, int g, uint32_t *panel) {
+    const __m512i table = nibble_table();
+    const size_t tile_bytes = (size_t)R * K / 2;
+    for (int v = 0; v < NV; v++)
+        for (int b = 0; b < G / 64; b++) {
+            __m512i lo[16], hi[16];  /* 16 rows' columns 0-31 and 32-63 of the block, as 16 pairs each */
+            for (int j = 0; j < 16; j++) {
+                const int n = v * 16 + j;
+                if (n < rows) {
+                    __m512bh l, h;
+                    unpack_block(qw + (size_t)((n0 + n) / R) * tile_bytes + (size_t)(g * (G / 64) + b) * (R * 32)
+                                 + (size_t)((n0 + n) % R) * 32, table, &l, &h);
+                    lo[j] = (__m512i)l;
+                    hi[j] = (__m512i)h;
+                } else {
+                    lo[j] = hi[j] = _mm512_setzero_si512();
+                }
+            }
+            transpose16(lo);
+            transpose16(hi);
+            for (int p = 0; p < 16; p++) {
+                _mm512_store_si512(panel + (size_t)(b * 32 + p) * PN + v * 16, lo[p]);
+                _mm512_store_si512(panel + (size_t)(b * 32 + 16 + p) * PN + v * 16, hi[p]);
+            }
+        }
+}
+
+/* mr (<= MB) activation rows against the panel of group g: tot (mr, PN) += sums * scale + offset * sum(x) */
+static inline __attribute__((always_inline)) void panel_rows(
+        const uint16_t *x, const uint32_t *panel, const __m512 *scale, const __m512 *offset, const float *xsum,
+        float *tot, int K, int G, int g, int ng, const int mr) {
+    __m512 a[MB][NV];
+    for (int m = 0; m < mr; m++)
+        for (int v = 0; v < NV; v++) a[m][v] = _mm512_setzero_ps();
+    const uint16_t *xg = x + (size_t)g * G;
+    for (int p = 0; p < G / 2; p++) {
+        __m512bh w[NV];
+        for (int v = 0; v < NV; v++) w[v] = (__m512bh)_mm512_load_si512(panel + (size_t)p * PN + v * 16);
+        for (int m = 0; m < mr; m++) {
+            uint32_t pair;
+            memcpy(&pair, xg + (size_t)m * K + 2 * p, 4);
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)pair);
+            for (int v = 0; v < NV; v++) a[m][v] = _mm512_dpbf16_ps(a[m][v], w[v], xb);
+        }
+    }
+    for (int m = 0; m < mr; m++) {
+        const __m512 s = _mm512_set1_ps(xsum[(size_t)m * ng + g]);
+        for (int v = 0; v < NV; v++) {
+            float *t = tot + (size_t)m * PN + v * 16;
+            _mm512_store_ps(t, _mm512_fmadd_ps(offset[v], s, _mm512_fmadd_ps(a[m][v], scale[v], _mm512_load_ps(t))));
+        }
+    }
+}
+
+static int panel_product(const uint16_t *x, const float *xsum, const uint8_t *qw, const uint16_t *sz, float *y,
+                         int M, int N, int K, int G, int nthreads) {
+    const int ng = K / G, npanels = (N + PN - 1) / PN;
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        uint32_t *panel = aligned_alloc(64, (size_t)G / 2 * PN * sizeof(uint32_t));
+        float *tot = aligned_alloc(64, (size_t)M * PN * sizeof(float));
+        if (panel == NULL || tot == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int t = 0; t < npanels; t++) {
+            if (panel == NULL || tot == NULL) continue;
+            const int n0 = t * PN, rows = N - n0 < PN ? N - n0 : PN;
+            memset(tot, 0, (size_t)M * PN * sizeof(float));
+            for (int g = 0; g < ng; g++) {
+                build_panel(qw, n0, rows, K, G, g, panel);
+                float s[PN], o[PN];
+                for (int n = 0; n < PN; n++) {
+                    const int j = ((n0 + n) / R * ng + g) * R + (n0 + n) % R;  /* its (scale, zero) pair */
+                    s[n] = n < rows ? scale_of(sz, j) : 0.0f;
+                    o[n] = n < rows ? offset_of(sz, j) : 0.0f;
+                }
+                __m512 scale[NV], offset[NV];
+                for (int v = 0; v < NV; v++) {
+                    scale[v] = _mm512_loadu_ps(s + v * 16);
+                    offset[v] = _mm512_loadu_ps(o + v * 16);
+                }
+                for (int m0 = 0; m0 < M; m0 += MB) {
+                    const uint16_t *xm = x + (size_t)m0 * K;
+                    const float *um = xsum + (size_t)m0 * ng;
+                    float *tm = tot + (size_t)m0 * PN;
+                    switch (M - m0 < MB ? M - m0 : MB) {  /* constant row counts: the sums stay in registers */
+                        case 1: panel_rows(xm, panel, scale, offset, um, tm, K, G, g, ng, 1); break;
+                        case 2: panel_rows(xm, panel, scale, offset, um, tm, K, G, g, ng, 2); break;
+                        case 3: panel_rows(xm, panel, scale, offset, um, tm, K, G, g, ng, 3); break;
+                        case 4: panel_rows(xm, panel, scale, offset, um, tm, K, G, g, ng, 4); break;
+                        case 5: panel_rows(xm, panel, scale, offset, um, tm, K, G, g, ng, 5); break;
+                        default: panel_rows(xm, panel, scale, offset, um, tm, K, G, g, ng, MB); break;
+                    }
+                }
+            }
+            for (int m = 0; m < M; m++)
+                memcpy(y + (size_t)m * N + n0, tot + (size_t)m * PN, (size_t)rows * sizeof(float));
+        }
+        free(panel);
+        free(tot);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Returns 0, or -1 when the shapes break the layout's rules or memory for the group sums or the panels is
+   short. M >= panel_rows (>= 2) takes the panel path above. */
 int neoxja_int4_linear(const uint16_t *x, const uint8_t *qw, const uint16_t *sz, float *y,
-                       int M, int N, int K, int G, int nthreads) {
-    if (M < 1 || N < R || N % R || G < 64 || G % 64 || K < G || K % G || nthreads < 1) return -1;
+                       int M, int N, int K, int G, int nthreads, int panel_rows) {
+    if (M < 1 || N < R || N % R || G < 64 || G % 64 || K < G || K % G || nthreads < 1 || panel_rows < 2) return -1;
     const int ng = K / G;
     float *xsum = malloc((size_t)M * ng * sizeof(float));  /* the sum of each group of each activation row */
     if (xsum == NULL) return -1;
@@ -146,6 +292,11 @@ int neoxja_int4_linear(const uint16_t *x, const uint8_t *qw, const uint16_t *sz,
                         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xg + k))), 16)));
             xsum[(size_t)m * ng + g] = _mm512_reduce_add_ps(s);
         }
+    if (M >= panel_rows) {
+        const int rc = panel_product(x, xsum, qw, sz, y, M, N, K, G, nthreads);
+        free(xsum);
+        return rc;
+    }
     const size_t tile_bytes = (size_t)R * K / 2, tile_groups = (size_t)R * ng;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int t = 0; t < N / R; t++) {
