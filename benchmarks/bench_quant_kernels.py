@@ -1,4 +1,5 @@
 """The weight products of one decoding step at batch 1, kernel by kernel (CPU): which kernel to quantize for.
+With --rows M, the same products times M activation rows: a prefill chunk or a batch of M sequences.
 
 One step at the 2.7B width with 4 layers reads, per layer, the qkv (7680x2560), attention output (2560x2560),
 MLP up (10240x2560) and down (2560x10240) weights, then the LM head (32000x2560), each times one row. Every
@@ -29,6 +30,11 @@ activations), measured for issue 13's int4 goal and not used by neoxja:
 
     python benchmarks/bench_quant_kernels.py --rounds 15
     python benchmarks/bench_quant_kernels.py --rounds 15 --int4-alternatives
+    python benchmarks/bench_quant_kernels.py --rounds 7 --rows 256   # a prefill chunk
+
+At 2 or more rows, where the AVX512-BF16 kernel runs, it is also timed with its few-row path only (tiles: each
+row against 4 weight rows at a time), what it did for every row count before its many-row path (panels, from
+native.INT4_PANEL_ROWS rows up) existed: the same call, side by side.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ def kernels(args) -> dict:
         with torch.no_grad():
             linear.weight.copy_(torch.randn(n, k, generator=g) * 0.02)
         linears.append(linear)
-    x32 = {k: torch.randn(1, k, generator=g) for k in (2560, 10240)}
+    x32 = {k: torch.randn(args.rows, k, generator=g) for k in (2560, 10240)}
     x16 = {k: v.bfloat16() for k, v in x32.items()}
     out = {}
     int8 = [Int8DynamicLinear.from_float(m) for m in linears]
@@ -76,6 +82,8 @@ def kernels(args) -> dict:
                 int4 = [Int4WeightOnlyLinear.from_float(m, gs, kernel=isa) for m in linears]
                 xs = x32 if isa == "avx2" else x16  # the activations each kernel takes (no casts around it)
                 out[f"int4 neoxja {isa} group {gs}"] = lambda int4=int4, xs=xs: [q(xs[q.in_features]) for q in int4]
+                if isa == "avx512_bf16" and args.rows > 1:
+                    out[f"int4 neoxja {isa} group {gs}, tiles only"] = lambda int4=int4, xs=xs: tiles_only(int4, xs)
         else:
             print(f"neoxja's {isa} int4 kernel left out: {why}", flush=True)
     packs = []
@@ -113,6 +121,15 @@ def kernels(args) -> dict:
         bags = [int4_bag(m.weight.detach()) for m in linears]
         out["int4 FBGEMM 4-bit bag (128 outputs)"] = lambda: [f(x32[k]) for f, k in bags]
     return out
+
+
+def tiles_only(int4, xs):
+    """The AVX512-BF16 int4 layers' products with the kernel's many-row path switched off."""
+    panel_rows, native.INT4_PANEL_ROWS = native.INT4_PANEL_ROWS, 2 ** 31 - 1
+    try:
+        return [q(xs[q.in_features]) for q in int4]
+    finally:
+        native.INT4_PANEL_ROWS = panel_rows
 
 
 def int4_nibbles(w: torch.Tensor, group: int = 128):
@@ -157,15 +174,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int)
+    p.add_argument("--rows", type=int, default=1, help="activation rows per product (default 1: a decoding step)")
     p.add_argument("--compile", action="store_true", help="add inductor's weight-only int8 (compiles first)")
     p.add_argument("--int4-alternatives", action="store_true",
                    help="add two int4 products built from torch's ops (see above; compiles first)")
     args = p.parse_args(argv)
+    if args.rows < 1:
+        p.error(f"--rows must be at least 1, got {args.rows}")
+    if args.int4_alternatives and args.rows > 1:
+        p.error("--int4-alternatives takes one activation row (--rows 1)")
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"CPU flags: {cpu_flags()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
-          f"{torch.get_num_threads()} threads; one decoding step's products, 2.7B width, 4 layers + LM head",
+          f"{torch.get_num_threads()} threads; one decoding step's products, 2.7B width, 4 layers + LM head, "
+          f"times {args.rows} activation row{'s' if args.rows > 1 else ''}",
           flush=True)
     with torch.no_grad():
         ks = kernels(args)

@@ -16,7 +16,10 @@
    Layout (made by neoxja.native.pack_int4): rows in tiles of R = 4; a tile's bytes run over the 64-column
    blocks of K, and within a block over the tile's 4 rows, 32 bytes each: byte j holds column j of the block
    (low nibble) and column j + 32 (high nibble). So the weights stream through memory in one sequential pass.
-   sz: (scale, zero) pairs of bfloat16, (N / R, K / G, R, 2). N is a multiple of R, K of G, G of 64. */
+   sz: (scale, zero) pairs of bfloat16, (N / R, K / G, R, 2). N is a multiple of R, K of G, G of 64.
+
+   One activation row, or a few, go through the tiles as they stream; from panel_rows rows up (a prefill)
+   the weights are unpacked into panels first and the rows run over them as in a GEMM (below). */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
