@@ -57,7 +57,7 @@ ISA_NAMES = {"avx512_bf16": "AVX512-BF16", "avx2": "AVX2"}
 # runs the AVX-512 one's code, and a compiler that cannot build one (GCC < 10 has no -mavx512bf16) still
 # builds the other
 SOURCES = {"avx512_bf16": (CSRC / "avx512_bf16.c",
-                           ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma")),
+                           ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma")),
            "avx2": (CSRC / "avx2.c", ("-mavx2", "-mfma"))}
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 FUNCTIONS = {"avx512_bf16": (("neoxja_int4_linear", 4, 6), ("neoxja_bf16_gemv", 4, 3)),  # (name, pointers, ints)
@@ -65,7 +65,7 @@ FUNCTIONS = {"avx512_bf16": (("neoxja_int4_linear", 4, 6), ("neoxja_bf16_gemv", 
 INT4_FUNCTIONS = {isa: functions[0][0] for isa, functions in FUNCTIONS.items()}  # each library's int4 product
 # the AVX512-BF16 int4 kernel's many-row path (weights unpacked into panels) from this many activation rows up:
 # below it the panels' unpacking costs more than it saves (docs/quantization.md); read at each call
-INT4_PANEL_ROWS = 12
+INT4_PANEL_ROWS = 6
 INT4_OPS = {"avx512_bf16": "int4_avx512_linear", "avx2": "int4_avx2_linear"}  # neoxja::<name> under torch.compile
 INT4_ACTIVATIONS = {"avx512_bf16": torch.bfloat16, "avx2": torch.float32}  # the dtype each int4 kernel takes x in
 TILE_ROWS = 4  # R in the C source: weight rows per tile
@@ -80,13 +80,13 @@ def _check_isa(isa) -> None:
 
 def cpu_supported(isa: str = "avx512_bf16") -> bool:
     """Whether this CPU has the instructions of the kernels for `isa`, by torch's own checks: AVX512-BF16
-    (of the hardware); AVX2 and FMA (ATen's capability AVX2 or AVX512 needs both; ATEN_CPU_CAPABILITY, which
+    and AVX512-VNNI (of the hardware); AVX2 and FMA (ATen's capability AVX2 or AVX512 needs both; ATEN_CPU_CAPABILITY, which
     can only lower it, lowers this too)."""
     _check_isa(isa)
     if isa == "avx2":
         return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(check is not None and check())
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_vnni_supported")]
+    return all(check is not None and check() for check in checks)  # (_is_vnni_supported: AVX512-VNNI)
 
 
 def available(isa: str = "avx512_bf16") -> tuple[bool, str]:

@@ -44,17 +44,14 @@ def test_the_kernel_builds_where_the_cpu_has_its_instructions(isa):
 
 
 @needs_kernel
-@pytest.mark.parametrize("M,path", [(M, "tiles") for M in (1, 2, 3, 4, 5, 9, 13, 40)] +  # one row: always tiles
-                                   [(M, "panels") for M in (2, 3, 5, 6, 7, 13, 40)])
-@pytest.mark.parametrize("K,N,G", [(64, 4, 64), (256, 20, 128), (640, 12, 128), (512, 8, 256), (384, 36, 64),
-                                   (256, 132, 64)])
-def test_kernel_sums_equal_float64_sums_of_the_dequantized_weights(M, K, N, G, path, monkeypatch):
-    """Products of a bfloat16 activation and a nibble are exact in float32; only the float32 sums round, over
-    terms of size |x_k| |q_nk scale| and, through the group's sum of x, |x_k| |offset|. The tiles (one row, and
-    few rows) sum K / 32 terms per lane and fold the lanes at the end: the error is within 1e-6 * sum_k |x_k|
-    (|q_nk scale| + |offset|) (K <= 640 terms, unit roundoff 6e-8). The panels (many rows) sum a group's
-    columns one after another, G roundings, then 2 per group: within (G + 2 K / G + 4) unit roundoffs of it."""
-    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 2 if path == "panels" else 10**6)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 13])
+@pytest.mark.parametrize("K,N,G", [(64, 4, 64), (256, 20, 128), (640, 12, 128), (512, 8, 256), (384, 36, 64)])
+def test_kernel_sums_equal_float64_sums_of_the_dequantized_weights(M, K, N, G, monkeypatch):
+    """The tiles (one row, few rows): products of a bfloat16 activation and a nibble are exact in float32;
+    only the float32 sums round, over terms of size |x_k| |q_nk scale| and, through the group's sum of x,
+    |x_k| |offset|: the error is within 1e-6 * sum_k |x_k| (|q_nk scale| + |offset|) (K <= 640 terms, unit
+    roundoff 6e-8). (Many rows take the panels unless told not to: see the int8-activation test below.)"""
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 10**6)
     g = torch.Generator().manual_seed(M * 1000 + K + N)
     W = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)
     q, scales, zeros = int4_group_params(W, G)
@@ -64,47 +61,18 @@ def test_kernel_sums_equal_float64_sums_of_the_dequantized_weights(M, K, N, G, p
     assert y.shape == (M, N) and y.dtype == torch.float32
     Wd = dequantized(q, scales, zeros, G)
     exact = x.double() @ Wd.T
-    relative = 1e-6 if path == "tiles" else (G + 2 * K // G + 4) * 2.0 ** -24
-    bound = relative * (x.double().abs() @ dequantized(q, scales, zeros, G, magnitude=True).T) + 1e-30
+    bound = 1e-6 * (x.double().abs() @ dequantized(q, scales, zeros, G, magnitude=True).T) + 1e-30
     assert bool(((y.double() - exact).abs() <= bound).all()), float(((y.double() - exact).abs() / bound).max())
 
 
-@needs_kernel
-def test_the_panels_and_the_tiles_give_each_row_alike_and_the_switch_is_where_it_says(monkeypatch):
-    """The many-row path is taken from native.INT4_PANEL_ROWS rows up, and gives each row what the tiles give
-    it up to the float32 sums' order (differences at the 1e-6 level of the outputs, not a wrong row or column)."""
-    g = torch.Generator().manual_seed(7)
-    K, N, G = 512, 200, 128  # 200 rows: three full panels of 64 and a partial one
-    q, scales, zeros = int4_group_params(torch.randn(N, K, generator=g), G)
-    packed, sz = native.pack_int4(q, scales, zeros)
-    x = torch.randn(native.INT4_PANEL_ROWS + 7, K, generator=g).to(torch.bfloat16)
-    panels = native.int4_linear(x, packed, sz, G)
-    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 10**6)
-    tiles = native.int4_linear(x, packed, sz, G)
-    torch.testing.assert_close(panels, tiles, rtol=0, atol=1e-6 * float(tiles.abs().max()))
-    assert not torch.equal(panels, tiles)  # the default row count took the other path
-    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 1)  # the C kernel refuses a threshold below 2
-    with pytest.raises(RuntimeError, match="refused"):
-        native.int4_linear(x, packed, sz, G)
-
-
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 9])
-@pytest.mark.parametrize("K,N,G", [(64, 4, 64), (256, 20, 128), (640, 12, 128), (512, 8, 256), (384, 36, 64)])
-def test_avx2_kernel_is_the_exact_sum_over_int8_activations(M, K, N, G):
-    """The AVX2 kernel quantizes each group of G activations to int8 (round(x * (127 / max|x|)) in float32,
-    to nearest even, as torch.round) and sums nibbles times those integers exactly; each group's sum then
-    becomes float once, times the weight's and the activations' scales, and the offset multiplies the group's
-    float32 sum of the original activations. Recomputed here in float64 from the same quantized activations:
-    equal within the float32 sums' rounding (1e-6 of the sum of the terms' magnitudes). And against the exact
-    product of the unquantized activations: within the activations' rounding, half a group's scale each."""
-    g = torch.Generator().manual_seed(M * 1000 + K + N + 7)
-    W = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)
-    q, scales, zeros = int4_group_params(W, G)
-    packed, sz = native.pack_int4(q, scales, zeros)
-    x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4  # float32: the kernel's input
-    x[0, :G] = 0  # an all-zero group: scale 0, nothing divided by it
-    y = native.int4_linear(x, packed, sz, G, "avx2")
-    assert y.shape == (M, N) and y.dtype == torch.float32
+def int4_over_int8_activations(x, q, scales, zeros, G):
+    """(expected, terms, exact, rounding), float64, for a kernel that quantizes each group of G activations to
+    int8 (round(x * (127 / max|x|)) in float32, to nearest even, as torch.round) and sums nibbles times those
+    integers exactly, each group's sum becoming float once, times the weight's and the activations' scales,
+    with the offset times the group's float32 sum of the original activations: `expected` is that sum without
+    the float32 roundings and `terms` the sum of its terms' magnitudes; `exact` the product of the
+    unquantized activations and `rounding` the bound of the activations' rounding (half a scale each)."""
+    M, K = x.shape
     xg = x.float().view(M, K // G, G)
     amax = xg.abs().amax(-1, keepdim=True)  # (M, K/G, 1)
     inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
@@ -114,10 +82,64 @@ def test_avx2_kernel_is_the_exact_sum_over_int8_activations(M, K, N, G):
     offset = (zeros.float() - 8 * scales.float()).double().repeat_interleave(G, 1)  # (N, K)
     expected = (xq.double() * x_scale) @ w_scaled.T + x.double() @ offset.T
     terms = (xq.double().abs() * x_scale) @ w_scaled.abs().T + x.double().abs() @ offset.abs().T
-    assert bool(((y.double() - expected).abs() <= 1e-6 * terms + 1e-30).all())
     exact = x.double() @ (w_scaled + offset).T
     rounding = (x_scale / 2) @ w_scaled.abs().T  # |x - xq * scale| <= scale / 2 per activation
+    return expected, terms, exact, rounding
+
+
+# the kernels that quantize activations to int8: the AVX2 kernel at every row count, the AVX512-BF16 kernel's
+# panels (forced here from 2 rows up; by default from native.INT4_PANEL_ROWS)
+int8_activation_paths = pytest.mark.parametrize("isa,M", [
+    *[pytest.param("avx2", M, marks=needs_avx2) for M in (1, 2, 3, 5, 9)],
+    *[pytest.param("avx512_bf16", M, marks=needs_kernel) for M in (2, 3, 4, 5, 6, 9, 40)]])
+
+
+@int8_activation_paths
+@pytest.mark.parametrize("K,N,G", [(64, 4, 64), (256, 20, 128), (640, 12, 128), (512, 8, 256), (384, 36, 64),
+                                   (256, 132, 64)])
+def test_kernel_is_the_exact_sum_over_int8_activations(isa, M, K, N, G, monkeypatch):
+    """The AVX2 kernel, and the AVX512-BF16 kernel's panels (many rows: N = 132 is two panels of 64 rows and
+    a part of one), recomputed in float64 from the same quantized activations: equal within the float32
+    sums' rounding (1e-6 of the sum of the terms' magnitudes). And against the exact product of the
+    unquantized activations: within the activations' rounding."""
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 2)
+    g = torch.Generator().manual_seed(M * 1000 + K + N + 7)
+    W = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)
+    q, scales, zeros = int4_group_params(W, G)
+    packed, sz = native.pack_int4(q, scales, zeros)
+    x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4
+    x[0, :G] = 0  # an all-zero group: scale 0, nothing divided by it
+    x = x.to(native.INT4_ACTIVATIONS[isa])  # the kernel's input: float32 for AVX2, bfloat16 for AVX512-BF16
+    y = native.int4_linear(x, packed, sz, G, isa)
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    expected, terms, exact, rounding = int4_over_int8_activations(x, q, scales, zeros, G)
+    assert bool(((y.double() - expected).abs() <= 1e-6 * terms + 1e-30).all())
     assert bool(((y.double() - exact).abs() <= rounding * 1.0001 + 1e-6 * terms + 1e-30).all())
+
+
+@needs_kernel
+def test_the_switch_to_panels_is_where_it_says_and_the_two_kernels_agree_there(monkeypatch):
+    """native.INT4_PANEL_ROWS - 1 rows take the tiles (what forcing them gives), that many rows take the
+    panels (what forcing them gives), whose int8 activations are the AVX2 kernel's: the two kernels'
+    results differ only by their float32 sums' order. The C kernel refuses a threshold below 2."""
+    g = torch.Generator().manual_seed(7)
+    K, N, G = 512, 200, 128  # 200 rows: three full panels of 64 and a partial one
+    q, scales, zeros = int4_group_params(torch.randn(N, K, generator=g), G)
+    packed, sz = native.pack_int4(q, scales, zeros)
+    rows = native.INT4_PANEL_ROWS
+    x = torch.randn(rows, K, generator=g).to(torch.bfloat16)
+    few, many = native.int4_linear(x[:-1], packed, sz, G), native.int4_linear(x, packed, sz, G)
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 10**6)
+    assert torch.equal(few, native.int4_linear(x[:-1], packed, sz, G))
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 2)
+    assert torch.equal(many, native.int4_linear(x, packed, sz, G))
+    assert not torch.equal(many[:-1], few)
+    if native.cpu_supported("avx2"):
+        torch.testing.assert_close(many, native.int4_linear(x.float(), packed, sz, G, "avx2"),
+                                   rtol=0, atol=1e-6 * float(many.abs().max()))
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 1)
+    with pytest.raises(RuntimeError, match="refused"):
+        native.int4_linear(x, packed, sz, G)
 
 
 def small_layout():
@@ -139,11 +161,13 @@ def test_the_opaque_op_equals_the_direct_call_and_has_a_fake(isa):
 
 @needs_kernel
 @pytest.mark.parametrize("bias", [False, True])
-def test_module_on_the_kernel_matches_the_exact_product_and_torchs_kernel(bias):
+def test_module_on_the_kernel_matches_the_exact_product_and_torchs_kernel(bias, monkeypatch):
     """The layer (rows padded to 16, output sliced, cast back to the input's dtype, bias added): against the
-    float64 product of the bfloat16 input and the dequantized weight, within the float32 output's rounding;
-    against torch's int4 kernel on the same quantized weights, within that kernel's own error (it rounds the
+    float64 product of the bfloat16 input and the dequantized weight, within the float32 output's rounding
+    (the kernel's tiles, exact products: its panels, for many rows, have tests of their own above); against
+    torch's int4 kernel on the same quantized weights, within that kernel's own error (it rounds the
     dequantized weights to bfloat16: ~3e-3 of the largest output)."""
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 10**6)
     g = torch.Generator().manual_seed(int(bias))
     linear = nn.Linear(256, 37, bias=bias)  # 37 rows: padded to 48
     ours = Int4WeightOnlyLinear.from_float(linear, 64)
@@ -290,8 +314,9 @@ def test_kernel_choice_rules_and_clear_errors(monkeypatch):
 
 
 def test_no_compiler_or_a_failing_build_is_a_clear_reason_and_leaves_nothing(monkeypatch, tmp_path):
-    if not (getattr(torch.cpu, "_is_avx512_bf16_supported", None) and torch.cpu._is_avx512_bf16_supported()):
+    if not native.cpu_supported():
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True, raising=False)
     monkeypatch.setenv("NEOXJA_BUILD_CACHE", str(tmp_path))
     native._load.cache_clear()
     try:
@@ -590,29 +615,34 @@ def test_avx2_kernel_refuses_what_would_read_out_of_bounds():
         native.available("sse2")
 
 
-@needs_avx2
-def test_avx2_kernel_on_tiny_huge_and_non_finite_activations():
+@pytest.mark.parametrize("isa", [pytest.param("avx2", marks=needs_avx2), pytest.param("avx512_bf16", marks=needs_kernel)])
+def test_int8_activations_tiny_huge_and_non_finite(isa, monkeypatch):
     """A group whose largest activation is so small that 127 / max overflows contributes only its offset term
     (the products' term, below 1e-36 of sum |w|, is dropped, not garbage); a huge one (near float32's
-    largest) keeps its scale; nan or inf activations give nan, never a finite wrong number."""
+    largest) keeps its scale; nan or inf activations give nan or an infinity, never a finite number (an
+    infinite activation times 127 / inf is nan, which becomes the int8 -128: the exact result is an infinity,
+    or nan where it meets an infinity of the other sign or a zero weight). The AVX2 kernel,
+    and the AVX512-BF16 kernel's panels (its inputs rounded to bfloat16, whose range is float32's)."""
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 2)
+    dtype = native.INT4_ACTIVATIONS[isa]
     g = torch.Generator().manual_seed(5)
     q, scales, zeros = int4_group_params(torch.randn(8, 128, generator=g), 64)
     packed, sz = native.pack_int4(q, scales, zeros)
     Wd = dequantized(q, scales, zeros, 64)
-    tiny = torch.randn(1, 128, generator=g) * 1e-38  # subnormal and tiny normal values
-    y = native.int4_linear(tiny, packed, sz, 64, "avx2")
+    tiny = (torch.randn(2, 128, generator=g) * 1e-38).to(dtype)  # subnormal and tiny normal values
+    y = native.int4_linear(tiny, packed, sz, 64, isa)
     offset = (zeros.float() - 8 * scales.float()).double().repeat_interleave(64, 1)
     assert torch.allclose(y.double(), tiny.double() @ offset.T, rtol=1e-5, atol=1e-44)
     assert float((y.double() - tiny.double() @ Wd.T).abs().max()) < 1e-36
-    huge = torch.randn(1, 128, generator=g) * 1e36
-    y = native.int4_linear(huge, packed, sz, 64, "avx2")
+    huge = (torch.randn(2, 128, generator=g) * 1e36).to(dtype)
+    y = native.int4_linear(huge, packed, sz, 64, isa)
     exact = huge.double() @ Wd.T
     assert y.isfinite().all() and float(((y.double() - exact).abs() / exact.abs().max()).max()) < 0.05
     for bad in (float("nan"), float("inf"), -float("inf")):
-        x = torch.randn(2, 128, generator=g)
+        x = torch.randn(2, 128, generator=g).to(dtype)
         x[1, 70] = bad
-        y = native.int4_linear(x, packed, sz, 64, "avx2")
-        assert y[0].isfinite().all() and y[1].isnan().all()
+        y = native.int4_linear(x, packed, sz, 64, isa)
+        assert y[0].isfinite().all() and not y[1].isfinite().any()
 
 
 def test_a_compiler_without_avx512_bf16_still_builds_the_avx2_kernel(monkeypatch, tmp_path):
@@ -622,6 +652,7 @@ def test_a_compiler_without_avx512_bf16_still_builds_the_avx2_kernel(monkeypatch
         pytest.skip("this CPU has no AVX2")
     if not native.cpu_supported():
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True, raising=False)
     wrapper = tmp_path / "old-cc"
     wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -mavx512bf16 ] && '
                        '{ echo "unrecognized command-line option -mavx512bf16" >&2; exit 1; }; done\nexec cc "$@"\n')

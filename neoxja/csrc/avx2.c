@@ -58,7 +58,8 @@ static void quantize_group(const float *x, int G, int8_t *q, float *scale, float
         inv = 0.0f;                                    /* the products' term is dropped (below 1e-36 * sum |w|) */
         if (amax == amax) *scale = 0.0f;               /* (nan stays nan: the result is nan, as the exact one) */
     }
-    /* an infinite activation: inv = 0 and scale = inf, so the products' term is nan (the exact one is +-inf) */
+    /* an infinite activation: inv = 0 and scale = inf, and inf * 0 = nan converts to the int8 -128: the products'
+       term is nan or an infinity, never finite (the exact one is an infinity, or nan) */
     const __m256 vinv = _mm256_set1_ps(inv);
     for (int k = 0; k < G; k += 16) {
         const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));

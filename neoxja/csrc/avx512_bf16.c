@@ -1,4 +1,5 @@
-/* neoxja's own products for x86 CPUs with AVX512-BF16 (Zen 4, Cooper Lake, Sapphire Rapids): the int4
+/* neoxja's own products for x86 CPUs with AVX512-BF16 and AVX512-VNNI (Zen 4, Cooper Lake, Sapphire Rapids:
+   every CPU with the first has the second): the int4
    weight-only product (neoxja_int4_linear) and the one-row bfloat16 product (neoxja_bf16_gemv, at the end).
 
    neoxja_int4_linear:
@@ -18,8 +19,9 @@
    (low nibble) and column j + 32 (high nibble). So the weights stream through memory in one sequential pass.
    sz: (scale, zero) pairs of bfloat16, (N / R, K / G, R, 2). N is a multiple of R, K of G, G of 64.
 
-   One activation row, or a few, go through the tiles as they stream; from panel_rows rows up (a prefill)
-   the weights are unpacked into panels first and the rows run over them as in a GEMM (below). */
+   One activation row, or a few, go through the tiles as they stream, exactly as above; from panel_rows rows
+   up (a prefill, a batch) the weights are unpacked into panels and the rows, quantized to int8 per group,
+   run over them as in a GEMM (below). */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -133,15 +135,21 @@ static void tile_many_rows(const uint16_t *x, const float *xsum, const uint8_t *
     }
 }
 
-/* Many rows (a prefill, a long batch): the tiles above give each activation load R sums and each weight
-   load mr (<= 4), as many loads as products, while a vector of 16 outputs is what a product needs to be
-   reused: here the weights of PN = 64 rows and one group are unpacked once into a panel of (column pair,
-   row) bfloat16 pairs, and MB activation rows at a time run over it, each broadcast pair of activations
-   times 4 vectors of 16 rows' pairs: MB * 4 sums in registers, 4 loads per 4 * MB products. The unpacking
-   (a 16 x 16 transpose of 32-bit pairs per 64 columns of 16 rows) costs about as much as 4 activation rows,
-   so neoxja_int4_linear takes this path from `panel_rows` rows up. The products are exact as above; a sum
-   runs over a group's column pairs in order, then folds in scale and offset per group. */
-#define MB 6                /* activation rows per pass over a panel */
+/* Many rows (a prefill, a batch): the tiles above give each activation load R sums and each weight load mr
+   (<= 4), as many loads as products, where a GEMM reuses a loaded vector of 16 outputs' weights for several
+   rows. From `panel_rows` rows up the product runs as a GEMM, on AVX512-VNNI, as llama.cpp's Q4_0 x Q8_0
+   and neoxja's AVX2 kernel do:
+   - each group of G activations is quantized to int8 with one float scale (round(x * 127 / max|x|), to
+     nearest even, exactly as avx2.c's quantize_group), and keeps its float sum for the offset;
+   - the nibbles of PN = 64 weight rows and one group are unpacked once into a panel of (column quad, row)
+     bytes: one 16 x 16 transpose of 32-bit quads per 64 columns of 16 rows;
+   - MB activation rows at a time run over it: vpdpbusd multiplies a broadcast quad of int8 activations by 4
+     vectors of 16 rows' quads (unsigned nibbles) and adds the 4 products to int32 sums, exactly (at most
+     G * 15 * 127 per group), MB * 4 sums in registers; each group's sums become float once, times the
+     weight's and the activations' scales, into per-row totals, and the offset multiplies the group's sum.
+   vpdpbusd does 64 multiply-adds where vdpbf16ps does 32: on a Zen 4 core both issue one a cycle. The only
+   rounding beyond float32 sums is the activations' to 8 bits, as in the AVX2 kernel (tests bound it). */
+#define MB 4                /* activation rows per pass over a panel */
 #define NV 4                /* 16-row vectors per panel */
 #define PN (NV * 16)        /* weight rows per panel */
 
@@ -169,112 +177,149 @@ static inline void transpose16(__m512i r[16]) {  /* a 16 x 16 matrix of 32-bit e
     }
 }
 
-/* the panel (G / 2, PN) of 32-bit pairs for rows n0.. (rows of them real, the rest zero) and group g:
-   element (p, n) = row n's columns 2p and 2p + 1 of the group, as bfloat16 */
+static inline __m512 bf16x16_to_float(const uint16_t *p) {  /* 16 bfloat16 -> float32: the bits shifted up */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* one group of G bfloat16 activations (G a multiple of 16) -> G int8, their scale and their float sum */
+static void quantize_group(const uint16_t *x, int G, int8_t *q, float *scale, float *sum) {
+    __m512 mx = _mm512_setzero_ps(), s = _mm512_setzero_ps();
+    for (int k = 0; k < G; k += 16) {
+        const __m512 v = bf16x16_to_float(x + k);
+        s = _mm512_add_ps(s, v);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+    }
+    const float amax = _mm512_reduce_max_ps(mx);
+    *sum = _mm512_reduce_add_ps(s);
+    float inv = 127.0f / amax;
+    *scale = amax / 127.0f;
+    if (!(amax > 0.0f) || !(inv <= 3.4028235e38f)) {  /* all zero, nan, or so small that 127 / amax overflows: */
+        inv = 0.0f;                                    /* the products' term is dropped (below 1e-36 * sum |w|) */
+        if (amax == amax) *scale = 0.0f;               /* (nan stays nan: the result is nan, as the exact one) */
+    }
+    /* an infinite activation: inv = 0 and scale = inf, and inf * 0 = nan converts to the int8 -128: the products'
+       term is nan or an infinity, never finite (the exact one is an infinity, or nan) */
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (int k = 0; k < G; k += 16)
+        _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(bf16x16_to_float(x + k), vinv))));
+}
+
+/* the panel (G / 4, PN) of 32-bit quads for rows n0.. (rows of them real, the rest zero) and group g:
+   element (p, n) = row n's nibbles at columns 4p .. 4p + 3 of the group, one byte each */
 static void build_panel(const uint8_t *qw, int n0, int rows, int K, int G, int g, uint32_t *panel) {
-    const __m512i table = nibble_table();
     const size_t tile_bytes = (size_t)R * K / 2;
+    /* a block row's 32 bytes in both halves of a vector: the low nibbles (columns 0-31) kept in the lower
+       half, the high ones (columns 32-63) shifted down in the upper: the block's 64 columns in order */
+    const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
     for (int v = 0; v < NV; v++)
         for (int b = 0; b < G / 64; b++) {
-            __m512i lo[16], hi[16];  /* 16 rows' columns 0-31 and 32-63 of the block, as 16 pairs each */
+            __m512i r[16];  /* 16 rows' 64 columns of the block, as 16 quads each */
             for (int j = 0; j < 16; j++) {
                 const int n = v * 16 + j;
                 if (n < rows) {
-                    __m512bh l, h;
-                    unpack_block(qw + (size_t)((n0 + n) / R) * tile_bytes + (size_t)(g * (G / 64) + b) * (R * 32)
-                                 + (size_t)((n0 + n) % R) * 32, table, &l, &h);
-                    lo[j] = (__m512i)l;
-                    hi[j] = (__m512i)h;
+                    const uint8_t *block = qw + (size_t)((n0 + n) / R) * tile_bytes
+                                           + (size_t)(g * (G / 64) + b) * (R * 32) + (size_t)((n0 + n) % R) * 32;
+                    const __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)block));
+                    r[j] = _mm512_and_si512(_mm512_srlv_epi16(w, shifts), nibble);
                 } else {
-                    lo[j] = hi[j] = _mm512_setzero_si512();
+                    r[j] = _mm512_setzero_si512();
                 }
             }
-            transpose16(lo);
-            transpose16(hi);
-            for (int p = 0; p < 16; p++) {
-                _mm512_store_si512(panel + (size_t)(b * 32 + p) * PN + v * 16, lo[p]);
-                _mm512_store_si512(panel + (size_t)(b * 32 + 16 + p) * PN + v * 16, hi[p]);
-            }
+            transpose16(r);
+            for (int p = 0; p < 16; p++) _mm512_store_si512(panel + (size_t)(b * 16 + p) * PN + v * 16, r[p]);
         }
 }
 
-/* mr (<= MB) activation rows against the panel of group g: tot (mr, PN) += sums * scale + offset * sum(x) */
+/* mr (<= MB) quantized activation rows against the panel of group g:
+   tot (mr, PN) += int sums * weight scale * activation scale + offset * sum(x) */
 static inline __attribute__((always_inline)) void panel_rows(
-        const uint16_t *x, const uint32_t *panel, const __m512 *scale, const __m512 *offset, const float *xsum,
-        float *tot, int K, int G, int g, int ng, const int mr) {
-    __m512 a[MB][NV];
+        const int8_t *xq, const float *xs, const float *xsum, const uint32_t *panel, const __m512 *scale,
+        const __m512 *offset, float *tot, int K, int G, int g, int ng, const int mr) {
+    __m512i a[MB][NV];
     for (int m = 0; m < mr; m++)
-        for (int v = 0; v < NV; v++) a[m][v] = _mm512_setzero_ps();
-    const uint16_t *xg = x + (size_t)g * G;
-    for (int p = 0; p < G / 2; p++) {
-        __m512bh w[NV];
-        for (int v = 0; v < NV; v++) w[v] = (__m512bh)_mm512_load_si512(panel + (size_t)p * PN + v * 16);
+        for (int v = 0; v < NV; v++) a[m][v] = _mm512_setzero_si512();
+    const int8_t *xg = xq + (size_t)g * G;
+    for (int p = 0; p < G / 4; p++) {
+        __m512i w[NV];
+        for (int v = 0; v < NV; v++) w[v] = _mm512_load_si512(panel + (size_t)p * PN + v * 16);
         for (int m = 0; m < mr; m++) {
-            uint32_t pair;
-            memcpy(&pair, xg + (size_t)m * K + 2 * p, 4);
-            const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)pair);
-            for (int v = 0; v < NV; v++) a[m][v] = _mm512_dpbf16_ps(a[m][v], w[v], xb);
+            int32_t quad;
+            memcpy(&quad, xg + (size_t)m * K + 4 * p, 4);
+            const __m512i xb = _mm512_set1_epi32(quad);
+            for (int v = 0; v < NV; v++) a[m][v] = _mm512_dpbusd_epi32(a[m][v], w[v], xb);
         }
     }
     for (int m = 0; m < mr; m++) {
-        const __m512 s = _mm512_set1_ps(xsum[(size_t)m * ng + g]);
+        const __m512 sx = _mm512_set1_ps(xs[(size_t)m * ng + g]), sum = _mm512_set1_ps(xsum[(size_t)m * ng + g]);
         for (int v = 0; v < NV; v++) {
             float *t = tot + (size_t)m * PN + v * 16;
-            _mm512_store_ps(t, _mm512_fmadd_ps(offset[v], s, _mm512_fmadd_ps(a[m][v], scale[v], _mm512_load_ps(t))));
+            const __m512 products = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][v]), _mm512_mul_ps(scale[v], sx), _mm512_load_ps(t));
+            _mm512_store_ps(t, _mm512_fmadd_ps(offset[v], sum, products));
         }
     }
 }
 
-static int panel_product(const uint16_t *x, const float *xsum, const uint8_t *qw, const uint16_t *sz, float *y,
+static int panel_product(const uint16_t *x, const uint8_t *qw, const uint16_t *sz, float *y,
                          int M, int N, int K, int G, int nthreads) {
     const int ng = K / G, npanels = (N + PN - 1) / PN;
-    int failed = 0;
-    #pragma omp parallel num_threads(nthreads)
-    {
-        uint32_t *panel = aligned_alloc(64, (size_t)G / 2 * PN * sizeof(uint32_t));
-        float *tot = aligned_alloc(64, (size_t)M * PN * sizeof(float));
-        if (panel == NULL || tot == NULL) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(static)
-        for (int t = 0; t < npanels; t++) {
-            if (panel == NULL || tot == NULL) continue;
-            const int n0 = t * PN, rows = N - n0 < PN ? N - n0 : PN;
-            memset(tot, 0, (size_t)M * PN * sizeof(float));
-            for (int g = 0; g < ng; g++) {
-                build_panel(qw, n0, rows, K, G, g, panel);
-                float s[PN], o[PN];
-                for (int n = 0; n < PN; n++) {
-                    const int j = ((n0 + n) / R * ng + g) * R + (n0 + n) % R;  /* its (scale, zero) pair */
-                    s[n] = n < rows ? scale_of(sz, j) : 0.0f;
-                    o[n] = n < rows ? offset_of(sz, j) : 0.0f;
-                }
-                __m512 scale[NV], offset[NV];
-                for (int v = 0; v < NV; v++) {
-                    scale[v] = _mm512_loadu_ps(s + v * 16);
-                    offset[v] = _mm512_loadu_ps(o + v * 16);
-                }
-                for (int m0 = 0; m0 < M; m0 += MB) {
-                    const uint16_t *xm = x + (size_t)m0 * K;
-                    const float *um = xsum + (size_t)m0 * ng;
-                    float *tm = tot + (size_t)m0 * PN;
-                    switch (M - m0 < MB ? M - m0 : MB) {  /* constant row counts: the sums stay in registers */
-                        case 1: panel_rows(xm, panel, scale, offset, um, tm, K, G, g, ng, 1); break;
-                        case 2: panel_rows(xm, panel, scale, offset, um, tm, K, G, g, ng, 2); break;
-                        case 3: panel_rows(xm, panel, scale, offset, um, tm, K, G, g, ng, 3); break;
-                        case 4: panel_rows(xm, panel, scale, offset, um, tm, K, G, g, ng, 4); break;
-                        case 5: panel_rows(xm, panel, scale, offset, um, tm, K, G, g, ng, 5); break;
-                        default: panel_rows(xm, panel, scale, offset, um, tm, K, G, g, ng, MB); break;
+    int8_t *xq = malloc((size_t)M * K);
+    float *xs = malloc((size_t)M * ng * sizeof(float)), *xsum = malloc((size_t)M * ng * sizeof(float));
+    int failed = xq == NULL || xs == NULL || xsum == NULL;
+    if (!failed) {
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int m = 0; m < M; m++)
+            for (int g = 0; g < ng; g++)
+                quantize_group(x + (size_t)m * K + (size_t)g * G, G, xq + (size_t)m * K + (size_t)g * G,
+                               xs + (size_t)m * ng + g, xsum + (size_t)m * ng + g);
+        #pragma omp parallel num_threads(nthreads)
+        {
+            uint32_t *panel = aligned_alloc(64, (size_t)G / 4 * PN * sizeof(uint32_t));
+            float *tot = aligned_alloc(64, (size_t)M * PN * sizeof(float));
+            if (panel == NULL || tot == NULL) {
+                #pragma omp atomic write
+                failed = 1;
+            }
+            #pragma omp for schedule(static)
+            for (int t = 0; t < npanels; t++) {
+                if (panel == NULL || tot == NULL) continue;
+                const int n0 = t * PN, rows = N - n0 < PN ? N - n0 : PN;
+                memset(tot, 0, (size_t)M * PN * sizeof(float));
+                for (int g = 0; g < ng; g++) {
+                    build_panel(qw, n0, rows, K, G, g, panel);
+                    float s[PN], o[PN];
+                    for (int n = 0; n < PN; n++) {
+                        const int j = ((n0 + n) / R * ng + g) * R + (n0 + n) % R;  /* its (scale, zero) pair */
+                        s[n] = n < rows ? scale_of(sz, j) : 0.0f;
+                        o[n] = n < rows ? offset_of(sz, j) : 0.0f;
+                    }
+                    __m512 scale[NV], offset[NV];
+                    for (int v = 0; v < NV; v++) {
+                        scale[v] = _mm512_loadu_ps(s + v * 16);
+                        offset[v] = _mm512_loadu_ps(o + v * 16);
+                    }
+                    for (int m0 = 0; m0 < M; m0 += MB) {
+                        const int8_t *xm = xq + (size_t)m0 * K;
+                        const float *sm = xs + (size_t)m0 * ng, *um = xsum + (size_t)m0 * ng;
+                        float *tm = tot + (size_t)m0 * PN;
+                        switch (M - m0 < MB ? M - m0 : MB) {  /* constant row counts: the sums stay in registers */
+                            case 1: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 1); break;
+                            case 2: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 2); break;
+                            case 3: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 3); break;
+                            default: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, MB); break;
+                        }
                     }
                 }
+                for (int m = 0; m < M; m++)
+                    memcpy(y + (size_t)m * N + n0, tot + (size_t)m * PN, (size_t)rows * sizeof(float));
             }
-            for (int m = 0; m < M; m++)
-                memcpy(y + (size_t)m * N + n0, tot + (size_t)m * PN, (size_t)rows * sizeof(float));
+            free(panel);
+            free(tot);
         }
-        free(panel);
-        free(tot);
     }
+    free(xq);
+    free(xs);
+    free(xsum);
     return failed ? -1 : 0;
 }
 
@@ -283,6 +328,7 @@ static int panel_product(const uint16_t *x, const float *xsum, const uint8_t *qw
 int neoxja_int4_linear(const uint16_t *x, const uint8_t *qw, const uint16_t *sz, float *y,
                        int M, int N, int K, int G, int nthreads, int panel_rows) {
     if (M < 1 || N < R || N % R || G < 64 || G % 64 || K < G || K % G || nthreads < 1 || panel_rows < 2) return -1;
+    if (M >= panel_rows) return panel_product(x, qw, sz, y, M, N, K, G, nthreads);
     const int ng = K / G;
     float *xsum = malloc((size_t)M * ng * sizeof(float));  /* the sum of each group of each activation row */
     if (xsum == NULL) return -1;
@@ -290,16 +336,9 @@ int neoxja_int4_linear(const uint16_t *x, const uint8_t *qw, const uint16_t *sz,
         for (int g = 0; g < ng; g++) {
             const uint16_t *xg = x + (size_t)m * K + (size_t)g * G;
             __m512 s = _mm512_setzero_ps();
-            for (int k = 0; k < G; k += 16)  /* 16 bfloat16 -> float32: the bits shifted up by 16 */
-                s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(
-                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xg + k))), 16)));
+            for (int k = 0; k < G; k += 16) s = _mm512_add_ps(s, bf16x16_to_float(xg + k));
             xsum[(size_t)m * ng + g] = _mm512_reduce_add_ps(s);
         }
-    if (M >= panel_rows) {
-        const int rc = panel_product(x, xsum, qw, sz, y, M, N, K, G, nthreads);
-        free(xsum);
-        return rc;
-    }
     const size_t tile_bytes = (size_t)R * K / 2, tile_groups = (size_t)R * ng;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int t = 0; t < N / R; t++) {
