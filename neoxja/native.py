@@ -65,7 +65,7 @@ FUNCTIONS = {"avx512_bf16": (("neoxja_int4_linear", 4, 6), ("neoxja_bf16_gemv", 
 INT4_FUNCTIONS = {isa: functions[0][0] for isa, functions in FUNCTIONS.items()}  # each library's int4 product
 # the AVX512-BF16 int4 kernel's many-row path (weights unpacked into panels) from this many activation rows up:
 # below it the panels' unpacking costs more than it saves (docs/quantization.md); read at each call
-INT4_PANEL_ROWS = 6
+INT4_PANEL_ROWS = 4
 INT4_OPS = {"avx512_bf16": "int4_avx512_linear", "avx2": "int4_avx2_linear"}  # neoxja::<name> under torch.compile
 INT4_ACTIVATIONS = {"avx512_bf16": torch.bfloat16, "avx2": torch.float32}  # the dtype each int4 kernel takes x in
 TILE_ROWS = 4  # R in the C source: weight rows per tile

@@ -142,7 +142,7 @@ static void tile_many_rows(const uint16_t *x, const float *xsum, const uint8_t *
    - each group of G activations is quantized to int8 with one float scale (round(x * 127 / max|x|), to
      nearest even, exactly as avx2.c's quantize_group), and keeps its float sum for the offset;
    - the nibbles of PN = 64 weight rows and one group are unpacked once into a panel of (column quad, row)
-     bytes: one 16 x 16 transpose of 32-bit quads per 64 columns of 16 rows;
+     bytes (the packed bytes of 16 rows transposed, then split into their low and high nibbles);
    - MB activation rows at a time run over it: vpdpbusd multiplies a broadcast quad of int8 activations by 4
      vectors of 16 rows' quads (unsigned nibbles) and adds the 4 products to int32 sums, exactly (at most
      G * 15 * 127 per group), MB * 4 sums in registers; each group's sums become float once, times the
@@ -152,30 +152,6 @@ static void tile_many_rows(const uint16_t *x, const float *xsum, const uint8_t *
 #define MB 4                /* activation rows per pass over a panel */
 #define NV 4                /* 16-row vectors per panel */
 #define PN (NV * 16)        /* weight rows per panel */
-
-static inline void transpose16(__m512i r[16]) {  /* a 16 x 16 matrix of 32-bit elements, rows in r */
-    __m512i a[16], b[16], c[16];
-    for (int i = 0; i < 16; i += 2) {
-        a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
-        b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
-        b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
-        b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
-    }
-    for (int i = 0; i < 4; i++) {
-        c[i] = _mm512_shuffle_i32x4(b[i], b[i + 4], 0x88);
-        c[i + 4] = _mm512_shuffle_i32x4(b[i], b[i + 4], 0xdd);
-        c[i + 8] = _mm512_shuffle_i32x4(b[i + 8], b[i + 12], 0x88);
-        c[i + 12] = _mm512_shuffle_i32x4(b[i + 8], b[i + 12], 0xdd);
-    }
-    for (int i = 0; i < 8; i++) {
-        r[i] = _mm512_shuffle_i32x4(c[i], c[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_i32x4(c[i], c[i + 8], 0xdd);
-    }
-}
 
 static inline __m512 bf16x16_to_float(const uint16_t *p) {  /* 16 bfloat16 -> float32: the bits shifted up */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
@@ -205,29 +181,47 @@ static void quantize_group(const uint16_t *x, int G, int8_t *q, float *scale, fl
 }
 
 /* the panel (G / 4, PN) of 32-bit quads for rows n0.. (rows of them real, the rest zero) and group g:
-   element (p, n) = row n's nibbles at columns 4p .. 4p + 3 of the group, one byte each */
+   element (p, n) = row n's nibbles at columns 4p .. 4p + 3 of the group, one byte each. Per 64-column block
+   and 16 rows, the packed bytes are transposed first (16 rows x 8 quads of bytes, two rows per vector: 24
+   shuffles), then each transposed vector's low nibbles are columns 4e.. and its high nibbles 32 + 4e.. */
 static void build_panel(const uint8_t *qw, int n0, int rows, int K, int G, int g, uint32_t *panel) {
     const size_t tile_bytes = (size_t)R * K / 2;
-    /* a block row's 32 bytes in both halves of a vector: the low nibbles (columns 0-31) kept in the lower
-       half, the high ones (columns 32-63) shifted down in the upper: the block's 64 columns in order */
-    const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
     const __m512i nibble = _mm512_set1_epi8(0x0F);
+    /* 64-bit lanes of (a, b): the 128-bit lanes 0 and 2 of a and b interleaved, or lanes 1 and 3 */
+    const __m512i even = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), odd = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
     for (int v = 0; v < NV; v++)
         for (int b = 0; b < G / 64; b++) {
-            __m512i r[16];  /* 16 rows' 64 columns of the block, as 16 quads each */
+            __m256i row[16];  /* the block's 32 packed bytes of each of 16 rows */
             for (int j = 0; j < 16; j++) {
                 const int n = v * 16 + j;
-                if (n < rows) {
-                    const uint8_t *block = qw + (size_t)((n0 + n) / R) * tile_bytes
-                                           + (size_t)(g * (G / 64) + b) * (R * 32) + (size_t)((n0 + n) % R) * 32;
-                    const __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)block));
-                    r[j] = _mm512_and_si512(_mm512_srlv_epi16(w, shifts), nibble);
-                } else {
-                    r[j] = _mm512_setzero_si512();
+                row[j] = n < rows ? _mm256_loadu_si256((const __m256i *)(
+                                        qw + (size_t)((n0 + n) / R) * tile_bytes + (size_t)(g * (G / 64) + b) * (R * 32)
+                                        + (size_t)((n0 + n) % R) * 32))
+                                  : _mm256_setzero_si256();
+            }
+            __m512i z[8], t[8], u[8];
+            for (int i = 0; i < 8; i++)  /* rows i and i + 8 */
+                z[i] = _mm512_inserti64x4(_mm512_castsi256_si512(row[i]), row[i + 8], 1);
+            for (int i = 0; i < 8; i += 2) {
+                t[i] = _mm512_unpacklo_epi32(z[i], z[i + 1]);
+                t[i + 1] = _mm512_unpackhi_epi32(z[i], z[i + 1]);
+            }
+            for (int i = 0; i < 8; i += 4) {  /* u[i + e]: quad e (128-bit lanes 0, 2) and e + 4 (lanes 1, 3) of 4 rows */
+                u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+                u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+                u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+                u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+            }
+            for (int e = 0; e < 4; e++) {
+                const __m512i q[2] = {_mm512_permutex2var_epi64(u[e], even, u[e + 4]),   /* quad e of the 16 rows */
+                                      _mm512_permutex2var_epi64(u[e], odd, u[e + 4])};   /* quad e + 4 */
+                for (int h = 0; h < 2; h++) {
+                    const int p = b * 16 + e + 4 * h;
+                    _mm512_store_si512(panel + (size_t)p * PN + v * 16, _mm512_and_si512(q[h], nibble));
+                    _mm512_store_si512(panel + (size_t)(p + 8) * PN + v * 16,
+                                       _mm512_and_si512(_mm512_srli_epi16(q[h], 4), nibble));
                 }
             }
-            transpose16(r);
-            for (int p = 0; p < 16; p++) _mm512_store_si512(panel + (size_t)(b * 16 + p) * PN + v * 16, r[p]);
         }
 }
 
