@@ -151,12 +151,17 @@ def small_layout():
 
 @each_isa
 def test_the_opaque_op_equals_the_direct_call_and_has_a_fake(isa):
+    """The op, called and compiled, gives the direct call's bits, below and at the AVX512 kernel's panel rows."""
     g, q, scales, zeros, packed, sz = small_layout()
-    x = torch.randn(3, 128, generator=g).to(native.INT4_ACTIVATIONS[isa])
     op = native.int4_linear_op(isa)
     assert op.name() == f"neoxja::{native.INT4_OPS[isa]}"
-    assert torch.equal(op(x, packed, sz, 64), native.int4_linear(x, packed, sz, 64, isa))
-    torch.library.opcheck(op, (x, packed, sz, 64))
+    compiled = torch.compile(lambda x: op(x, packed, sz, 64) * 2, fullgraph=True, dynamic=False)
+    for rows in (3, native.INT4_PANEL_ROWS, 9):
+        x = torch.randn(rows, 128, generator=g).to(native.INT4_ACTIVATIONS[isa])
+        direct = native.int4_linear(x, packed, sz, 64, isa)
+        assert torch.equal(op(x, packed, sz, 64), direct)
+        assert torch.equal(compiled(x), direct * 2)
+        torch.library.opcheck(op, (x, packed, sz, 64))
 
 
 @needs_kernel
