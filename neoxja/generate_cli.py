@@ -144,10 +144,39 @@ def check_args(args) -> None:
         raise ValueError("--stream prints text: use --no-stream (the default) with --output-format jsonl")
     if args.stream and args.num_return_sequences > 1:
         raise ValueError("--stream shows one sequence at a time: use --no-stream with --num-return-sequences > 1")
-    if args.quantize == "int8" and not args.device.startswith("cpu"):
+    check_quantize_device(args.quantize, args.device)
+
+
+def check_quantize_device(quantize: str, device: str) -> None:
+    """--quantize's devices (neoxja generate and neoxja serve): int8 the CPU, int4 the CPU or CUDA."""
+    if quantize == "int8" and not device.startswith("cpu"):
         raise ValueError("--quantize int8 runs on the CPU only (FBGEMM); use --device cpu")
-    if args.quantize == "int4" and not args.device.startswith(("cpu", "cuda")):
+    if quantize == "int4" and not device.startswith(("cpu", "cuda")):
         raise ValueError("--quantize int4 runs on CPU or CUDA (torch's int4 kernels); use --device cpu or cuda")
+
+
+def load_model(model_path, quantize: str, dtype, device):
+    """The model in eval mode, for --quantize (neoxja generate and neoxja serve): int4 quantized layer by layer
+    as it loads (the float model never exists whole), int8 quantized once loaded, "none" as loaded."""
+    from neoxja.model import GPTNeoXJapaneseForCausalLM
+    from neoxja.quantization import load_quantized
+    from neoxja.quantization import quantize as quantize_model
+
+    if quantize == "int4":
+        model = load_quantized(model_path, "int4", dtype=dtype, device=device)
+    else:
+        model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_path, dtype=dtype, device=device)
+    model.eval()
+    if quantize == "int8":
+        quantize_model(model, "int8")
+    return model
+
+
+def int4_kernels_note(model) -> str:
+    """", int4 kernel NAME" for each int4 kernel the model's layers run on (none: "")."""
+    from neoxja.quantization import Int4WeightOnlyLinear
+
+    return "".join(sorted({f", int4 kernel {m.kernel}" for m in model.modules() if isinstance(m, Int4WeightOnlyLinear)}))
 
 
 def row_results(new: "torch.Tensor", eos_ids: list[int], room: list[int]) -> list[tuple[list[int], str]]:  # noqa: F821
@@ -203,8 +232,6 @@ def _main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from neoxja.model import GPTNeoXJapaneseForCausalLM
-    from neoxja.quantization import Int4WeightOnlyLinear, load_quantized, quantize
     from neoxja.streaming import TextStreamer
     from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
 
@@ -218,15 +245,9 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(model_path)
         dtype, dtype_reason = resolve_dtype(args.dtype, device, args.quantize)
-        if args.quantize == "int4":  # quantized as it loads: the float model never exists whole
-            model = load_quantized(model_path, "int4", dtype=dtype, device=device)
-        else:
-            model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_path, dtype=dtype, device=device)
+        model = load_model(model_path, args.quantize, dtype, device)
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         return _fail(f"cannot load the model from {model_path!r}: {e}", 1)
-    model.eval()
-    if args.quantize == "int8":
-        quantize(model, args.quantize)
     from neoxja.kernels import choose_linear_kernels
 
     choose_linear_kernels(model, on_measure=lambda path: print(  # measured once per machine, then cached
@@ -307,8 +328,7 @@ def _main(argv: list[str] | None = None) -> int:
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         return _fail(f"--compile: torch.compile failed on this machine ({first.strip()}); run without --compile", 1)
     seconds = time.perf_counter() - t_gen
-    int4_note = "".join(sorted({f", int4 kernel {m.kernel}" for m in model.modules()
-                                if isinstance(m, Int4WeightOnlyLinear)}))
+    int4_note = int4_kernels_note(model)
     print(f"prompt tokens {prompt_tokens}, new tokens {new_tokens}, {seconds:.2f} s, "
           f"{new_tokens / max(seconds, 1e-9):.1f} tokens/s (model loaded in {load_seconds:.2f} s), "
           f"{str(dtype).removeprefix('torch.')} ({dtype_reason}){int4_note}"

@@ -319,3 +319,47 @@ def test_compile_failing_on_the_machine_is_one_clear_line(tmp_path):
     assert proc.returncode == 1, out
     assert "--compile: torch.compile failed on this machine (InvalidCxxCompiler" in out, out
     assert "run without --compile" in out and "Traceback" not in out, out
+
+
+def test_int4_server_answers_as_generate_does_and_batches(bundled_dir):
+    """--quantize int4: the model quantized layer by layer as it loads (the same load as `neoxja generate
+    --quantize int4`), the ready line naming the weights and the int4 kernel. A greedy request alone gives
+    generate()'s tokens on the int4 model (one row: the same kernel calls); 6 at once (the AVX512 kernel's
+    panels from 4 rows) all complete to their max_tokens (int4 is not batch-invariant: not compared)."""
+    import torch
+
+    from neoxja.quantization import choose_int4_kernel, load_quantized
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    s = Server("--quantize", "int4", "--max-num-seqs", "6")
+    try:
+        prompt = "吾輩は猫である。名前はまだ無い。どこで生れたか"
+        served = s.client().completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                               extra_body={"return_token_ids": True})
+        served_ids = served.choices[0].model_extra["token_ids"]
+        tok = GPTNeoXJapaneseTokenizer.from_pretrained(bundled_dir)
+        model = load_quantized(bundled_dir, "int4", dtype=torch.float32).eval()
+        ids = torch.tensor([tok.encode(prompt)])
+        expected = model.generate(ids, max_new_tokens=16)[0, ids.shape[1]:].tolist()
+        assert served_ids and served_ids == expected[:len(served_ids)], (served_ids, expected)
+        assert len(served_ids) == 16 or served.choices[0].finish_reason == "stop"
+
+        results = [None] * 6
+
+        def request(i):
+            results[i] = s.client().completions.create(model=MODEL, prompt=f"{i}番目の猫は", max_tokens=12,
+                                                       temperature=0, extra_body={"ignore_eos": True})
+
+        threads = [threading.Thread(target=request, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length" for r in results)
+        s.alive()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(60) == 0
+        log = s.proc.stdout.read()
+        assert f"int4 weights, int4 kernel {choose_int4_kernel('auto', 'cpu', 128)}" in log, log
+    finally:
+        s.stop()

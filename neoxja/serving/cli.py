@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="weights' dtype; auto: the device's preferred one (default auto)")
-    p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8 weights (CPU only)")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="int8: int8 weights, CPU only; int4: 4-bit weights (groups of 128), quantized layer by layer "
+                        "as they load, CPU or CUDA (default none; neither is batch-invariant)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto: cuda when available (default)")
     p.add_argument("--max-num-seqs", type=int, default=16, metavar="N", help="sequences decoded together (default 16)")
     p.add_argument("--max-model-len", type=int, metavar="N",
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if any(not k for k in args.api_key):
         return _fail("--api-key must not be empty")
-    from neoxja.generate_cli import resolve_dtype, resolve_model
+    from neoxja.generate_cli import check_quantize_device, int4_kernels_note, load_model, resolve_dtype, resolve_model
 
     try:
         model_path = resolve_model(args.model)
@@ -112,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import torch
 
-            from neoxja.model import GPTNeoXJapaneseForCausalLM
             from neoxja.serving.async_engine import AsyncEngine
             from neoxja.serving.engine import Engine
             from neoxja.serving.metrics import Metrics
@@ -121,16 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             device = args.device
             if device == "auto":
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            if args.quantize == "int8" and not device.startswith("cpu"):
-                raise ValueError("--quantize int8 runs on the CPU only; use --device cpu")
+            check_quantize_device(args.quantize, device)
             dtype, dtype_reason = resolve_dtype(args.dtype, torch.device(device), args.quantize)
             tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(model_path)
-            model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_path, dtype=dtype, device=device)
-            model.eval()
-            if args.quantize != "none":
-                from neoxja.quantization import quantize
-
-                quantize(model, args.quantize)
+            model = load_model(model_path, args.quantize, dtype, device)
             if args.quantize == "none":
                 from neoxja.batch_invariant import make_batch_invariant
 
@@ -151,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                                        "run without --compile") from None
             state.tokenizer, state.metrics, state.max_model_len = tokenizer, metrics, engine.max_model_len
             state.engine = AsyncEngine(engine, max_queue=args.max_queue)
-            print(f"neoxja serve: {name} ready ({device}, {str(dtype).removeprefix('torch.')} ({dtype_reason}), "
-                  f"{args.max_num_seqs} slots of "
-                  f"{engine.max_model_len} positions)", file=sys.stderr, flush=True)
+            quantized = "" if args.quantize == "none" else f", {args.quantize} weights{int4_kernels_note(model)}"
+            print(f"neoxja serve: {name} ready ({device}, {str(dtype).removeprefix('torch.')} ({dtype_reason})"
+                  f"{quantized}, {args.max_num_seqs} slots of {engine.max_model_len} positions)",
+                  file=sys.stderr, flush=True)
         except Exception as e:
             state.load_error = f"{type(e).__name__}: {e}"
             print(f"neoxja serve: error: the model failed to load: {state.load_error}", file=sys.stderr, flush=True)
