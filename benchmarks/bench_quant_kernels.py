@@ -32,9 +32,9 @@ activations), measured for issue 13's int4 goal and not used by neoxja:
     python benchmarks/bench_quant_kernels.py --rounds 15 --int4-alternatives
     python benchmarks/bench_quant_kernels.py --rounds 7 --rows 256   # a prefill chunk
 
-At 2 or more rows, where the AVX512-BF16 kernel runs, it is also timed with its few-row path only (tiles: each
-row against 4 weight rows at a time), what it did for every row count before its many-row path (panels, from
-native.INT4_PANEL_ROWS rows up) existed: the same call, side by side.
+At 2 or more rows, neoxja's int4 kernels are also timed with their few-row path only (tiles: a few rows against
+4 weight rows at a time), what they did for every row count before their many-row path (panels, from
+native.INT4_PANEL_ROWS[isa] rows up) existed: the same call, side by side.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def kernels(args) -> dict:
                 int4 = [Int4WeightOnlyLinear.from_float(m, gs, kernel=isa) for m in linears]
                 xs = x32 if isa == "avx2" else x16  # the activations each kernel takes (no casts around it)
                 out[f"int4 neoxja {isa} group {gs}"] = lambda int4=int4, xs=xs: [q(xs[q.in_features]) for q in int4]
-                if isa == "avx512_bf16" and args.rows > 1:
+                if args.rows > 1:
                     out[f"int4 neoxja {isa} group {gs}, tiles only"] = lambda int4=int4, xs=xs: tiles_only(int4, xs)
         else:
             print(f"neoxja's {isa} int4 kernel left out: {why}", flush=True)
@@ -124,8 +124,8 @@ def kernels(args) -> dict:
 
 
 def tiles_only(int4, xs):
-    """The AVX512-BF16 int4 layers' products with the kernel's many-row path switched off."""
-    panel_rows, native.INT4_PANEL_ROWS = native.INT4_PANEL_ROWS, 2 ** 31 - 1
+    """neoxja's int4 layers' products with the kernels' many-row path switched off."""
+    panel_rows, native.INT4_PANEL_ROWS = native.INT4_PANEL_ROWS, dict.fromkeys(native.ISAS, 2 ** 31 - 1)
     try:
         return [q(xs[q.in_features]) for q in int4]
     finally:

@@ -61,11 +61,11 @@ SOURCES = {"avx512_bf16": (CSRC / "avx512_bf16.c",
            "avx2": (CSRC / "avx2.c", ("-mavx2", "-mfma"))}
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 FUNCTIONS = {"avx512_bf16": (("neoxja_int4_linear", 4, 6), ("neoxja_bf16_gemv", 4, 3)),  # (name, pointers, ints)
-             "avx2": (("neoxja_int4_linear_avx2", 4, 5),)}
+             "avx2": (("neoxja_int4_linear_avx2", 4, 6),)}
 INT4_FUNCTIONS = {isa: functions[0][0] for isa, functions in FUNCTIONS.items()}  # each library's int4 product
-# the AVX512-BF16 int4 kernel's many-row path (weights unpacked into panels) from this many activation rows up:
-# below it the panels' unpacking costs more than it saves (docs/quantization.md); read at each call
-INT4_PANEL_ROWS = 4
+# each int4 kernel's many-row path (weights unpacked into panels) from this many activation rows up: below it
+# the panels' unpacking costs more than it saves (docs/quantization.md); read at each call
+INT4_PANEL_ROWS = {"avx512_bf16": 4, "avx2": 8}
 INT4_OPS = {"avx512_bf16": "int4_avx512_linear", "avx2": "int4_avx2_linear"}  # neoxja::<name> under torch.compile
 INT4_ACTIVATIONS = {"avx512_bf16": torch.bfloat16, "avx2": torch.float32}  # the dtype each int4 kernel takes x in
 TILE_ROWS = 4  # R in the C source: weight rows per tile
@@ -247,7 +247,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     if M and N:
         function = getattr(_library(isa), INT4_FUNCTIONS[isa])
         rc = function(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(), M, N, K,
-                      group_size, torch.get_num_threads(), *((INT4_PANEL_ROWS,) if isa == "avx512_bf16" else ()))
+                      group_size, torch.get_num_threads(), INT4_PANEL_ROWS[isa])
         if rc:
             raise RuntimeError(f"{INT4_FUNCTIONS[isa]} refused M={M} N={N} K={K} group_size={group_size} (it takes "
                                f"groups of a multiple of {BLOCK} columns), or its memory for the group sums or panels ran out")

@@ -281,14 +281,14 @@ def test_compiled_bfloat16_step_gives_the_eager_tokens_past_the_first_few(monkey
     the eager ones at token 23 (checked), on both int4 kernels as on plain bfloat16.
 
     This random model's logits lie close together (its two best are often one bfloat16 step apart), so the
-    test counts on where such near-ties fall: the prompt (16 rows, eager in both runs) goes through the AVX512
-    int4 kernel's tiles, as when it was calibrated. Its panels (from 4 rows up) round the activations to int8,
-    which moves the prompt's numbers and so the near-ties: there the runs parted at token 25 of 40, at a step
+    test counts on where such near-ties fall: the prompt (16 rows, eager in both runs) goes through the int4
+    kernels' tiles, as when it was calibrated. The AVX512 kernel's panels (from 4 rows up) round the
+    activations to int8, which moves the prompt's numbers and so the near-ties: there the runs parted at token 25 of 40, at a step
     whose two best logits were one bfloat16 step apart (checked). The panels' compiled op gives the direct
     call's bits (tests/test_native.py)."""
     from neoxja import native
 
-    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 10**6)
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", dict.fromkeys(native.ISAS, 10**6))
     from neoxja.config import GPTNeoXJapaneseConfig
     from neoxja.quantization import quantize
 

@@ -51,7 +51,7 @@ def test_kernel_sums_equal_float64_sums_of_the_dequantized_weights(M, K, N, G, m
     only the float32 sums round, over terms of size |x_k| |q_nk scale| and, through the group's sum of x,
     |x_k| |offset|: the error is within 1e-6 * sum_k |x_k| (|q_nk scale| + |offset|) (K <= 640 terms, unit
     roundoff 6e-8). (Many rows take the panels unless told not to: see the int8-activation test below.)"""
-    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 10**6)
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", dict.fromkeys(native.ISAS, 10**6))
     g = torch.Generator().manual_seed(M * 1000 + K + N)
     W = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)
     q, scales, zeros = int4_group_params(W, G)
@@ -87,22 +87,24 @@ def int4_over_int8_activations(x, q, scales, zeros, G):
     return expected, terms, exact, rounding
 
 
-# the kernels that quantize activations to int8: the AVX2 kernel at every row count, the AVX512-BF16 kernel's
-# panels (forced here from 2 rows up; by default from native.INT4_PANEL_ROWS)
-int8_activation_paths = pytest.mark.parametrize("isa,M", [
-    *[pytest.param("avx2", M, marks=needs_avx2) for M in (1, 2, 3, 5, 9)],
-    *[pytest.param("avx512_bf16", M, marks=needs_kernel) for M in (2, 3, 4, 5, 6, 9, 40)]])
+# the kernels' paths that quantize activations to int8: the AVX2 kernel's tiles and panels, the AVX512-BF16
+# kernel's panels (forced here from 2 rows up, or never; by default from native.INT4_PANEL_ROWS[isa] rows)
+int8_activation_paths = pytest.mark.parametrize("isa,M,path", [
+    *[pytest.param("avx2", M, "tiles", marks=needs_avx2) for M in (1, 2, 3, 5, 9)],
+    *[pytest.param("avx2", M, "panels", marks=needs_avx2) for M in (2, 3, 4, 5, 9, 40)],
+    *[pytest.param("avx512_bf16", M, "panels", marks=needs_kernel) for M in (2, 3, 4, 5, 6, 9, 40)]])
 
 
 @int8_activation_paths
 @pytest.mark.parametrize("K,N,G", [(64, 4, 64), (256, 20, 128), (640, 12, 128), (512, 8, 256), (384, 36, 64),
                                    (256, 132, 64)])
-def test_kernel_is_the_exact_sum_over_int8_activations(isa, M, K, N, G, monkeypatch):
-    """The AVX2 kernel, and the AVX512-BF16 kernel's panels (many rows: N = 132 is two panels of 64 rows and
-    a part of one), recomputed in float64 from the same quantized activations: equal within the float32
-    sums' rounding (1e-6 of the sum of the terms' magnitudes). And against the exact product of the
-    unquantized activations: within the activations' rounding."""
-    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 2)
+def test_kernel_is_the_exact_sum_over_int8_activations(isa, M, path, K, N, G, monkeypatch):
+    """The AVX2 kernel (tiles and panels), and the AVX512-BF16 kernel's panels (many rows: N = 132 is two
+    AVX512 panels of 64 rows and a part of one, 8 AVX2 panels of 16 and a part), recomputed in float64 from
+    the same quantized activations: equal within the float32 sums' rounding (1e-6 of the sum of the terms'
+    magnitudes). And against the exact product of the unquantized activations: within the activations'
+    rounding."""
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", dict.fromkeys(native.ISAS, 2 if path == "panels" else 10**6))
     g = torch.Generator().manual_seed(M * 1000 + K + N + 7)
     W = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)
     q, scales, zeros = int4_group_params(W, G)
@@ -117,29 +119,30 @@ def test_kernel_is_the_exact_sum_over_int8_activations(isa, M, K, N, G, monkeypa
     assert bool(((y.double() - exact).abs() <= rounding * 1.0001 + 1e-6 * terms + 1e-30).all())
 
 
-@needs_kernel
-def test_the_switch_to_panels_is_where_it_says_and_the_two_kernels_agree_there(monkeypatch):
-    """native.INT4_PANEL_ROWS - 1 rows take the tiles (what forcing them gives), that many rows take the
-    panels (what forcing them gives), whose int8 activations are the AVX2 kernel's: the two kernels'
-    results differ only by their float32 sums' order. The C kernel refuses a threshold below 2."""
+@each_isa
+def test_the_switch_to_panels_is_where_it_says_and_the_two_kernels_agree_there(isa, monkeypatch):
+    """native.INT4_PANEL_ROWS[isa] - 1 rows take the tiles (what forcing them gives), that many rows take the
+    panels (what forcing them gives, not the tiles' bits). The AVX512 kernel's panels round the activations
+    to int8 as the AVX2 kernel does: the two kernels' results differ only by their float32 sums' order. The C
+    kernels refuse a threshold below 2."""
     g = torch.Generator().manual_seed(7)
-    K, N, G = 512, 200, 128  # 200 rows: three full panels of 64 and a partial one
+    K, N, G = 512, 200, 128  # 200 rows: full panels and a partial one, for both kernels
     q, scales, zeros = int4_group_params(torch.randn(N, K, generator=g), G)
     packed, sz = native.pack_int4(q, scales, zeros)
-    rows = native.INT4_PANEL_ROWS
-    x = torch.randn(rows, K, generator=g).to(torch.bfloat16)
-    few, many = native.int4_linear(x[:-1], packed, sz, G), native.int4_linear(x, packed, sz, G)
-    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 10**6)
-    assert torch.equal(few, native.int4_linear(x[:-1], packed, sz, G))
-    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 2)
-    assert torch.equal(many, native.int4_linear(x, packed, sz, G))
-    assert not torch.equal(many[:-1], few)
-    if native.cpu_supported("avx2"):
+    rows = native.INT4_PANEL_ROWS[isa]
+    x = torch.randn(rows, K, generator=g).to(native.INT4_ACTIVATIONS[isa])
+    few, many = native.int4_linear(x[:-1], packed, sz, G, isa), native.int4_linear(x, packed, sz, G, isa)
+    monkeypatch.setitem(native.INT4_PANEL_ROWS, isa, 10**6)
+    assert torch.equal(few, native.int4_linear(x[:-1], packed, sz, G, isa))
+    assert not torch.equal(many, native.int4_linear(x, packed, sz, G, isa))
+    monkeypatch.setitem(native.INT4_PANEL_ROWS, isa, 2)
+    assert torch.equal(many, native.int4_linear(x, packed, sz, G, isa))
+    if isa == "avx512_bf16" and native.cpu_supported("avx2"):
         torch.testing.assert_close(many, native.int4_linear(x.float(), packed, sz, G, "avx2"),
                                    rtol=0, atol=1e-6 * float(many.abs().max()))
-    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 1)
+    monkeypatch.setitem(native.INT4_PANEL_ROWS, isa, 1)
     with pytest.raises(RuntimeError, match="refused"):
-        native.int4_linear(x, packed, sz, G)
+        native.int4_linear(x, packed, sz, G, isa)
 
 
 def small_layout():
@@ -151,12 +154,12 @@ def small_layout():
 
 @each_isa
 def test_the_opaque_op_equals_the_direct_call_and_has_a_fake(isa):
-    """The op, called and compiled, gives the direct call's bits, below and at the AVX512 kernel's panel rows."""
+    """The op, called and compiled, gives the direct call's bits, below and at the kernel's panel rows."""
     g, q, scales, zeros, packed, sz = small_layout()
     op = native.int4_linear_op(isa)
     assert op.name() == f"neoxja::{native.INT4_OPS[isa]}"
     compiled = torch.compile(lambda x: op(x, packed, sz, 64) * 2, fullgraph=True, dynamic=False)
-    for rows in (3, native.INT4_PANEL_ROWS, 9):
+    for rows in (3, native.INT4_PANEL_ROWS[isa], 9):
         x = torch.randn(rows, 128, generator=g).to(native.INT4_ACTIVATIONS[isa])
         direct = native.int4_linear(x, packed, sz, 64, isa)
         assert torch.equal(op(x, packed, sz, 64), direct)
@@ -172,7 +175,7 @@ def test_module_on_the_kernel_matches_the_exact_product_and_torchs_kernel(bias, 
     (the kernel's tiles, exact products: its panels, for many rows, have tests of their own above); against
     torch's int4 kernel on the same quantized weights, within that kernel's own error (it rounds the
     dequantized weights to bfloat16: ~3e-3 of the largest output)."""
-    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 10**6)
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", dict.fromkeys(native.ISAS, 10**6))
     g = torch.Generator().manual_seed(int(bias))
     linear = nn.Linear(256, 37, bias=bias)  # 37 rows: padded to 48
     ours = Int4WeightOnlyLinear.from_float(linear, 64)
@@ -628,7 +631,7 @@ def test_int8_activations_tiny_huge_and_non_finite(isa, monkeypatch):
     infinite activation times 127 / inf is nan, which becomes the int8 -128: the exact result is an infinity,
     or nan where it meets an infinity of the other sign or a zero weight). The AVX2 kernel,
     and the AVX512-BF16 kernel's panels (its inputs rounded to bfloat16, whose range is float32's)."""
-    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 2)
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", dict.fromkeys(native.ISAS, 2))
     dtype = native.INT4_ACTIVATIONS[isa]
     g = torch.Generator().manual_seed(5)
     q, scales, zeros = int4_group_params(torch.randn(8, 128, generator=g), 64)

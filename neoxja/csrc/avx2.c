@@ -117,10 +117,157 @@ static inline __attribute__((always_inline)) void tile_rows(
         }
 }
 
-/* Returns 0, or -1 when the shapes break the layout's rules or memory for the quantized activations is short. */
+/* Many rows (a prefill, a batch): as in avx512_bf16.c, from `panel_rows` rows up the product runs as a GEMM.
+   The nibbles of PN = 16 weight rows and one group are unpacked once into a panel of (column quad, row)
+   bytes (the packed bytes of 8 rows transposed, then split into their low and high nibbles); MB activation
+   rows at a time run over it: vpmaddubsw multiplies a broadcast quad of int8 activations by 2 vectors of 8
+   rows' nibble quads into 16-bit pair sums (exact: at most 2 * 15 * 127), added in 16 bits for 8 quads
+   (at most 30,480), then widened to int32 sums (vpmaddwd); each group's sums become float once, times the
+   weight's and the activations' scales. The same sums as the tiles above, in another order. */
+#define MB 3                /* activation rows per pass over a panel */
+#define NV 2                /* 8-row vectors per panel */
+#define PN (NV * 8)         /* weight rows per panel */
+#define WIDEN 8             /* quads summed in 16 bits before they are widened */
+
+/* the panel (G / 4, PN) of 32-bit quads for rows n0.. (rows of them real, the rest zero) and group g */
+static void build_panel(const uint8_t *qw, int n0, int rows, int K, int G, int g, uint32_t *panel) {
+    const size_t tile_bytes = (size_t)R * K / 2;
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    for (int v = 0; v < NV; v++)
+        for (int b = 0; b < G / 64; b++) {
+            __m256i r[8], t[8], u[8];  /* the block's 32 packed bytes of each of 8 rows: 8 quads of bytes */
+            for (int j = 0; j < 8; j++) {
+                const int n = v * 8 + j;
+                r[j] = n < rows ? _mm256_loadu_si256((const __m256i *)(
+                                      qw + (size_t)((n0 + n) / R) * tile_bytes + (size_t)(g * (G / 64) + b) * (R * 32)
+                                      + (size_t)((n0 + n) % R) * 32))
+                                : _mm256_setzero_si256();
+            }
+            for (int i = 0; i < 8; i += 2) {
+                t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+                t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 8; i += 4) {  /* u[i + e]: quad e (low 128 bits) and e + 4 (high) of 4 rows */
+                u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+                u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+                u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+                u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+            }
+            for (int e = 0; e < 4; e++) {
+                const __m256i q[2] = {_mm256_permute2x128_si256(u[e], u[e + 4], 0x20),   /* quad e of the 8 rows */
+                                      _mm256_permute2x128_si256(u[e], u[e + 4], 0x31)};  /* quad e + 4 */
+                for (int h = 0; h < 2; h++) {
+                    const int p = b * 16 + e + 4 * h;
+                    _mm256_store_si256((__m256i *)(panel + (size_t)p * PN + v * 8), _mm256_and_si256(q[h], nibble));
+                    _mm256_store_si256((__m256i *)(panel + (size_t)(p + 8) * PN + v * 8),
+                                       _mm256_and_si256(_mm256_srli_epi16(q[h], 4), nibble));
+                }
+            }
+        }
+}
+
+/* mr (<= MB) quantized activation rows against the panel of group g:
+   tot (mr, PN) += int sums * weight scale * activation scale + offset * sum(x) */
+static inline __attribute__((always_inline)) void panel_rows(
+        const int8_t *xq, const float *xs, const float *xsum, const uint32_t *panel, const __m256 *scale,
+        const __m256 *offset, float *tot, int K, int G, int g, int ng, const int mr) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a[MB][NV];
+    for (int m = 0; m < mr; m++)
+        for (int v = 0; v < NV; v++) a[m][v] = _mm256_setzero_si256();
+    const int8_t *xg = xq + (size_t)g * G;
+    for (int p0 = 0; p0 < G / 4; p0 += WIDEN) {
+        __m256i h[MB][NV];
+        for (int m = 0; m < mr; m++)
+            for (int v = 0; v < NV; v++) h[m][v] = _mm256_setzero_si256();
+        for (int p = p0; p < p0 + WIDEN; p++) {
+            __m256i w[NV];
+            for (int v = 0; v < NV; v++) w[v] = _mm256_load_si256((const __m256i *)(panel + (size_t)p * PN + v * 8));
+            for (int m = 0; m < mr; m++) {
+                int32_t quad;
+                memcpy(&quad, xg + (size_t)m * K + 4 * p, 4);
+                const __m256i xb = _mm256_set1_epi32(quad);
+                for (int v = 0; v < NV; v++) h[m][v] = _mm256_add_epi16(h[m][v], _mm256_maddubs_epi16(w[v], xb));
+            }
+        }
+        for (int m = 0; m < mr; m++)
+            for (int v = 0; v < NV; v++) a[m][v] = _mm256_add_epi32(a[m][v], _mm256_madd_epi16(h[m][v], ones));
+    }
+    for (int m = 0; m < mr; m++) {
+        const __m256 sx = _mm256_set1_ps(xs[(size_t)m * ng + g]), sum = _mm256_set1_ps(xsum[(size_t)m * ng + g]);
+        for (int v = 0; v < NV; v++) {
+            float *t = tot + (size_t)m * PN + v * 8;
+            const __m256 products = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][v]), _mm256_mul_ps(scale[v], sx),
+                                                    _mm256_load_ps(t));
+            _mm256_store_ps(t, _mm256_fmadd_ps(offset[v], sum, products));
+        }
+    }
+}
+
+static int panel_product(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *qw, const uint16_t *sz,
+                         float *y, int M, int N, int K, int G, int nthreads) {
+    const int ng = K / G, npanels = (N + PN - 1) / PN;
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        uint32_t *panel = aligned_alloc(32, (size_t)G / 4 * PN * sizeof(uint32_t));
+        float *tot = aligned_alloc(32, (size_t)M * PN * sizeof(float));
+        if (panel == NULL || tot == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int t = 0; t < npanels; t++) {
+            if (panel == NULL || tot == NULL) continue;
+            const int n0 = t * PN, rows = N - n0 < PN ? N - n0 : PN;
+            memset(tot, 0, (size_t)M * PN * sizeof(float));
+            for (int g = 0; g < ng; g++) {
+                build_panel(qw, n0, rows, K, G, g, panel);
+                float s[PN], o[PN];
+                for (int n = 0; n < PN; n++) {
+                    const int j = ((n0 + n) / R * ng + g) * R + (n0 + n) % R;  /* its (scale, zero) pair */
+                    s[n] = n < rows ? scale_of(sz, j) : 0.0f;
+                    o[n] = n < rows ? offset_of(sz, j) : 0.0f;
+                }
+                __m256 scale[NV], offset[NV];
+                for (int v = 0; v < NV; v++) {
+                    scale[v] = _mm256_loadu_ps(s + v * 8);
+                    offset[v] = _mm256_loadu_ps(o + v * 8);
+                }
+                for (int m0 = 0; m0 < M; m0 += MB) {
+                    const int8_t *xm = xq + (size_t)m0 * K;
+                    const float *sm = xs + (size_t)m0 * ng, *um = xsum + (size_t)m0 * ng;
+                    float *tm = tot + (size_t)m0 * PN;
+                    switch (M - m0 < MB ? M - m0 : MB) {  /* constant row counts: the sums stay in registers */
+                        case 1: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 1); break;
+#if MB > 2
+                        case 2: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 2); break;
+#endif
+#if MB > 3
+                        case 3: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 3); break;
+#endif
+#if MB > 4
+                        case 4: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 4); break;
+                        case 5: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 5); break;
+#endif
+                        default: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, MB); break;
+                    }
+                }
+            }
+            for (int m = 0; m < M; m++)
+                memcpy(y + (size_t)m * N + n0, tot + (size_t)m * PN, (size_t)rows * sizeof(float));
+        }
+        free(panel);
+        free(tot);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Returns 0, or -1 when the shapes break the layout's rules or memory for the quantized activations or the
+   panels is short. M >= panel_rows (>= 2) takes the panel path above. */
 int neoxja_int4_linear_avx2(const float *x, const uint8_t *qw, const uint16_t *sz, float *y,
-                            int M, int N, int K, int G, int nthreads) {
-    if (M < 1 || N < R || N % R || G < 64 || G % 64 || K < G || K % G || nthreads < 1) return -1;
+                            int M, int N, int K, int G, int nthreads, int panel_rows) {
+    if (M < 1 || N < R || N % R || G < 64 || G % 64 || K < G || K % G || nthreads < 1 || panel_rows < 2) return -1;
     const int ng = K / G;
     int8_t *xq = malloc((size_t)M * K);
     float *xs = malloc((size_t)M * ng * sizeof(float)), *xsum = malloc((size_t)M * ng * sizeof(float));
@@ -133,21 +280,26 @@ int neoxja_int4_linear_avx2(const float *x, const uint8_t *qw, const uint16_t *s
         for (int g = 0; g < ng; g++)
             quantize_group(x + (size_t)m * K + (size_t)g * G, G, xq + (size_t)m * K + (size_t)g * G,
                            xs + (size_t)m * ng + g, xsum + (size_t)m * ng + g);
-    const size_t tile_bytes = (size_t)R * K / 2, tile_groups = (size_t)R * ng;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int t = 0; t < N / R; t++) {
-        const uint8_t *tile = qw + t * tile_bytes;
-        const uint16_t *tsz = sz + 2 * t * tile_groups;
-        for (int m0 = 0; m0 < M; m0 += MR) {
-            const int8_t *xm = xq + (size_t)m0 * K;
-            const float *sm = xs + (size_t)m0 * ng, *um = xsum + (size_t)m0 * ng;
-            float *ym = y + (size_t)m0 * N + (size_t)t * R;
-            if (M - m0 == 1)  /* constant row counts: the sums stay in registers */
-                tile_rows(xm, sm, um, tile, tsz, ym, K, G, N, 1);
-            else
-                tile_rows(xm, sm, um, tile, tsz, ym, K, G, N, MR);
+    int rc = 0;
+    if (M >= panel_rows) {
+        rc = panel_product(xq, xs, xsum, qw, sz, y, M, N, K, G, nthreads);
+    } else {
+        const size_t tile_bytes = (size_t)R * K / 2, tile_groups = (size_t)R * ng;
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int t = 0; t < N / R; t++) {
+            const uint8_t *tile = qw + t * tile_bytes;
+            const uint16_t *tsz = sz + 2 * t * tile_groups;
+            for (int m0 = 0; m0 < M; m0 += MR) {
+                const int8_t *xm = xq + (size_t)m0 * K;
+                const float *sm = xs + (size_t)m0 * ng, *um = xsum + (size_t)m0 * ng;
+                float *ym = y + (size_t)m0 * N + (size_t)t * R;
+                if (M - m0 == 1)  /* constant row counts: the sums stay in registers */
+                    tile_rows(xm, sm, um, tile, tsz, ym, K, G, N, 1);
+                else
+                    tile_rows(xm, sm, um, tile, tsz, ym, K, G, N, MR);
+            }
         }
     }
     free(xq); free(xs); free(xsum);
-    return 0;
+    return rc;
 }
