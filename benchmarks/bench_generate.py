@@ -372,6 +372,8 @@ def run_side_by_side(args) -> int:
         contenders["neoxja float32 batch 8"] = (lambda: ours.generate(batch_prompt, max_new_tokens=new), 8, ours)
         contenders["neoxja int8 batch 8"] = (lambda: ours_int8.generate(batch_prompt, max_new_tokens=new), 8,
                                              ours_int8)
+        contenders["neoxja int4 batch 8"] = (lambda: ours_int4.generate(batch_prompt, max_new_tokens=new), 8,
+                                             ours_int4)
     for call, _, _ in contenders.values():
         call()  # warm-up
     names = list(contenders)
@@ -428,8 +430,11 @@ def run_side_by_side(args) -> int:
     decode_ratio = statistics.median(x / y for x, y in zip(decode_tok_s["neoxja int4 batch 1"],
                                                             decode_tok_s["neoxja int8 batch 1"]))
     print(f"(for information) int4 ({int4_kernel} kernel) / int8 end to end, the {args.prompt}-token prefill "
-          f"included: {ratio('neoxja int4 batch 1', 'neoxja int8 batch 1'):.2f}x (the int4 kernels are slower "
-          f"than FBGEMM int8 on many rows, so int4 prefill is slower than int8's)")
+          f"included: {ratio('neoxja int4 batch 1', 'neoxja int8 batch 1'):.2f}x (on many rows the int4 kernels "
+          f"run at 0.8-1x FBGEMM int8, so int4 prefill takes a little longer than int8's)")
+    if not args.no_batch:
+        print(f"(for information) int4 / int8 at batch 8: {ratio('neoxja int4 batch 8', 'neoxja int8 batch 8'):.2f}x "
+              f"(8 rows: the int4 kernels' panels, about half FBGEMM int8's speed per product)")
     torch_ratio = statistics.median(x / y for x, y in zip(decode_tok_s["neoxja int4 torch-kernel batch 1"],
                                                           decode_tok_s["neoxja int8 batch 1"]))
     print(f"(for information) int4 with torch's kernel / int8, decode steps: {torch_ratio:.2f}x; int4 "
