@@ -283,7 +283,7 @@ static int panel_product(const uint16_t *x, const uint8_t *qw, const uint16_t *s
                     build_panel(qw, n0, rows, K, G, g, panel);
                     float s[PN], o[PN];
                     for (int n = 0; n < PN; n++) {
-                        const int j = ((n0 + n) / R * ng + g) * R + (n0 + n) % R;  /* its (scale, zero) pair */
+                        const size_t j = ((size_t)(n0 + n) / R * ng + g) * R + (n0 + n) % R;  /* its (scale, zero) pair */
                         s[n] = n < rows ? scale_of(sz, j) : 0.0f;
                         o[n] = n < rows ? offset_of(sz, j) : 0.0f;
                     }

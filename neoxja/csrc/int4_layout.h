@@ -4,6 +4,7 @@
 #ifndef NEOXJA_INT4_LAYOUT_H
 #define NEOXJA_INT4_LAYOUT_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -16,8 +17,8 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
-static inline float scale_of(const uint16_t *sz, int j) { return bf16_to_float(sz[2 * j]); }
-static inline float offset_of(const uint16_t *sz, int j) {
+static inline float scale_of(const uint16_t *sz, size_t j) { return bf16_to_float(sz[2 * j]); }
+static inline float offset_of(const uint16_t *sz, size_t j) {
     return bf16_to_float(sz[2 * j + 1]) - 8.0f * bf16_to_float(sz[2 * j]);
 }
 
