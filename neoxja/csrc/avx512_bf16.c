@@ -283,9 +283,12 @@ static int panel_product(const uint16_t *x, const uint8_t *qw, const uint16_t *s
                     build_panel(qw, n0, rows, K, G, g, panel);
                     float s[PN], o[PN];
                     for (int n = 0; n < PN; n++) {
-                        const size_t j = ((size_t)(n0 + n) / R * ng + g) * R + (n0 + n) % R;  /* its (scale, zero) pair */
-                        s[n] = n < rows ? scale_of(sz, j) : 0.0f;
-                        o[n] = n < rows ? offset_of(sz, j) : 0.0f;
+                        s[n] = o[n] = 0.0f;
+                        if (n < rows) {  /* its (scale, zero) pair */
+                            const size_t row = (size_t)n0 + n, j = (row / R * ng + g) * R + row % R;
+                            s[n] = scale_of(sz, j);
+                            o[n] = offset_of(sz, j);
+                        }
                     }
                     __m512 scale[NV], offset[NV];
                     for (int v = 0; v < NV; v++) {
