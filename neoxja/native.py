@@ -66,6 +66,7 @@ INT4_FUNCTIONS = {isa: functions[0][0] for isa, functions in FUNCTIONS.items()} 
 # each int4 kernel's many-row path (weights unpacked into panels) from this many activation rows up: below it
 # the panels' unpacking costs more than it saves (docs/quantization.md); read at each call
 INT4_PANEL_ROWS = {"avx512_bf16": 4, "avx2": 8}
+INT4_MAX_GROUP = 1 << 20  # a group's int32 sum of nibbles times int8 activations: at most G * 15 * 128 < 2**31
 INT4_OPS = {"avx512_bf16": "int4_avx512_linear", "avx2": "int4_avx2_linear"}  # neoxja::<name> under torch.compile
 INT4_ACTIVATIONS = {"avx512_bf16": torch.bfloat16, "avx2": torch.float32}  # the dtype each int4 kernel takes x in
 TILE_ROWS = 4  # R in the C source: weight rows per tile
@@ -242,6 +243,9 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                          f"{scales_and_zeros.numel() // 2} scales for {N} rows")
     if max(M, N, K) > _INT_MAX:
         raise ValueError(f"neoxja's int4 CPU kernel takes at most {_INT_MAX} rows or columns, got M={M} N={N} K={K}")
+    if group_size > INT4_MAX_GROUP:
+        raise ValueError(f"neoxja's int4 CPU kernels take groups of at most {INT4_MAX_GROUP} columns (a group's "
+                         f"integer sums must fit 32 bits), got {group_size}")
     x = x.contiguous().resolve_neg().resolve_conj()
     y = torch.empty(M, N, dtype=torch.float32, device="cpu")  # not the default device, whatever it is
     if M and N:

@@ -700,3 +700,15 @@ def test_load_quantized_on_the_avx2_kernel_defaults_to_float32(tmp_path):
     assert {m.kernel for m in model.modules() if isinstance(m, Int4WeightOnlyLinear)} == {"avx2"}
     assert load_quantized(tmp_path, "int4", group_size=64, kernel="torch").dtype == torch.bfloat16
     assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3).shape == (1, 6)
+
+
+@each_isa
+def test_a_group_too_large_for_32_bit_sums_is_refused(isa):
+    """A group's integer sums (nibbles times int8 activations) must fit 32 bits: groups of more than
+    native.INT4_MAX_GROUP columns are refused with a clear error, before the C kernel runs."""
+    G = 2 * native.INT4_MAX_GROUP
+    q, scales, zeros = int4_group_params(torch.randn(4, G, generator=torch.Generator().manual_seed(0)), G)
+    packed, sz = native.pack_int4(q, scales, zeros)
+    x = torch.ones(native.INT4_PANEL_ROWS[isa], G).to(native.INT4_ACTIVATIONS[isa])
+    with pytest.raises(ValueError, match=f"groups of at most {native.INT4_MAX_GROUP} columns"):
+        native.int4_linear(x, packed, sz, G, isa)

@@ -270,7 +270,8 @@ static int panel_product(const int8_t *xq, const float *xs, const float *xsum, c
    panels is short. M >= panel_rows (>= 2) takes the panel path above. */
 int neoxja_int4_linear_avx2(const float *x, const uint8_t *qw, const uint16_t *sz, float *y,
                             int M, int N, int K, int G, int nthreads, int panel_rows) {
-    if (M < 1 || N < R || N % R || G < 64 || G % 64 || K < G || K % G || nthreads < 1 || panel_rows < 2) return -1;
+    if (M < 1 || N < R || N % R || G < 64 || G % 64 || K < G || K % G || nthreads < 1 || panel_rows < 2 ||
+        G > (1 << 20)) return -1;  /* a group's int32 sums: at most G * 15 * 128 */
     const int ng = K / G;
     int8_t *xq = malloc((size_t)M * K);
     float *xs = malloc((size_t)M * ng * sizeof(float)), *xsum = malloc((size_t)M * ng * sizeof(float));

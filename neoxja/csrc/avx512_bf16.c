@@ -324,7 +324,8 @@ static int panel_product(const uint16_t *x, const uint8_t *qw, const uint16_t *s
    short. M >= panel_rows (>= 2) takes the panel path above. */
 int neoxja_int4_linear(const uint16_t *x, const uint8_t *qw, const uint16_t *sz, float *y,
                        int M, int N, int K, int G, int nthreads, int panel_rows) {
-    if (M < 1 || N < R || N % R || G < 64 || G % 64 || K < G || K % G || nthreads < 1 || panel_rows < 2) return -1;
+    if (M < 1 || N < R || N % R || G < 64 || G % 64 || K < G || K % G || nthreads < 1 || panel_rows < 2 ||
+        G > (1 << 20)) return -1;  /* a group's int32 sums: at most G * 15 * 128 */
     if (M >= panel_rows) return panel_product(x, qw, sz, y, M, N, K, G, nthreads);
     const int ng = K / G;
     float *xsum = malloc((size_t)M * ng * sizeof(float));  /* the sum of each group of each activation row */
