@@ -168,7 +168,10 @@ def load_model(model_path, quantize: str, dtype, device):
         model = GPTNeoXJapaneseForCausalLM.from_pretrained(model_path, dtype=dtype, device=device)
     model.eval()
     if quantize == "int8":
-        quantize_model(model, "int8")
+        try:
+            quantize_model(model, "int8")
+        except (RuntimeError, ValueError) as e:  # said as what failed: the quantizing, not the loading
+            raise RuntimeError(f"--quantize int8 failed: {e}") from e
     return model
 
 

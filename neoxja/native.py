@@ -9,12 +9,15 @@ nor a wheel on PyPI ships a faster x86 int4 product. Two kernels here, on one pa
 - `csrc/avx512_bf16.c` (kernel "avx512_bf16"): a nibble becomes a bfloat16 by one table lookup and
   `vdpbf16ps` multiplies 32 of them by 32 activations into float32 sums; the group's bfloat16 scale
   multiplies each group's sum once, and its offset (zero - 8 * scale) enters through the group's sum of the
-  activations. The products are exact and only float32 sums round (torch's kernel rounds the dequantized
-  weights to bfloat16, ~3e-3 of the largest output).
+  activations. For 1 to 3 activation rows the products are exact and only float32 sums round (torch's kernel
+  rounds the dequantized weights to bfloat16, ~3e-3 of the largest output); from INT4_PANEL_ROWS rows up (a
+  prefill, a batch) it rounds the activations to int8 per group, as the AVX2 kernel does, and multiplies them
+  by the nibbles with AVX512-VNNI over weights unpacked into panels (~1e-2 of the largest output).
 - `csrc/avx2.c` (kernel "avx2", for CPUs with AVX2 and FMA but no AVX512-BF16): AVX2 has no bfloat16 dot
   product, so, as llama.cpp's Q4_0 x Q8_0, each group of activations is quantized to int8 with one scale and
   `vpmaddubsw` multiplies nibbles by them in exact integer sums; the activations' rounding to 8 bits is its
-  only error beyond float32 sums (at most half their group's scale per activation).
+  only error beyond float32 sums (at most half their group's scale per activation). Many rows go through
+  panels as well.
 
 Each C source is compiled on first use with the system's C compiler (`$CC`, which may carry arguments, else
 `cc`), with its own instruction-set flags, into a library of its own in `$NEOXJA_BUILD_CACHE` (default
@@ -184,7 +187,10 @@ def _load(isa: str) -> ctypes.CDLL | RuntimeError:
 
 def _library(isa: str = "avx512_bf16") -> ctypes.CDLL:
     if not cpu_supported(isa):  # asked at every call, not remembered: only the build is
-        raise RuntimeError(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no {ISA_NAMES[isa]}")
+        lacking = ISA_NAMES[isa]
+        if isa == "avx512_bf16" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+            lacking = "AVX512-VNNI (which the AVX512-BF16 kernel also needs)"  # a VM that hides it, say
+        raise RuntimeError(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no {lacking}")
     lib = _load(isa)
     if isinstance(lib, RuntimeError):
         raise RuntimeError(str(lib))
@@ -243,6 +249,10 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                          f"{scales_and_zeros.numel() // 2} scales for {N} rows")
     if max(M, N, K) > _INT_MAX:
         raise ValueError(f"neoxja's int4 CPU kernel takes at most {_INT_MAX} rows or columns, got M={M} N={N} K={K}")
+    panel_rows = INT4_PANEL_ROWS.get(isa) if isinstance(INT4_PANEL_ROWS, dict) else None
+    if isinstance(panel_rows, bool) or not isinstance(panel_rows, int) or not 2 <= panel_rows <= _INT_MAX:
+        raise ValueError(f"neoxja.native.INT4_PANEL_ROWS[{isa!r}] must be an integer from 2 to {_INT_MAX} (the rows "
+                         f"from which the kernel takes its panels), got {panel_rows!r}")
     if group_size > INT4_MAX_GROUP:
         raise ValueError(f"neoxja's int4 CPU kernels take groups of at most {INT4_MAX_GROUP} columns (a group's "
                          f"integer sums must fit 32 bits), got {group_size}")
@@ -251,7 +261,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     if M and N:
         function = getattr(_library(isa), INT4_FUNCTIONS[isa])
         rc = function(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(), M, N, K,
-                      group_size, torch.get_num_threads(), INT4_PANEL_ROWS[isa])
+                      group_size, torch.get_num_threads(), panel_rows)
         if rc:
             raise RuntimeError(f"{INT4_FUNCTIONS[isa]} refused M={M} N={N} K={K} group_size={group_size} (it takes "
                                f"groups of a multiple of {BLOCK} columns), or its memory for the group sums or panels ran out")

@@ -123,8 +123,7 @@ def test_kernel_is_the_exact_sum_over_int8_activations(isa, M, path, K, N, G, mo
 def test_the_switch_to_panels_is_where_it_says_and_the_two_kernels_agree_there(isa, monkeypatch):
     """native.INT4_PANEL_ROWS[isa] - 1 rows take the tiles (what forcing them gives), that many rows take the
     panels (what forcing them gives, not the tiles' bits). The AVX512 kernel's panels round the activations
-    to int8 as the AVX2 kernel does: the two kernels' results differ only by their float32 sums' order. The C
-    kernels refuse a threshold below 2."""
+    to int8 as the AVX2 kernel does: the two kernels' results differ only by their float32 sums' order."""
     g = torch.Generator().manual_seed(7)
     K, N, G = 512, 200, 128  # 200 rows: full panels and a partial one, for both kernels
     q, scales, zeros = int4_group_params(torch.randn(N, K, generator=g), G)
@@ -140,9 +139,6 @@ def test_the_switch_to_panels_is_where_it_says_and_the_two_kernels_agree_there(i
     if isa == "avx512_bf16" and native.cpu_supported("avx2"):
         torch.testing.assert_close(many, native.int4_linear(x.float(), packed, sz, G, "avx2"),
                                    rtol=0, atol=1e-6 * float(many.abs().max()))
-    monkeypatch.setitem(native.INT4_PANEL_ROWS, isa, 1)
-    with pytest.raises(RuntimeError, match="refused"):
-        native.int4_linear(x, packed, sz, G, isa)
 
 
 def small_layout():
@@ -623,15 +619,17 @@ def test_avx2_kernel_refuses_what_would_read_out_of_bounds():
         native.available("sse2")
 
 
-@pytest.mark.parametrize("isa", [pytest.param("avx2", marks=needs_avx2), pytest.param("avx512_bf16", marks=needs_kernel)])
-def test_int8_activations_tiny_huge_and_non_finite(isa, monkeypatch):
+@pytest.mark.parametrize("isa,path", [pytest.param("avx2", "tiles", marks=needs_avx2),
+                                      pytest.param("avx2", "panels", marks=needs_avx2),
+                                      pytest.param("avx512_bf16", "panels", marks=needs_kernel)])
+def test_int8_activations_tiny_huge_and_non_finite(isa, path, monkeypatch):
     """A group whose largest activation is so small that 127 / max overflows contributes only its offset term
     (the products' term, below 1e-36 of sum |w|, is dropped, not garbage); a huge one (near float32's
-    largest) keeps its scale; nan or inf activations give nan or an infinity, never a finite number (an
-    infinite activation times 127 / inf is nan, which becomes the int8 -128: the exact result is an infinity,
-    or nan where it meets an infinity of the other sign or a zero weight). The AVX2 kernel,
-    and the AVX512-BF16 kernel's panels (its inputs rounded to bfloat16, whose range is float32's)."""
-    monkeypatch.setattr(native, "INT4_PANEL_ROWS", dict.fromkeys(native.ISAS, 2))
+    largest) keeps its scale; nan or inf activations give nan, never a number (an infinite activation times
+    127 / inf is nan, which would become the int8 -128 and an infinity of either sign: the group's scale is
+    nan instead). The AVX2 kernel (tiles and panels), and the AVX512-BF16 kernel's panels (its inputs rounded
+    to bfloat16, whose range is float32's)."""
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", dict.fromkeys(native.ISAS, 2 if path == "panels" else 10**6))
     dtype = native.INT4_ACTIVATIONS[isa]
     g = torch.Generator().manual_seed(5)
     q, scales, zeros = int4_group_params(torch.randn(8, 128, generator=g), 64)
@@ -650,7 +648,13 @@ def test_int8_activations_tiny_huge_and_non_finite(isa, monkeypatch):
         x = torch.randn(2, 128, generator=g).to(dtype)
         x[1, 70] = bad
         y = native.int4_linear(x, packed, sz, 64, isa)
-        assert y[0].isfinite().all() and not y[1].isfinite().any()
+        assert y[0].isfinite().all() and y[1].isnan().all()
+    # every weight positive and one +inf per row: the exact result is +inf; the tiles and panels say nan
+    q, scales, zeros = int4_group_params(torch.full((8, 128), 7.0) + torch.arange(128.0) / 64, 64)
+    packed, sz = native.pack_int4(q, scales, zeros)
+    x = torch.ones(2, 128).to(dtype)
+    x[:, 5] = float("inf")
+    assert native.int4_linear(x, packed, sz, 64, isa).isnan().all()
 
 
 def test_a_compiler_without_avx512_bf16_still_builds_the_avx2_kernel(monkeypatch, tmp_path):
@@ -712,3 +716,20 @@ def test_a_group_too_large_for_32_bit_sums_is_refused(isa):
     x = torch.ones(native.INT4_PANEL_ROWS[isa], G).to(native.INT4_ACTIVATIONS[isa])
     with pytest.raises(ValueError, match=f"groups of at most {native.INT4_MAX_GROUP} columns"):
         native.int4_linear(x, packed, sz, G, isa)
+
+
+def test_a_bad_panel_threshold_is_a_clear_error(monkeypatch):
+    """native.INT4_PANEL_ROWS is read at each call: a value the C kernel cannot take (below 2, beyond a C int,
+    not an integer, a missing kernel) is refused by name, not passed on to be truncated or blamed on shapes."""
+    g, q, scales, zeros, packed, sz = small_layout()
+    isa = next((i for i in native.ISAS if native.cpu_supported(i)), None)
+    if isa is None:
+        pytest.skip("this CPU has neither kernel's instructions")
+    x = torch.randn(4, 128, generator=g).to(native.INT4_ACTIVATIONS[isa])
+    for bad in (1, 0, -5, 2**31, 2**32 + 2, 4.0, True, None):
+        monkeypatch.setitem(native.INT4_PANEL_ROWS, isa, bad)
+        with pytest.raises(ValueError, match=rf"INT4_PANEL_ROWS\['{isa}'\] must be an integer from 2"):
+            native.int4_linear(x, packed, sz, 64, isa)
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", {})
+    with pytest.raises(ValueError, match="must be an integer from 2 .* got None"):
+        native.int4_linear(x, packed, sz, 64, isa)

@@ -54,12 +54,13 @@ static void quantize_group(const float *x, int G, int8_t *q, float *scale, float
     *sum = hsum(s);
     float inv = 127.0f / amax;
     *scale = amax / 127.0f;
-    if (!(amax > 0.0f) || !(inv <= 3.4028235e38f)) {  /* all zero, nan, or so small that 127 / amax overflows: */
+    if (!(amax <= 3.4028235e38f)) {                    /* an infinite or nan activation: the scale is nan, so the */
+        inv = 0.0f;                                    /* group's products' term is nan, whatever its integers */
+        *scale = __builtin_nanf("");                   /* (inf * 0 = nan converts to the int8 -128) */
+    } else if (!(amax > 0.0f) || !(inv <= 3.4028235e38f)) {  /* all zero, or so small that 127 / amax overflows: */
         inv = 0.0f;                                    /* the products' term is dropped (below 1e-36 * sum |w|) */
-        if (amax == amax) *scale = 0.0f;               /* (nan stays nan: the result is nan, as the exact one) */
+        *scale = 0.0f;
     }
-    /* an infinite activation: inv = 0 and scale = inf, and inf * 0 = nan converts to the int8 -128: the products'
-       term is nan or an infinity, never finite (the exact one is an infinity, or nan) */
     const __m256 vinv = _mm256_set1_ps(inv);
     for (int k = 0; k < G; k += 16) {
         const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
@@ -130,7 +131,7 @@ static inline __attribute__((always_inline)) void tile_rows(
 #define WIDEN 8             /* quads summed in 16 bits before they are widened */
 
 /* the panel (G / 4, PN) of 32-bit quads for rows n0.. (rows of them real, the rest zero) and group g */
-static void build_panel(const uint8_t *qw, int n0, int rows, int K, int G, int g, uint32_t *panel) {
+static void build_panel(const uint8_t *qw, size_t n0, int rows, int K, int G, int g, uint32_t *panel) {
     const size_t tile_bytes = (size_t)R * K / 2;
     const __m256i nibble = _mm256_set1_epi8(0x0F);
     for (int v = 0; v < NV; v++)
@@ -139,8 +140,8 @@ static void build_panel(const uint8_t *qw, int n0, int rows, int K, int G, int g
             for (int j = 0; j < 8; j++) {
                 const int n = v * 8 + j;
                 r[j] = n < rows ? _mm256_loadu_si256((const __m256i *)(
-                                      qw + (size_t)((n0 + n) / R) * tile_bytes + (size_t)(g * (G / 64) + b) * (R * 32)
-                                      + (size_t)((n0 + n) % R) * 32))
+                                      qw + (n0 + n) / R * tile_bytes + (size_t)(g * (G / 64) + b) * (R * 32)
+                                      + (n0 + n) % R * 32))
                                 : _mm256_setzero_si256();
             }
             for (int i = 0; i < 8; i += 2) {
@@ -206,7 +207,8 @@ static inline __attribute__((always_inline)) void panel_rows(
 
 static int panel_product(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *qw, const uint16_t *sz,
                          float *y, int M, int N, int K, int G, int nthreads) {
-    const int ng = K / G, npanels = (N + PN - 1) / PN;
+    const int ng = K / G;
+    const long npanels = ((long)N + PN - 1) / PN;  /* (in int, N near INT_MAX would wrap) */
     int failed = 0;
     #pragma omp parallel num_threads(nthreads)
     {
@@ -217,9 +219,10 @@ static int panel_product(const int8_t *xq, const float *xs, const float *xsum, c
             failed = 1;
         }
         #pragma omp for schedule(static)
-        for (int t = 0; t < npanels; t++) {
+        for (long t = 0; t < npanels; t++) {
             if (panel == NULL || tot == NULL) continue;
-            const int n0 = t * PN, rows = N - n0 < PN ? N - n0 : PN;
+            const size_t n0 = (size_t)t * PN;
+            const int rows = N - n0 < PN ? (int)(N - n0) : PN;
             memset(tot, 0, (size_t)M * PN * sizeof(float));
             for (int g = 0; g < ng; g++) {
                 build_panel(qw, n0, rows, K, G, g, panel);
@@ -227,7 +230,7 @@ static int panel_product(const int8_t *xq, const float *xs, const float *xsum, c
                 for (int n = 0; n < PN; n++) {
                     s[n] = o[n] = 0.0f;
                     if (n < rows) {  /* its (scale, zero) pair */
-                        const size_t row = (size_t)n0 + n, j = (row / R * ng + g) * R + row % R;
+                        const size_t row = n0 + n, j = (row / R * ng + g) * R + row % R;
                         s[n] = scale_of(sz, j);
                         o[n] = offset_of(sz, j);
                     }

@@ -169,12 +169,13 @@ static void quantize_group(const uint16_t *x, int G, int8_t *q, float *scale, fl
     *sum = _mm512_reduce_add_ps(s);
     float inv = 127.0f / amax;
     *scale = amax / 127.0f;
-    if (!(amax > 0.0f) || !(inv <= 3.4028235e38f)) {  /* all zero, nan, or so small that 127 / amax overflows: */
+    if (!(amax <= 3.4028235e38f)) {                    /* an infinite or nan activation: the scale is nan, so the */
+        inv = 0.0f;                                    /* group's products' term is nan, whatever its integers */
+        *scale = __builtin_nanf("");                   /* (inf * 0 = nan converts to the int8 -128) */
+    } else if (!(amax > 0.0f) || !(inv <= 3.4028235e38f)) {  /* all zero, or so small that 127 / amax overflows: */
         inv = 0.0f;                                    /* the products' term is dropped (below 1e-36 * sum |w|) */
-        if (amax == amax) *scale = 0.0f;               /* (nan stays nan: the result is nan, as the exact one) */
+        *scale = 0.0f;
     }
-    /* an infinite activation: inv = 0 and scale = inf, and inf * 0 = nan converts to the int8 -128: the products'
-       term is nan or an infinity, never finite (the exact one is an infinity, or nan) */
     const __m512 vinv = _mm512_set1_ps(inv);
     for (int k = 0; k < G; k += 16)
         _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(bf16x16_to_float(x + k), vinv))));
@@ -184,7 +185,7 @@ static void quantize_group(const uint16_t *x, int G, int8_t *q, float *scale, fl
    element (p, n) = row n's nibbles at columns 4p .. 4p + 3 of the group, one byte each. Per 64-column block
    and 16 rows, the packed bytes are transposed first (16 rows x 8 quads of bytes, two rows per vector: 24
    shuffles), then each transposed vector's low nibbles are columns 4e.. and its high nibbles 32 + 4e.. */
-static void build_panel(const uint8_t *qw, int n0, int rows, int K, int G, int g, uint32_t *panel) {
+static void build_panel(const uint8_t *qw, size_t n0, int rows, int K, int G, int g, uint32_t *panel) {
     const size_t tile_bytes = (size_t)R * K / 2;
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     /* 64-bit lanes of (a, b): the 128-bit lanes 0 and 2 of a and b interleaved, or lanes 1 and 3 */
@@ -195,8 +196,8 @@ static void build_panel(const uint8_t *qw, int n0, int rows, int K, int G, int g
             for (int j = 0; j < 16; j++) {
                 const int n = v * 16 + j;
                 row[j] = n < rows ? _mm256_loadu_si256((const __m256i *)(
-                                        qw + (size_t)((n0 + n) / R) * tile_bytes + (size_t)(g * (G / 64) + b) * (R * 32)
-                                        + (size_t)((n0 + n) % R) * 32))
+                                        qw + (n0 + n) / R * tile_bytes + (size_t)(g * (G / 64) + b) * (R * 32)
+                                        + (n0 + n) % R * 32))
                                   : _mm256_setzero_si256();
             }
             __m512i z[8], t[8], u[8];
@@ -256,7 +257,8 @@ static inline __attribute__((always_inline)) void panel_rows(
 
 static int panel_product(const uint16_t *x, const uint8_t *qw, const uint16_t *sz, float *y,
                          int M, int N, int K, int G, int nthreads) {
-    const int ng = K / G, npanels = (N + PN - 1) / PN;
+    const int ng = K / G;
+    const long npanels = ((long)N + PN - 1) / PN;  /* (in int, N near INT_MAX would wrap) */
     int8_t *xq = malloc((size_t)M * K);
     float *xs = malloc((size_t)M * ng * sizeof(float)), *xsum = malloc((size_t)M * ng * sizeof(float));
     int failed = xq == NULL || xs == NULL || xsum == NULL;
@@ -275,9 +277,10 @@ static int panel_product(const uint16_t *x, const uint8_t *qw, const uint16_t *s
                 failed = 1;
             }
             #pragma omp for schedule(static)
-            for (int t = 0; t < npanels; t++) {
+            for (long t = 0; t < npanels; t++) {
                 if (panel == NULL || tot == NULL) continue;
-                const int n0 = t * PN, rows = N - n0 < PN ? N - n0 : PN;
+                const size_t n0 = (size_t)t * PN;
+                const int rows = N - n0 < PN ? (int)(N - n0) : PN;
                 memset(tot, 0, (size_t)M * PN * sizeof(float));
                 for (int g = 0; g < ng; g++) {
                     build_panel(qw, n0, rows, K, G, g, panel);
@@ -285,7 +288,7 @@ static int panel_product(const uint16_t *x, const uint8_t *qw, const uint16_t *s
                     for (int n = 0; n < PN; n++) {
                         s[n] = o[n] = 0.0f;
                         if (n < rows) {  /* its (scale, zero) pair */
-                            const size_t row = (size_t)n0 + n, j = (row / R * ng + g) * R + row % R;
+                            const size_t row = n0 + n, j = (row / R * ng + g) * R + row % R;
                             s[n] = scale_of(sz, j);
                             o[n] = offset_of(sz, j);
                         }
