@@ -397,7 +397,7 @@ def test_sources_ship_with_the_package():
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert {"csrc/*.c", "csrc/*.h"} <= set(pyproject["tool"]["setuptools"]["package-data"]["neoxja"])
-    assert (native.CSRC / "int4_layout.h").is_file()
+    assert (native.CSRC / "int4_layout.h").is_file() and (native.CSRC / "int4_panels.h").is_file()
 
 
 @needs_kernel

@@ -52,15 +52,7 @@ static void quantize_group(const float *x, int G, int8_t *q, float *scale, float
     }
     const float amax = hmax(mx);
     *sum = hsum(s);
-    float inv = 127.0f / amax;
-    *scale = amax / 127.0f;
-    if (!(amax <= 3.4028235e38f)) {                    /* an infinite or nan activation: the scale is nan, so the */
-        inv = 0.0f;                                    /* group's products' term is nan, whatever its integers */
-        *scale = __builtin_nanf("");                   /* (inf * 0 = nan converts to the int8 -128) */
-    } else if (!(amax > 0.0f) || !(inv <= 3.4028235e38f)) {  /* all zero, or so small that 127 / amax overflows: */
-        inv = 0.0f;                                    /* the products' term is dropped (below 1e-36 * sum |w|) */
-        *scale = 0.0f;
-    }
+    const float inv = group_inverse(amax, scale);  /* (nan scale for a non-finite group, 0 for a negligible one) */
     const __m256 vinv = _mm256_set1_ps(inv);
     for (int k = 0; k < G; k += 16) {
         const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
@@ -122,13 +114,14 @@ static inline __attribute__((always_inline)) void tile_rows(
    The nibbles of PN = 16 weight rows and one group are unpacked once into a panel of (column quad, row)
    bytes (the packed bytes of 8 rows transposed, then split into their low and high nibbles); MB activation
    rows at a time run over it: vpmaddubsw multiplies a broadcast quad of int8 activations by 2 vectors of 8
-   rows' nibble quads into 16-bit pair sums (exact: at most 2 * 15 * 127), added in 16 bits for 8 quads
-   (at most 30,480), then widened to int32 sums (vpmaddwd); each group's sums become float once, times the
+   rows' nibble quads into 16-bit pair sums (exact: at most 2 * 15 * 128), added in 16 bits for 8 quads
+   (at most 30,720), then widened to int32 sums (vpmaddwd); each group's sums become float once, times the
    weight's and the activations' scales. The same sums as the tiles above, in another order. */
 #define MB 3                /* activation rows per pass over a panel */
 #define NV 2                /* 8-row vectors per panel */
 #define PN (NV * 8)         /* weight rows per panel */
 #define WIDEN 8             /* quads summed in 16 bits before they are widened */
+#define PANEL_ALIGN 32      /* bytes: the ymm loads and stores of panels and totals */
 
 /* the panel (G / 4, PN) of 32-bit quads for rows n0.. (rows of them real, the rest zero) and group g */
 static void build_panel(const uint8_t *qw, size_t n0, int rows, int K, int G, int g, uint32_t *panel) {
@@ -170,8 +163,8 @@ static void build_panel(const uint8_t *qw, size_t n0, int rows, int K, int G, in
 /* mr (<= MB) quantized activation rows against the panel of group g:
    tot (mr, PN) += int sums * weight scale * activation scale + offset * sum(x) */
 static inline __attribute__((always_inline)) void panel_rows(
-        const int8_t *xq, const float *xs, const float *xsum, const uint32_t *panel, const __m256 *scale,
-        const __m256 *offset, float *tot, int K, int G, int g, int ng, const int mr) {
+        const int8_t *xq, const float *xs, const float *xsum, const uint32_t *panel, const float *scale,
+        const float *offset, float *tot, int K, int G, int g, int ng, const int mr) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i a[MB][NV];
     for (int m = 0; m < mr; m++)
@@ -198,76 +191,14 @@ static inline __attribute__((always_inline)) void panel_rows(
         const __m256 sx = _mm256_set1_ps(xs[(size_t)m * ng + g]), sum = _mm256_set1_ps(xsum[(size_t)m * ng + g]);
         for (int v = 0; v < NV; v++) {
             float *t = tot + (size_t)m * PN + v * 8;
-            const __m256 products = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][v]), _mm256_mul_ps(scale[v], sx),
-                                                    _mm256_load_ps(t));
-            _mm256_store_ps(t, _mm256_fmadd_ps(offset[v], sum, products));
+            const __m256 products = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][v]),
+                                                    _mm256_mul_ps(_mm256_load_ps(scale + v * 8), sx), _mm256_load_ps(t));
+            _mm256_store_ps(t, _mm256_fmadd_ps(_mm256_load_ps(offset + v * 8), sum, products));
         }
     }
 }
 
-static int panel_product(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *qw, const uint16_t *sz,
-                         float *y, int M, int N, int K, int G, int nthreads) {
-    const int ng = K / G;
-    const long npanels = ((long)N + PN - 1) / PN;  /* (in int, N near INT_MAX would wrap) */
-    int failed = 0;
-    #pragma omp parallel num_threads(nthreads)
-    {
-        uint32_t *panel = aligned_alloc(32, (size_t)G / 4 * PN * sizeof(uint32_t));
-        float *tot = aligned_alloc(32, (size_t)M * PN * sizeof(float));
-        if (panel == NULL || tot == NULL) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(static)
-        for (long t = 0; t < npanels; t++) {
-            if (panel == NULL || tot == NULL) continue;
-            const size_t n0 = (size_t)t * PN;
-            const int rows = N - n0 < PN ? (int)(N - n0) : PN;
-            memset(tot, 0, (size_t)M * PN * sizeof(float));
-            for (int g = 0; g < ng; g++) {
-                build_panel(qw, n0, rows, K, G, g, panel);
-                float s[PN], o[PN];
-                for (int n = 0; n < PN; n++) {
-                    s[n] = o[n] = 0.0f;
-                    if (n < rows) {  /* its (scale, zero) pair */
-                        const size_t row = n0 + n, j = (row / R * ng + g) * R + row % R;
-                        s[n] = scale_of(sz, j);
-                        o[n] = offset_of(sz, j);
-                    }
-                }
-                __m256 scale[NV], offset[NV];
-                for (int v = 0; v < NV; v++) {
-                    scale[v] = _mm256_loadu_ps(s + v * 8);
-                    offset[v] = _mm256_loadu_ps(o + v * 8);
-                }
-                for (int m0 = 0; m0 < M; m0 += MB) {
-                    const int8_t *xm = xq + (size_t)m0 * K;
-                    const float *sm = xs + (size_t)m0 * ng, *um = xsum + (size_t)m0 * ng;
-                    float *tm = tot + (size_t)m0 * PN;
-                    switch (M - m0 < MB ? M - m0 : MB) {  /* constant row counts: the sums stay in registers */
-                        case 1: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 1); break;
-#if MB > 2
-                        case 2: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 2); break;
-#endif
-#if MB > 3
-                        case 3: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 3); break;
-#endif
-#if MB > 4
-                        case 4: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 4); break;
-                        case 5: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 5); break;
-#endif
-                        default: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, MB); break;
-                    }
-                }
-            }
-            for (int m = 0; m < M; m++)
-                memcpy(y + (size_t)m * N + n0, tot + (size_t)m * PN, (size_t)rows * sizeof(float));
-        }
-        free(panel);
-        free(tot);
-    }
-    return failed ? -1 : 0;
-}
+#include "int4_panels.h"  /* panel_product: the loop over panels and groups, shared with avx512_bf16.c */
 
 /* Returns 0, or -1 when the shapes break the layout's rules or memory for the quantized activations or the
    panels is short. M >= panel_rows (>= 2) takes the panel path above. */

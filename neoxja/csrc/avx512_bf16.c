@@ -152,6 +152,7 @@ static void tile_many_rows(const uint16_t *x, const float *xsum, const uint8_t *
 #define MB 4                /* activation rows per pass over a panel */
 #define NV 4                /* 16-row vectors per panel */
 #define PN (NV * 16)        /* weight rows per panel */
+#define PANEL_ALIGN 64      /* bytes: the zmm loads and stores of panels and totals */
 
 static inline __m512 bf16x16_to_float(const uint16_t *p) {  /* 16 bfloat16 -> float32: the bits shifted up */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
@@ -167,15 +168,7 @@ static void quantize_group(const uint16_t *x, int G, int8_t *q, float *scale, fl
     }
     const float amax = _mm512_reduce_max_ps(mx);
     *sum = _mm512_reduce_add_ps(s);
-    float inv = 127.0f / amax;
-    *scale = amax / 127.0f;
-    if (!(amax <= 3.4028235e38f)) {                    /* an infinite or nan activation: the scale is nan, so the */
-        inv = 0.0f;                                    /* group's products' term is nan, whatever its integers */
-        *scale = __builtin_nanf("");                   /* (inf * 0 = nan converts to the int8 -128) */
-    } else if (!(amax > 0.0f) || !(inv <= 3.4028235e38f)) {  /* all zero, or so small that 127 / amax overflows: */
-        inv = 0.0f;                                    /* the products' term is dropped (below 1e-36 * sum |w|) */
-        *scale = 0.0f;
-    }
+    const float inv = group_inverse(amax, scale);  /* (nan scale for a non-finite group, 0 for a negligible one) */
     const __m512 vinv = _mm512_set1_ps(inv);
     for (int k = 0; k < G; k += 16)
         _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(bf16x16_to_float(x + k), vinv))));
@@ -229,8 +222,8 @@ static void build_panel(const uint8_t *qw, size_t n0, int rows, int K, int G, in
 /* mr (<= MB) quantized activation rows against the panel of group g:
    tot (mr, PN) += int sums * weight scale * activation scale + offset * sum(x) */
 static inline __attribute__((always_inline)) void panel_rows(
-        const int8_t *xq, const float *xs, const float *xsum, const uint32_t *panel, const __m512 *scale,
-        const __m512 *offset, float *tot, int K, int G, int g, int ng, const int mr) {
+        const int8_t *xq, const float *xs, const float *xsum, const uint32_t *panel, const float *scale,
+        const float *offset, float *tot, int K, int G, int g, int ng, const int mr) {
     __m512i a[MB][NV];
     for (int m = 0; m < mr; m++)
         for (int v = 0; v < NV; v++) a[m][v] = _mm512_setzero_si512();
@@ -249,79 +242,14 @@ static inline __attribute__((always_inline)) void panel_rows(
         const __m512 sx = _mm512_set1_ps(xs[(size_t)m * ng + g]), sum = _mm512_set1_ps(xsum[(size_t)m * ng + g]);
         for (int v = 0; v < NV; v++) {
             float *t = tot + (size_t)m * PN + v * 16;
-            const __m512 products = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][v]), _mm512_mul_ps(scale[v], sx), _mm512_load_ps(t));
-            _mm512_store_ps(t, _mm512_fmadd_ps(offset[v], sum, products));
+            const __m512 products = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][v]),
+                                                    _mm512_mul_ps(_mm512_load_ps(scale + v * 16), sx), _mm512_load_ps(t));
+            _mm512_store_ps(t, _mm512_fmadd_ps(_mm512_load_ps(offset + v * 16), sum, products));
         }
     }
 }
 
-static int panel_product(const uint16_t *x, const uint8_t *qw, const uint16_t *sz, float *y,
-                         int M, int N, int K, int G, int nthreads) {
-    const int ng = K / G;
-    const long npanels = ((long)N + PN - 1) / PN;  /* (in int, N near INT_MAX would wrap) */
-    int8_t *xq = malloc((size_t)M * K);
-    float *xs = malloc((size_t)M * ng * sizeof(float)), *xsum = malloc((size_t)M * ng * sizeof(float));
-    int failed = xq == NULL || xs == NULL || xsum == NULL;
-    if (!failed) {
-        #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int m = 0; m < M; m++)
-            for (int g = 0; g < ng; g++)
-                quantize_group(x + (size_t)m * K + (size_t)g * G, G, xq + (size_t)m * K + (size_t)g * G,
-                               xs + (size_t)m * ng + g, xsum + (size_t)m * ng + g);
-        #pragma omp parallel num_threads(nthreads)
-        {
-            uint32_t *panel = aligned_alloc(64, (size_t)G / 4 * PN * sizeof(uint32_t));
-            float *tot = aligned_alloc(64, (size_t)M * PN * sizeof(float));
-            if (panel == NULL || tot == NULL) {
-                #pragma omp atomic write
-                failed = 1;
-            }
-            #pragma omp for schedule(static)
-            for (long t = 0; t < npanels; t++) {
-                if (panel == NULL || tot == NULL) continue;
-                const size_t n0 = (size_t)t * PN;
-                const int rows = N - n0 < PN ? (int)(N - n0) : PN;
-                memset(tot, 0, (size_t)M * PN * sizeof(float));
-                for (int g = 0; g < ng; g++) {
-                    build_panel(qw, n0, rows, K, G, g, panel);
-                    float s[PN], o[PN];
-                    for (int n = 0; n < PN; n++) {
-                        s[n] = o[n] = 0.0f;
-                        if (n < rows) {  /* its (scale, zero) pair */
-                            const size_t row = n0 + n, j = (row / R * ng + g) * R + row % R;
-                            s[n] = scale_of(sz, j);
-                            o[n] = offset_of(sz, j);
-                        }
-                    }
-                    __m512 scale[NV], offset[NV];
-                    for (int v = 0; v < NV; v++) {
-                        scale[v] = _mm512_loadu_ps(s + v * 16);
-                        offset[v] = _mm512_loadu_ps(o + v * 16);
-                    }
-                    for (int m0 = 0; m0 < M; m0 += MB) {
-                        const int8_t *xm = xq + (size_t)m0 * K;
-                        const float *sm = xs + (size_t)m0 * ng, *um = xsum + (size_t)m0 * ng;
-                        float *tm = tot + (size_t)m0 * PN;
-                        switch (M - m0 < MB ? M - m0 : MB) {  /* constant row counts: the sums stay in registers */
-                            case 1: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 1); break;
-                            case 2: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 2); break;
-                            case 3: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 3); break;
-                            default: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, MB); break;
-                        }
-                    }
-                }
-                for (int m = 0; m < M; m++)
-                    memcpy(y + (size_t)m * N + n0, tot + (size_t)m * PN, (size_t)rows * sizeof(float));
-            }
-            free(panel);
-            free(tot);
-        }
-    }
-    free(xq);
-    free(xs);
-    free(xsum);
-    return failed ? -1 : 0;
-}
+#include "int4_panels.h"  /* panel_product: the loop over panels and groups, shared with avx2.c */
 
 /* Returns 0, or -1 when the shapes break the layout's rules or memory for the group sums or the panels is
    short. M >= panel_rows (>= 2) takes the panel path above. */
@@ -329,7 +257,24 @@ int neoxja_int4_linear(const uint16_t *x, const uint8_t *qw, const uint16_t *sz,
                        int M, int N, int K, int G, int nthreads, int panel_rows) {
     if (M < 1 || N < R || N % R || G < 64 || G % 64 || K < G || K % G || nthreads < 1 || panel_rows < 2 ||
         G > (1 << 20)) return -1;  /* a group's int32 sums: at most G * 15 * 128 */
-    if (M >= panel_rows) return panel_product(x, qw, sz, y, M, N, K, G, nthreads);
+    if (M >= panel_rows) {
+        const int ng = K / G;
+        int8_t *xq = malloc((size_t)M * K);
+        float *xs = malloc((size_t)M * ng * sizeof(float)), *xsum = malloc((size_t)M * ng * sizeof(float));
+        int rc = -1;
+        if (xq != NULL && xs != NULL && xsum != NULL) {
+            #pragma omp parallel for num_threads(nthreads) schedule(static)
+            for (int m = 0; m < M; m++)
+                for (int g = 0; g < ng; g++)
+                    quantize_group(x + (size_t)m * K + (size_t)g * G, G, xq + (size_t)m * K + (size_t)g * G,
+                                   xs + (size_t)m * ng + g, xsum + (size_t)m * ng + g);
+            rc = panel_product(xq, xs, xsum, qw, sz, y, M, N, K, G, nthreads);
+        }
+        free(xq);
+        free(xs);
+        free(xsum);
+        return rc;
+    }
     const int ng = K / G;
     float *xsum = malloc((size_t)M * ng * sizeof(float));  /* the sum of each group of each activation row */
     if (xsum == NULL) return -1;

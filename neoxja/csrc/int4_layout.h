@@ -22,4 +22,22 @@ static inline float offset_of(const uint16_t *sz, size_t j) {
     return bf16_to_float(sz[2 * j + 1]) - 8.0f * bf16_to_float(sz[2 * j]);
 }
 
+/* The inverse 127 / amax that quantizes a group of activations whose largest magnitude is amax to int8, and
+   the group's scale: an infinite or nan activation makes the scale nan, so that the group's products' term is
+   nan whatever its integers (inf * 0 = nan converts to the int8 -128); an all-zero group, or one so small
+   that 127 / amax overflows, has scale and inverse 0 (its products' term, below 1e-36 * sum |w|, dropped). */
+static inline float group_inverse(float amax, float *scale) {
+    const float inv = 127.0f / amax;
+    if (!(amax <= 3.4028235e38f)) {
+        *scale = __builtin_nanf("");
+        return 0.0f;
+    }
+    if (!(amax > 0.0f) || !(inv <= 3.4028235e38f)) {
+        *scale = 0.0f;
+        return 0.0f;
+    }
+    *scale = amax / 127.0f;
+    return inv;
+}
+
 #endif
