@@ -35,12 +35,11 @@ static int panel_product(const int8_t *xq, const float *xs, const float *xsum, c
             for (int g = 0; g < ng; g++) {
                 build_panel(qw, n0, rows, K, G, g, panel);
                 float scale[PN] __attribute__((aligned(PANEL_ALIGN))), offset[PN] __attribute__((aligned(PANEL_ALIGN)));
-                for (int n = 0; n < PN; n++) {
-                    scale[n] = offset[n] = 0.0f;
-                    if (n < rows) {  /* its (scale, zero) pair */
-                        const size_t row = n0 + n, j = (row / R * ng + g) * R + row % R;
-                        scale[n] = scale_of(sz, j);
-                        offset[n] = offset_of(sz, j);
+                for (int n = 0; n < PN; n += R) {  /* a tile's R rows (all real or none: rows % R == 0) */
+                    const uint16_t *pairs = sz + 2 * (((n0 + n) / R * ng + g) * R);  /* their (scale, zero) pairs */
+                    for (int i = 0; i < R; i++) {
+                        scale[n + i] = n < rows ? scale_of(pairs, i) : 0.0f;
+                        offset[n + i] = n < rows ? offset_of(pairs, i) : 0.0f;
                     }
                 }
                 for (int m0 = 0; m0 < M; m0 += MB) {
