@@ -434,7 +434,7 @@ def run_side_by_side(args) -> int:
           f"run at 0.8-1x FBGEMM int8, so int4 prefill takes a little longer than int8's)")
     if not args.no_batch:
         print(f"(for information) int4 / int8 at batch 8: {ratio('neoxja int4 batch 8', 'neoxja int8 batch 8'):.2f}x "
-              f"(8 rows: the int4 kernels' panels, about half FBGEMM int8's speed per product)")
+              f"(8 rows: the int4 kernels' panels, slower per product than FBGEMM int8, though they read half the bytes)")
     torch_ratio = statistics.median(x / y for x, y in zip(decode_tok_s["neoxja int4 torch-kernel batch 1"],
                                                           decode_tok_s["neoxja int8 batch 1"]))
     print(f"(for information) int4 with torch's kernel / int8, decode steps: {torch_ratio:.2f}x; int4 "
