@@ -127,6 +127,7 @@ static inline __attribute__((always_inline)) void tile_rows(
 static void build_panel(const uint8_t *qw, size_t n0, int rows, int K, int G, int g, uint32_t *panel) {
     const size_t tile_bytes = (size_t)R * K / 2;
     const __m256i nibble = _mm256_set1_epi8(0x0F);
+    prefetch_group(qw, n0, rows, K, G, g + 1);
     for (int v = 0; v < NV; v++)
         for (int b = 0; b < G / 64; b++) {
             __m256i r[8], t[8], u[8];  /* the block's 32 packed bytes of each of 8 rows: 8 quads of bytes */

@@ -183,6 +183,7 @@ static void build_panel(const uint8_t *qw, size_t n0, int rows, int K, int G, in
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     /* 64-bit lanes of (a, b): the 128-bit lanes 0 and 2 of a and b interleaved, or lanes 1 and 3 */
     const __m512i even = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), odd = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+    prefetch_group(qw, n0, rows, K, G, g + 1);
     for (int v = 0; v < NV; v++)
         for (int b = 0; b < G / 64; b++) {
             __m256i row[16];  /* the block's 32 packed bytes of each of 16 rows */

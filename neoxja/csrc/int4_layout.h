@@ -22,6 +22,17 @@ static inline float offset_of(const uint16_t *sz, size_t j) {
     return bf16_to_float(sz[2 * j + 1]) - 8.0f * bf16_to_float(sz[2 * j]);
 }
 
+/* Ask for group g's bytes of the tiles holding rows n0 .. n0 + rows - 1 (rows a multiple of R) ahead of their
+   loads: a panel reads its rows' tiles as rows / R streams a group at a time, more than the hardware's
+   prefetchers follow (one group ahead: 1.25x at 4-8 rows from DRAM; further ahead was slower). */
+static inline void prefetch_group(const uint8_t *qw, size_t n0, int rows, int K, int G, int g) {
+    const size_t tile_bytes = (size_t)R * K / 2, group_bytes = (size_t)R * 32 * (G / 64);
+    if ((size_t)g * G >= (size_t)K) return;
+    for (int n = 0; n < rows; n += R)
+        for (size_t c = 0; c < group_bytes; c += 64)
+            __builtin_prefetch(qw + (n0 + n) / R * tile_bytes + (size_t)g * group_bytes + c, 0, 3);
+}
+
 /* The inverse 127 / amax that quantizes a group of activations whose largest magnitude is amax to int8, and
    the group's scale: an infinite or nan activation makes the scale nan, so that the group's products' term is
    nan whatever its integers (inf * 0 = nan converts to the int8 -128); an all-zero group, or one so small
