@@ -179,7 +179,8 @@ def int4_kernels_note(model) -> str:
     """", int4 kernel NAME" for each int4 kernel the model's layers run on (none: "")."""
     from neoxja.quantization import Int4WeightOnlyLinear
 
-    return "".join(sorted({f", int4 kernel {m.kernel}" for m in model.modules() if isinstance(m, Int4WeightOnlyLinear)}))
+    kernels = {m.kernel for m in model.modules() if isinstance(m, Int4WeightOnlyLinear)}
+    return "".join(f", int4 kernel {kernel}" for kernel in sorted(kernels))
 
 
 def row_results(new: "torch.Tensor", eos_ids: list[int], room: list[int]) -> list[tuple[list[int], str]]:  # noqa: F821

@@ -84,8 +84,8 @@ def _check_isa(isa) -> None:
 
 def cpu_supported(isa: str = "avx512_bf16") -> bool:
     """Whether this CPU has the instructions of the kernels for `isa`, by torch's own checks: AVX512-BF16
-    and AVX512-VNNI (of the hardware); AVX2 and FMA (ATen's capability AVX2 or AVX512 needs both; ATEN_CPU_CAPABILITY, which
-    can only lower it, lowers this too)."""
+    and AVX512-VNNI (of the hardware); AVX2 and FMA (ATen's capability AVX2 or AVX512 needs both;
+    ATEN_CPU_CAPABILITY, which can only lower it, lowers this too)."""
     _check_isa(isa)
     if isa == "avx2":
         return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -264,7 +264,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                       group_size, torch.get_num_threads(), panel_rows)
         if rc:
             raise RuntimeError(f"{INT4_FUNCTIONS[isa]} refused M={M} N={N} K={K} group_size={group_size} (it takes "
-                               f"groups of a multiple of {BLOCK} columns), or its memory for the group sums or panels ran out")
+                               f"groups of a multiple of {BLOCK} columns), or its memory for the group sums or "
+                               f"panels ran out")
     return y
 
 
