@@ -72,3 +72,46 @@ def test_int4_alternatives_compute_the_product():
         assert y.shape == (1, 256)
         err = ((y - ref).norm() / ref.norm()).item()
         assert err < 0.15, (make.__name__, err)
+
+
+def test_bench_engine_quant_runs_the_requests_and_puts_the_panel_threshold_back():
+    """bench_engine_quant.throughput steps an Engine until its requests are done and gives a rate; its tiles-only
+    run has the kernels' many-row path off at every step and restores native.INT4_PANEL_ROWS, even if it fails;
+    bad arguments are refused."""
+    import argparse
+
+    import pytest
+    import torch
+
+    from neoxja import native
+    from neoxja.assets import default_model_dir
+    from neoxja.model import GPTNeoXJapaneseForCausalLM
+    from neoxja.quantization import quantize
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    spec = importlib.util.spec_from_file_location("bench_engine_quant", BENCH.parent / "bench_engine_quant.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines functions only
+    model = quantize(GPTNeoXJapaneseForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval(),
+                     "int4", group_size=64)
+    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(default_model_dir())
+    args = argparse.Namespace(concurrency=3, prompt_len=5, max_tokens=4)
+    before = dict(native.INT4_PANEL_ROWS)
+    seen = []
+    step = module.Engine.step
+
+    def counting_step(engine):
+        seen.append(dict(native.INT4_PANEL_ROWS))
+        return step(engine)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(module.Engine, "step", counting_step)
+        assert module.throughput(model, tokenizer, args, tiles_only=True) > 0
+        assert seen and all(rows == dict.fromkeys(native.ISAS, 2**31 - 1) for rows in seen)  # the tiles, throughout
+        assert native.INT4_PANEL_ROWS == before
+        m.setattr(module.Engine, "step", lambda engine: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            module.throughput(model, tokenizer, args, tiles_only=True)
+        assert native.INT4_PANEL_ROWS == before
+    with pytest.raises(SystemExit):
+        module.main(["--concurrency", "0"])
