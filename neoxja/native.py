@@ -249,7 +249,10 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                          f"{scales_and_zeros.numel() // 2} scales for {N} rows")
     if max(M, N, K) > _INT_MAX:
         raise ValueError(f"neoxja's int4 CPU kernel takes at most {_INT_MAX} rows or columns, got M={M} N={N} K={K}")
-    panel_rows = INT4_PANEL_ROWS.get(isa) if isinstance(INT4_PANEL_ROWS, dict) else None
+    if not isinstance(INT4_PANEL_ROWS, dict):
+        raise ValueError(f"neoxja.native.INT4_PANEL_ROWS must be a dict of rows per kernel (e.g. "
+                         f"{{'avx512_bf16': 4, 'avx2': 8}}), got {INT4_PANEL_ROWS!r}")
+    panel_rows = INT4_PANEL_ROWS.get(isa)
     if isinstance(panel_rows, bool) or not isinstance(panel_rows, int) or not 2 <= panel_rows <= _INT_MAX:
         raise ValueError(f"neoxja.native.INT4_PANEL_ROWS[{isa!r}] must be an integer from 2 to {_INT_MAX} (the rows "
                          f"from which the kernel takes its panels), got {panel_rows!r}")

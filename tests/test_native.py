@@ -720,7 +720,8 @@ def test_a_group_too_large_for_32_bit_sums_is_refused(isa):
 
 def test_a_bad_panel_threshold_is_a_clear_error(monkeypatch):
     """native.INT4_PANEL_ROWS is read at each call: a value the C kernel cannot take (below 2, beyond a C int,
-    not an integer, a missing kernel) is refused by name, not passed on to be truncated or blamed on shapes."""
+    not an integer, a missing kernel, a number instead of the per-kernel dict) is refused by name, not passed
+    on to be truncated or blamed on shapes."""
     g, q, scales, zeros, packed, sz = small_layout()
     isa = next((i for i in native.ISAS if native.cpu_supported(i)), None)
     if isa is None:
@@ -732,4 +733,7 @@ def test_a_bad_panel_threshold_is_a_clear_error(monkeypatch):
             native.int4_linear(x, packed, sz, 64, isa)
     monkeypatch.setattr(native, "INT4_PANEL_ROWS", {})
     with pytest.raises(ValueError, match="must be an integer from 2 .* got None"):
+        native.int4_linear(x, packed, sz, 64, isa)
+    monkeypatch.setattr(native, "INT4_PANEL_ROWS", 8)  # one number for every kernel: said to be a dict
+    with pytest.raises(ValueError, match=r"INT4_PANEL_ROWS must be a dict of rows per kernel .* got 8"):
         native.int4_linear(x, packed, sz, 64, isa)
