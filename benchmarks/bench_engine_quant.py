@@ -2,8 +2,8 @@
 
 The 2.7B width (hidden 2560, 32 heads, vocab 32000) with few layers and random weights, the same weights in
 each format: float32 as `neoxja serve` runs it (batch-invariant products), int8 (FBGEMM), int4 (neoxja's kernel,
-`quantize(model, "int4")`), and int4 with the kernel's many-row path switched off (`native.INT4_PANEL_ROWS` set
-past any row count: the tiles alone, what int4 batches ran on before the panels). Each round gives every
+`quantize(model, "int4")`), and int4 on torch's kernel (`kernel="torch"`, `torch._weight_int4pack_mm_for_cpu`:
+what int4 would be without neoxja's kernels). Each round gives every
 format the same requests (concurrent prompts of --prompt-len tokens, --max-tokens greedy tokens each, ignore_eos)
 through `neoxja.serving.engine.Engine` directly, no HTTP, in a rotated order. Printed: output tokens per second
 (median over rounds) and ratios as medians of per-round ratios, with the CPU flags.
@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from neoxja import native  # noqa: E402
 from neoxja.assets import default_model_dir  # noqa: E402
 from neoxja.batch_invariant import make_batch_invariant  # noqa: E402
 from neoxja.config import GPTNeoXJapaneseConfig  # noqa: E402
@@ -37,29 +36,31 @@ from neoxja.tokenizer import GPTNeoXJapaneseTokenizer  # noqa: E402
 from _cpu import cpu_flags  # noqa: E402  (benchmarks/ is the script's directory)
 
 
+TORCH_INT4 = "int4, torch's kernel"
+
+
 def models(args) -> dict:
     torch.manual_seed(args.seed)
     cfg = GPTNeoXJapaneseConfig(hidden_size=2560, num_attention_heads=32, num_hidden_layers=args.layers,
                                 vocab_size=32000, max_position_embeddings=args.prompt_len + args.max_tokens)
     weights = GPTNeoXJapaneseForCausalLM(cfg).eval().state_dict()
     out = {}
-    for kind in ("float32", "int8", "int4"):
+    for kind in ("float32", "int8", "int4", TORCH_INT4):
         model = GPTNeoXJapaneseForCausalLM(cfg).eval()
         model.load_state_dict(weights)
         if kind == "float32":
             make_batch_invariant(model)  # as `neoxja serve` runs float32
+        elif kind == TORCH_INT4:
+            quantize(model, "int4", kernel="torch")
         else:
             quantize(model, kind)
         out[kind] = model
     return out
 
 
-def throughput(model, tokenizer, args, tiles_only: bool = False) -> float:
+def throughput(model, tokenizer, args) -> float:
     """Output tokens per second of --concurrency requests run to their --max-tokens through one Engine."""
     engine = Engine(model, tokenizer, max_num_seqs=args.concurrency, max_model_len=args.prompt_len + args.max_tokens)
-    panel_rows = native.INT4_PANEL_ROWS
-    if tiles_only:
-        native.INT4_PANEL_ROWS = dict.fromkeys(native.ISAS, 2**31 - 1)
     try:
         for i in range(args.concurrency):
             prompt = [(7 * i + j) % 31990 + 5 for j in range(args.prompt_len)]
@@ -70,7 +71,6 @@ def throughput(model, tokenizer, args, tiles_only: bool = False) -> float:
             engine.step()
         seconds = time.perf_counter() - start
     finally:
-        native.INT4_PANEL_ROWS = panel_rows
         engine.close()
     return args.concurrency * args.max_tokens / seconds
 
@@ -94,10 +94,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         formats = models(args)
         kernel = next(m.kernel for m in formats["int4"].modules() if isinstance(m, Int4WeightOnlyLinear))
-        runs = {"float32": lambda: throughput(formats["float32"], tokenizer, args),
-                "int8": lambda: throughput(formats["int8"], tokenizer, args),
-                "int4": lambda: throughput(formats["int4"], tokenizer, args),
-                "int4, tiles only": lambda: throughput(formats["int4"], tokenizer, args, tiles_only=True)}
+        runs = {name: (lambda model=model: throughput(model, tokenizer, args)) for name, model in formats.items()}
         print(f"CPU flags: {cpu_flags()}; torch {torch.__version__}, {torch.get_num_threads()} threads; 2.7B width, "
               f"{args.layers} layers (random weights), {args.concurrency} requests at once, prompt {args.prompt_len}, "
               f"{args.max_tokens} greedy tokens each; int4 kernel {kernel}", flush=True)
@@ -117,7 +114,7 @@ def main(argv=None) -> int:
     for name in names:
         print(f"| {name} | {statistics.median(tok_s[name]):.1f} |")
     print(f"\nint4 / int8 {ratio('int4', 'int8'):.2f}x, int4 / float32 {ratio('int4', 'float32'):.2f}x, "
-          f"int4 / int4 tiles only {ratio('int4', 'int4, tiles only'):.2f}x, int8 / float32 "
+          f"int4 / int4 on torch's kernel {ratio('int4', TORCH_INT4):.2f}x, int8 / float32 "
           f"{ratio('int8', 'float32'):.2f}x (medians of per-round ratios; a shared machine: provisional)")
     return 0
 

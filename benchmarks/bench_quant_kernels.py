@@ -31,10 +31,6 @@ activations), measured for issue 13's int4 goal and not used by neoxja:
     python benchmarks/bench_quant_kernels.py --rounds 15
     python benchmarks/bench_quant_kernels.py --rounds 15 --int4-alternatives
     python benchmarks/bench_quant_kernels.py --rounds 7 --rows 256   # a prefill chunk
-
-At 2 or more rows, neoxja's int4 kernels are also timed with their few-row path only (tiles: a few rows against
-4 weight rows at a time), what they did for every row count before their many-row path (panels, from
-native.INT4_PANEL_ROWS[isa] rows up) existed: the same call, side by side.
 """
 
 from __future__ import annotations
@@ -82,8 +78,6 @@ def kernels(args) -> dict:
                 int4 = [Int4WeightOnlyLinear.from_float(m, gs, kernel=isa) for m in linears]
                 xs = x32 if isa == "avx2" else x16  # the activations each kernel takes (no casts around it)
                 out[f"int4 neoxja {isa} group {gs}"] = lambda int4=int4, xs=xs: [q(xs[q.in_features]) for q in int4]
-                if args.rows > 1:
-                    out[f"int4 neoxja {isa} group {gs}, tiles only"] = lambda int4=int4, xs=xs: tiles_only(int4, xs)
         else:
             print(f"neoxja's {isa} int4 kernel left out: {why}", flush=True)
     packs = []
@@ -121,15 +115,6 @@ def kernels(args) -> dict:
         bags = [int4_bag(m.weight.detach()) for m in linears]
         out["int4 FBGEMM 4-bit bag (128 outputs)"] = lambda: [f(x32[k]) for f, k in bags]
     return out
-
-
-def tiles_only(int4, xs):
-    """neoxja's int4 layers' products with the kernels' many-row path switched off."""
-    panel_rows, native.INT4_PANEL_ROWS = native.INT4_PANEL_ROWS, dict.fromkeys(native.ISAS, 2 ** 31 - 1)
-    try:
-        return [q(xs[q.in_features]) for q in int4]
-    finally:
-        native.INT4_PANEL_ROWS = panel_rows
 
 
 def int4_nibbles(w: torch.Tensor, group: int = 128):

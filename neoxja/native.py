@@ -5,19 +5,20 @@ choice).
 torch's int4 CPU kernel (`torch._weight_int4pack_mm_for_cpu`) is bound by its own unpacking, not by memory:
 on the AVX512-BF16 EPYC it streamed 30-35 GB/s of packed weights where FBGEMM streams 40-47 GB/s of int8
 ones, so int4 decoded only 1.16-1.23x int8 (docs/quantization.md), and on an AVX2 CPU 0.81x; neither torch
-nor a wheel on PyPI ships a faster x86 int4 product. Two kernels here, on one packed layout:
-- `csrc/avx512_bf16.c` (kernel "avx512_bf16"): a nibble becomes a bfloat16 by one table lookup and
-  `vdpbf16ps` multiplies 32 of them by 32 activations into float32 sums; the group's bfloat16 scale
-  multiplies each group's sum once, and its offset (zero - 8 * scale) enters through the group's sum of the
-  activations. For 1 to 3 activation rows the products are exact and only float32 sums round (torch's kernel
-  rounds the dequantized weights to bfloat16, ~3e-3 of the largest output); from INT4_PANEL_ROWS rows up (a
-  prefill, a batch) it rounds the activations to int8 per group, as the AVX2 kernel does, and multiplies them
-  by the nibbles with AVX512-VNNI over weights unpacked into panels (~1e-2 of the largest output).
-- `csrc/avx2.c` (kernel "avx2", for CPUs with AVX2 and FMA but no AVX512-BF16): AVX2 has no bfloat16 dot
-  product, so, as llama.cpp's Q4_0 x Q8_0, each group of activations is quantized to int8 with one scale and
-  `vpmaddubsw` multiplies nibbles by them in exact integer sums; the activations' rounding to 8 bits is its
-  only error beyond float32 sums (at most half their group's scale per activation). Many rows go through
-  panels as well.
+nor a wheel on PyPI ships a faster x86 int4 product. Two kernels here, on one packed layout (panels of 16
+rows whose 64-byte chunks are 16 rows' column quads twice over, in the low and the high nibbles:
+csrc/int4_layout.h), with one arithmetic, llama.cpp's Q4_0 x Q8_0: each group of activations is quantized to
+int8 with one float scale (round(x * 127 / max|x|)), the nibbles are multiplied by those integers in exact
+integer sums, each group's sum becomes float once, times the weight's and the activations' scales, and the
+offset (zero - 8 * scale) multiplies the group's float sum of the original activations. The activations'
+rounding to 8 bits is the only error beyond float32 sums (at most half their group's scale per activation;
+torch's kernel rounds the dequantized weights to bfloat16 instead). Every output element takes the same
+operations in the same order whatever the number of rows in the call: a row's result does not depend on the
+other rows (batch invariance).
+- `csrc/avx512_bf16.c` (kernel "avx512_bf16", for CPUs with AVX512-BF16 and AVX512-VNNI): `vpdpbusd`,
+  64 multiply-adds per instruction; bfloat16 activations.
+- `csrc/avx2.c` (kernel "avx2", for CPUs with AVX2 and FMA but no AVX512-BF16): `vpmaddubsw`; float32
+  activations (an AVX2 CPU has no bfloat16 arithmetic).
 
 Each C source is compiled on first use with the system's C compiler (`$CC`, which may carry arguments, else
 `cc`), with its own instruction-set flags, into a library of its own in `$NEOXJA_BUILD_CACHE` (default
@@ -50,7 +51,7 @@ import torch
 
 from neoxja._ops import define_op
 
-__all__ = ["available", "cpu_supported", "pack_int4", "int4_linear", "int4_linear_op", "bf16_gemv", "TILE_ROWS",
+__all__ = ["available", "cpu_supported", "pack_int4", "int4_linear", "int4_linear_op", "bf16_gemv", "PANEL_ROWS",
            "BLOCK", "ISAS"]
 
 CSRC = Path(__file__).with_name("csrc")
@@ -63,17 +64,14 @@ SOURCES = {"avx512_bf16": (CSRC / "avx512_bf16.c",
                            ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma")),
            "avx2": (CSRC / "avx2.c", ("-mavx2", "-mfma"))}
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
-FUNCTIONS = {"avx512_bf16": (("neoxja_int4_linear", 4, 6), ("neoxja_bf16_gemv", 4, 3)),  # (name, pointers, ints)
-             "avx2": (("neoxja_int4_linear_avx2", 4, 6),)}
+FUNCTIONS = {"avx512_bf16": (("neoxja_int4_linear", 4, 5), ("neoxja_bf16_gemv", 4, 3)),  # (name, pointers, ints)
+             "avx2": (("neoxja_int4_linear_avx2", 4, 5),)}
 INT4_FUNCTIONS = {isa: functions[0][0] for isa, functions in FUNCTIONS.items()}  # each library's int4 product
-# each int4 kernel's many-row path (weights unpacked into panels) from this many activation rows up: below it
-# the panels' unpacking costs more than it saves (docs/quantization.md); read at each call
-INT4_PANEL_ROWS = {"avx512_bf16": 4, "avx2": 8}
 INT4_MAX_GROUP = 1 << 20  # a group's int32 sum of nibbles times int8 activations: at most G * 15 * 128 < 2**31
 INT4_OPS = {"avx512_bf16": "int4_avx512_linear", "avx2": "int4_avx2_linear"}  # neoxja::<name> under torch.compile
 INT4_ACTIVATIONS = {"avx512_bf16": torch.bfloat16, "avx2": torch.float32}  # the dtype each int4 kernel takes x in
-TILE_ROWS = 4  # R in the C source: weight rows per tile
-BLOCK = 64  # columns per block: a group holds whole blocks
+PANEL_ROWS = 16  # P in the C sources: weight rows per panel of the packed layout
+BLOCK = 64  # a group holds whole blocks of 64 columns
 _INT_MAX = 2**31 - 1  # the C kernel's int arguments
 
 
@@ -198,27 +196,30 @@ def _library(isa: str = "avx512_bf16") -> ctypes.CDLL:
 
 
 def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (N, K) in [0, 15], bfloat16 scales and zeros (N, K/G) (w = (q - 8) * scale + zero) -> the kernel's
-    (weights (N/4, K/2 * 4) uint8, (scale, zero) pairs (N/4, K/G, 4, 2) as the int16 bits of bfloat16, so
-    that model.to(dtype) leaves them as they are).
+    """q (N, K) in [0, 15], bfloat16 scales and zeros (N, K/G) (w = (q - 8) * scale + zero) -> the kernels'
+    layout (csrc/int4_layout.h): weights (N/16, K/2 * 16) uint8, a panel of 16 rows per row, its bytes over the
+    groups, a group's over G/8 chunks of 16 rows x 4 bytes, byte b of row l in chunk c holding column 4c + b
+    of the group (low nibble) and column G/2 + 4c + b (high nibble); and the (scale, zero) pairs
+    (N/16, K/G, 2, 16) as the int16 bits of bfloat16 (so that model.to(dtype) leaves them as they are).
 
-    N must be a multiple of TILE_ROWS (pad the rows first), K of G and G of BLOCK."""
+    N must be a multiple of PANEL_ROWS (pad the rows first), K of G and G of BLOCK."""
     if q.dim() != 2 or scales.shape != zeros.shape or scales.dim() != 2 or scales.shape[0] != q.shape[0]:
         raise ValueError(f"pack takes q (N, K) and scales and zeros (N, K/G), got {tuple(q.shape)}, "
                          f"{tuple(scales.shape)}, {tuple(zeros.shape)}")
     N, K = q.shape
-    R = TILE_ROWS
+    P = PANEL_ROWS
     groups = scales.shape[1]
-    if N % R or groups == 0 or K % groups or (K // groups) % BLOCK:
-        raise ValueError(f"pack needs rows in multiples of {R} and groups of a multiple of {BLOCK} columns, got "
+    if N % P or groups == 0 or K % groups or (K // groups) % BLOCK:
+        raise ValueError(f"pack needs rows in multiples of {P} and groups of a multiple of {BLOCK} columns, got "
                          f"{N} rows, {K} columns in {groups} groups")
     if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
         raise ValueError(f"q must hold 4-bit values in [0, 15], got [{int(q.min())}, {int(q.max())}]")
-    q = q.to(torch.uint8).reshape(N // R, R, K // BLOCK, 2, BLOCK // 2)  # (tiles, R, blocks, halves, 32)
-    packed = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # (tiles, R, blocks, 32): column j low, j + 32 high
-    packed = packed.transpose(1, 2).reshape(N // R, K // 2 * R).contiguous()  # (tiles, blocks * R * 32)
-    sz = torch.stack([scales.to(torch.bfloat16), zeros.to(torch.bfloat16)], dim=-1)  # (N, K/G, 2)
-    sz = sz.reshape(N // R, R, -1, 2).transpose(1, 2).contiguous()  # (tiles, K/G, R, 2)
+    G = K // groups
+    q = q.to(torch.uint8).reshape(N // P, P, groups, 2, G // 8, 4)  # (panels, P, groups, halves, chunks, 4)
+    packed = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # (panels, P, groups, chunks, 4): low half low, high half high
+    packed = packed.permute(0, 2, 3, 1, 4).reshape(N // P, K // 2 * P).contiguous()  # (panels, groups*chunks*P*4)
+    sz = torch.stack([scales.to(torch.bfloat16), zeros.to(torch.bfloat16)], dim=1)  # (N, 2, K/G)
+    sz = sz.reshape(N // P, P, 2, groups).permute(0, 3, 2, 1).contiguous()  # (panels, K/G, 2, P)
     return packed, sz.view(torch.int16)
 
 
@@ -237,25 +238,18 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                                               if t.device.type != "cpu" else ""))
     if x.dim() != 2 or packed.dim() != 2 or isinstance(group_size, bool) or not isinstance(group_size, int) \
             or group_size <= 0:
-        raise ValueError(f"neoxja's int4 CPU kernel takes x (M, K), packed (N/4, 2K) and a positive group size, "
+        raise ValueError(f"neoxja's int4 CPU kernel takes x (M, K), packed (N/16, 8K) and a positive group size, "
                          f"got {tuple(x.shape)}, {tuple(packed.shape)}, {group_size}")
     M, K = x.shape
-    if packed.shape[1] * 2 != K * TILE_ROWS or not (packed.is_contiguous() and scales_and_zeros.is_contiguous()):
+    if packed.shape[1] * 2 != K * PANEL_ROWS or not (packed.is_contiguous() and scales_and_zeros.is_contiguous()):
         raise ValueError(f"x has {K} columns; the packed weight's shape {tuple(packed.shape)} does not match "
                          f"(or a tensor is not contiguous)")
-    N = packed.shape[0] * TILE_ROWS
+    N = packed.shape[0] * PANEL_ROWS
     if K % group_size or scales_and_zeros.numel() != 2 * N * (K // group_size):
         raise ValueError(f"group_size {group_size} does not match the layout: {K} columns, "
                          f"{scales_and_zeros.numel() // 2} scales for {N} rows")
     if max(M, N, K) > _INT_MAX:
         raise ValueError(f"neoxja's int4 CPU kernel takes at most {_INT_MAX} rows or columns, got M={M} N={N} K={K}")
-    if not isinstance(INT4_PANEL_ROWS, dict):
-        raise ValueError(f"neoxja.native.INT4_PANEL_ROWS must be a dict of rows per kernel (e.g. "
-                         f"{{'avx512_bf16': 4, 'avx2': 8}}), got {INT4_PANEL_ROWS!r}")
-    panel_rows = INT4_PANEL_ROWS.get(isa)
-    if isinstance(panel_rows, bool) or not isinstance(panel_rows, int) or not 2 <= panel_rows <= _INT_MAX:
-        raise ValueError(f"neoxja.native.INT4_PANEL_ROWS[{isa!r}] must be an integer from 2 to {_INT_MAX} (the rows "
-                         f"from which the kernel takes its panels), got {panel_rows!r}")
     if group_size > INT4_MAX_GROUP:
         raise ValueError(f"neoxja's int4 CPU kernels take groups of at most {INT4_MAX_GROUP} columns (a group's "
                          f"integer sums must fit 32 bits), got {group_size}")
@@ -264,7 +258,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     if M and N:
         function = getattr(_library(isa), INT4_FUNCTIONS[isa])
         rc = function(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(), M, N, K,
-                      group_size, torch.get_num_threads(), panel_rows)
+                      group_size, torch.get_num_threads())
         if rc:
             raise RuntimeError(f"{INT4_FUNCTIONS[isa]} refused M={M} N={N} K={K} group_size={group_size} (it takes "
                                f"groups of a multiple of {BLOCK} columns), or its memory for the group sums or "
@@ -287,7 +281,7 @@ def int4_linear_op(isa: str = "avx512_bf16"):
             return int4_linear(x, packed, scales_and_zeros, group_size, isa)
 
         def fake(x, packed, scales_and_zeros, group_size):
-            return x.new_empty((x.shape[0], packed.shape[0] * TILE_ROWS), dtype=torch.float32)
+            return x.new_empty((x.shape[0], packed.shape[0] * PANEL_ROWS), dtype=torch.float32)
 
         _int4_linear_ops[isa] = define_op(  # under define_op's lock: a second thread gets the same operator
             INT4_OPS[isa], "(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size) -> Tensor", product, fake)

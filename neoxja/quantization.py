@@ -277,13 +277,13 @@ class Int4WeightOnlyLinear(nn.Module):
       on CUDA; scales and zeros as one bfloat16 (K/g, N, 2) tensor (held as int16 bits, so that model.to(dtype)
       leaves them alone). CPU: output rows padded to a multiple of
       16 (the kernel's tile) and sliced off again.
-    - "avx512_bf16": neoxja's CPU kernel (`neoxja.native`, AVX512-BF16, group sizes 64-256): weights in
-      tiles of 4 rows, the scale and zero pairs (N/4, K/g, 4, 2) as the int16 bits of bfloat16 (so that
-      model.to(dtype) leaves them); float32-exact sums of the dequantized weights times the bfloat16
-      activations, the same rows padding and slicing. Under torch.compile it is the opaque op
+    - "avx512_bf16": neoxja's CPU kernel (`neoxja.native`, AVX512-BF16 and VNNI, groups of a multiple of 64):
+      weights in panels of 16 rows, the scale and zero pairs (N/16, K/g, 2, 16) as the int16 bits of bfloat16
+      (so that model.to(dtype) leaves them); bfloat16 activations quantized to int8 per group inside the
+      kernel, exact integer sums, the same rows padding and slicing. Under torch.compile it is the opaque op
       `neoxja::int4_avx512_linear`.
-    - "avx2": neoxja's CPU kernel for AVX2 (`neoxja.native`), the same layout; activations quantized to int8
-      per group inside the kernel, integer sums. Under torch.compile the opaque op `neoxja::int4_avx2_linear`.
+    - "avx2": neoxja's CPU kernel for AVX2 (`neoxja.native`), the same layout and arithmetic on float32
+      activations. Under torch.compile the opaque op `neoxja::int4_avx2_linear`.
     """
 
     ROW_CHUNK = 1024  # rows quantized and packed at a time; a multiple of the CPU packing's 64-row blocks
@@ -323,18 +323,18 @@ class Int4WeightOnlyLinear(nn.Module):
         if pad:
             weight = torch.cat([weight, weight.new_zeros(pad, K)])
         # rows in chunks: the float32 and int32 temporaries stay ~10-40 MB instead of several times the
-        # largest weight (the CPU packings work on row blocks of 64 and 4, so chunks of ROW_CHUNK rows pack alike)
+        # largest weight (the CPU packings work on row blocks of 64 and 16, so chunks of ROW_CHUNK rows pack alike)
         chunks = range(0, weight.shape[0], cls.ROW_CHUNK)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         if kernel in native.ISAS:  # neoxja's layout, written into the final tensors chunk by chunk: no concatenated copy
-            R = native.TILE_ROWS
-            packed = torch.empty(weight.shape[0] // R, K // 2 * R, dtype=torch.uint8, device=device)
-            scales_and_zeros = torch.empty(weight.shape[0] // R, K // group_size, R, 2, dtype=torch.int16,
+            P = native.PANEL_ROWS
+            packed = torch.empty(weight.shape[0] // P, K // 2 * P, dtype=torch.uint8, device=device)
+            scales_and_zeros = torch.empty(weight.shape[0] // P, K // group_size, 2, P, dtype=torch.int16,
                                            device=device)
             for start in chunks:
                 q, scales, zeros = int4_group_params(weight[start:start + cls.ROW_CHUNK], group_size)
-                tiles = slice(start // R, (start + q.shape[0]) // R)
-                packed[tiles], scales_and_zeros[tiles] = native.pack_int4(q, scales, zeros)
+                panels = slice(start // P, (start + q.shape[0]) // P)
+                packed[panels], scales_and_zeros[panels] = native.pack_int4(q, scales, zeros)
             return cls(packed, scales_and_zeros, bias, K, linear.out_features, group_size, kernel)
         packed, scales_and_zeros = [], []
         for start in chunks:

@@ -74,21 +74,20 @@ def test_int4_alternatives_compute_the_product():
         assert err < 0.15, (make.__name__, err)
 
 
-def test_bench_engine_quant_runs_the_requests_and_puts_the_panel_threshold_back():
-    """bench_engine_quant.throughput steps an Engine until its requests are done and gives a rate; its tiles-only
-    run has the kernels' many-row path off at every step and restores native.INT4_PANEL_ROWS, even if it fails;
-    bad arguments are refused."""
+def test_bench_engine_quant_runs_the_requests_to_the_end_and_closes_its_engine(monkeypatch):
+    """bench_engine_quant.throughput steps an Engine until it has no work left, gives a rate and closes the
+    engine, even if a step fails; bad arguments are refused."""
     import argparse
 
     import pytest
     import torch
 
-    from neoxja import native
     from neoxja.assets import default_model_dir
     from neoxja.model import GPTNeoXJapaneseForCausalLM
     from neoxja.quantization import quantize
     from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
 
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # its `from _cpu import ...`, as when run as a script
     spec = importlib.util.spec_from_file_location("bench_engine_quant", BENCH.parent / "bench_engine_quant.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # defines functions only
@@ -96,22 +95,23 @@ def test_bench_engine_quant_runs_the_requests_and_puts_the_panel_threshold_back(
                      "int4", group_size=64)
     tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(default_model_dir())
     args = argparse.Namespace(concurrency=3, prompt_len=5, max_tokens=4)
-    before = dict(native.INT4_PANEL_ROWS)
-    seen = []
-    step = module.Engine.step
+    engines = []
+    init = module.Engine.__init__
 
-    def counting_step(engine):
-        seen.append(dict(native.INT4_PANEL_ROWS))
-        return step(engine)
+    def recording_init(engine, *a, **kw):
+        engines.append(engine)
+        init(engine, *a, **kw)
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(module.Engine, "step", counting_step)
-        assert module.throughput(model, tokenizer, args, tiles_only=True) > 0
-        assert seen and all(rows == dict.fromkeys(native.ISAS, 2**31 - 1) for rows in seen)  # the tiles, throughout
-        assert native.INT4_PANEL_ROWS == before
+        m.setattr(module.Engine, "__init__", recording_init)
+        closed = []
+        close = module.Engine.close
+        m.setattr(module.Engine, "close", lambda engine: (closed.append(engine), close(engine))[1])
+        assert module.throughput(model, tokenizer, args) > 0
+        assert closed == engines[-1:] and not engines[-1].has_work()
         m.setattr(module.Engine, "step", lambda engine: 1 / 0)
         with pytest.raises(ZeroDivisionError):
-            module.throughput(model, tokenizer, args, tiles_only=True)
-        assert native.INT4_PANEL_ROWS == before
+            module.throughput(model, tokenizer, args)
+        assert closed == engines[-2:]
     with pytest.raises(SystemExit):
         module.main(["--concurrency", "0"])

@@ -263,6 +263,28 @@ def test_detokenizer_holds_byte_fallback_runs_until_whole(tok):
     assert "".join(pieces) == "Ω😀" and all(p in ("", "Ω", "😀", "Ω😀") for p in pieces)
 
 
+@pytest.mark.parametrize("kernel", ["avx512_bf16", "avx2"])
+def test_int4_on_neoxjas_kernels_is_batch_invariant_under_load(bundled_dir, kernel):
+    """`neoxja serve --quantize int4` on neoxja's int4 kernels, loaded as the server loads it (layer by layer;
+    bfloat16 activations on the AVX512 kernel, float32 on the AVX2 one): the same 40 random requests as the
+    float32 test, 32 slots, each equal bit for bit to the same request alone. The kernels' products give a
+    row the same bits whatever else is in the call (tests/test_native.py); the rest of the model is per row."""
+    from neoxja import native
+    from neoxja.quantization import load_quantized
+
+    if not native.cpu_supported(kernel):
+        pytest.skip(f"this CPU has no {native.ISA_NAMES[kernel]}")
+    model = load_quantized(bundled_dir, "int4", kernel=kernel).eval()
+    tok = GPTNeoXJapaneseTokenizer.from_pretrained(bundled_dir)
+    rng = random.Random(1)
+    jobs = [(random_prompt(tok, rng), random_params(rng, tok)) for _ in range(40)]
+    peak = []
+    loaded = run(Engine(model, tok, max_num_seqs=32, prefill_chunk=48), jobs, peak=peak)
+    assert peak == [32]
+    for (ids, params), got in zip(jobs, loaded):
+        assert got == run(Engine(model, tok, max_num_seqs=1, prefill_chunk=48), [(ids, params)])[0], (ids, params)
+
+
 def test_int8_is_the_documented_exception_to_batch_invariance(bundled_dir):
     """docs/serving.md: `--quantize int8` is not batch-invariant, because FBGEMM's dynamic int8 quantizes the
     activations of the whole call with one scale. If this starts to hold, the docs should say so."""

@@ -1,6 +1,17 @@
-/* What neoxja's int4 kernels (avx512_bf16.c, avx2.c) share: the packed layout's tile height and the
-   (scale, zero) pairs, bfloat16 bits in the tinygemm convention w = (q - 8) * scale + zero, read as
-   w = q * scale + offset with offset = zero - 8 * scale in float32. */
+/* What neoxja's int4 kernels (avx512_bf16.c, avx2.c) share: the packed layout, the quantizer's edge rules,
+   and (int4_panels.h) the loop over panels, groups and activation rows.
+
+   W[n, k] = q[n, k] * scale[n, g] + offset[n, g], q in [0, 15], g = k / G, with (scale, zero) in bfloat16
+   in the tinygemm convention w = (q - 8) * scale + zero, read as offset = zero - 8 * scale in float32.
+
+   Layout (made by neoxja.native.pack_int4): rows in panels of P = 16. A panel's bytes run over the groups of
+   K, and a group's over G / 8 chunks of 64 bytes, one 4-byte lane per row: in chunk c, row l's byte b holds
+   column 4c + b of the group (low nibble) and column G / 2 + 4c + b (high nibble). So a chunk, loaded as is,
+   gives two vectors of 16 rows' column quads (the low nibbles and the high ones), what vpdpbusd (AVX512-VNNI)
+   and vpmaddubsw (AVX2) multiply by a broadcast quad of int8 activations, with no shuffle, and a panel's
+   weights stream through memory in one sequential pass.
+   The (scale, zero) pairs: (N / P, K / G, 2, P) bfloat16 bits, a panel's group's 16 scales, then its 16 zeros.
+   N is a multiple of P, K of G, G of 64. */
 #ifndef NEOXJA_INT4_LAYOUT_H
 #define NEOXJA_INT4_LAYOUT_H
 
@@ -8,30 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define R 4  /* weight rows per tile */
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline float scale_of(const uint16_t *sz, size_t j) { return bf16_to_float(sz[2 * j]); }
-static inline float offset_of(const uint16_t *sz, size_t j) {
-    return bf16_to_float(sz[2 * j + 1]) - 8.0f * bf16_to_float(sz[2 * j]);
-}
-
-/* Ask for group g's bytes of the tiles holding rows n0 .. n0 + rows - 1 (rows a multiple of R) ahead of their
-   loads: a panel reads its rows' tiles as rows / R streams a group at a time, more than the hardware's
-   prefetchers follow (one group ahead: 1.25x at 4-8 rows from DRAM; further ahead was slower). */
-static inline void prefetch_group(const uint8_t *qw, size_t n0, int rows, int K, int G, int g) {
-    const size_t tile_bytes = (size_t)R * K / 2, group_bytes = (size_t)R * 32 * (G / 64);
-    if ((size_t)g * G >= (size_t)K) return;
-    for (int n = 0; n < rows; n += R)
-        for (size_t c = 0; c < group_bytes; c += 64)
-            __builtin_prefetch(qw + (n0 + n) / R * tile_bytes + (size_t)g * group_bytes + c, 0, 3);
-}
+#define P 16  /* weight rows per panel */
 
 /* The inverse 127 / amax that quantizes a group of activations whose largest magnitude is amax to int8, and
    the group's scale: an infinite or nan activation makes the scale nan, so that the group's products' term is

@@ -1,70 +1,82 @@
-/* What neoxja's two int4 kernels (avx512_bf16.c, avx2.c) share for many activation rows: the loop over panels
-   of PN weight rows and over groups, each thread's panel and per-row totals, the (scale, offset) of each
-   panel row, MB activation rows at a time, and the totals copied out. The including source defines PN, MB,
-   PANEL_ALIGN (its vectors' alignment in bytes), and
-     build_panel(qw, n0, rows, K, G, g, panel): the panel (G / 4, PN) of nibble quads of rows n0.. (rows real)
-     panel_rows(xq, xs, xsum, panel, scale, offset, tot, K, G, g, ng, mr): mr (<= MB) activation rows'
-       int8 sums over the panel of group g, times scale (PN floats) and their activation scale, plus offset
-       (PN floats) times their group sum, added to tot (mr, PN)
-   after including int4_layout.h. The activations come quantized: xq (M, K) int8, xs and xsum (M, K / G). */
+/* What neoxja's two int4 kernels (avx512_bf16.c, avx2.c) share after quantizing the activations: the loop
+   over units of NV panels (the threads' work), over groups, and over MB activation rows at a time; each
+   thread's per-row totals; the totals copied out. The including source defines NV, MB, ALIGN (its vectors'
+   alignment in bytes) and
+     load_scales(s, scale, offset): a panel's group's 16 (scale, zero) bfloat16 pairs (layout in
+       int4_layout.h) -> 16 float scales and 16 offsets (zero - 8 * scale)
+     pass(xg, xs, xsum, w, scale, offset, tot, K, G, ng, mr, nv): mr (<= MB) activation rows' int8 sums over
+       group g of nv (<= NV) panels (w[v]: panel v's bytes of the group), times scale and their activation
+       scale, plus offset times their group sum, added to tot (mr rows of NV * P floats)
+   after including int4_layout.h. The activations come quantized: xq (M, K) int8, xs and xsum (M, K / G).
+
+   Every output element is computed by the same operations in the same order whatever M, the row's place
+   among the M rows and the thread count: the integer sums are exact, and each group adds to a row's total in
+   group order. So a row's result does not depend on the other rows in the call (tests/test_native.py). */
 #ifndef NEOXJA_INT4_PANELS_H
 #define NEOXJA_INT4_PANELS_H
 
 #include <stdlib.h>
 #include <string.h>
 
+/* the groups of the nv panels from panel t0, for all M rows: tot (M, NV * P) */
+static inline __attribute__((always_inline)) void unit_rows(
+        const int8_t *xq, const float *xs, const float *xsum, const uint8_t *qw, const uint16_t *sz,
+        float *tot, int M, int K, int G, size_t t0, const int nv) {
+    const int ng = K / G;
+    const size_t panel_bytes = (size_t)K / 2 * P;
+    for (int g = 0; g < ng; g++) {
+        const uint8_t *w[NV];
+        float scale[NV * P] __attribute__((aligned(ALIGN))), offset[NV * P] __attribute__((aligned(ALIGN)));
+        for (int v = 0; v < nv; v++) {
+            w[v] = qw + (t0 + v) * panel_bytes + (size_t)g * G * (P / 2);
+            load_scales(sz + ((t0 + v) * ng + g) * 2 * P, scale + v * P, offset + v * P);
+        }
+        for (int m0 = 0; m0 < M; m0 += MB) {
+            const int8_t *xg = xq + (size_t)m0 * K + (size_t)g * G;
+            const float *sm = xs + (size_t)m0 * ng + g, *um = xsum + (size_t)m0 * ng + g;
+            float *tm = tot + (size_t)m0 * NV * P;
+            switch (M - m0 < MB ? M - m0 : MB) {  /* constant row counts: the sums stay in registers */
+                case 1: pass(xg, sm, um, w, scale, offset, tm, K, G, ng, 1, nv); break;
+#if MB > 2
+                case 2: pass(xg, sm, um, w, scale, offset, tm, K, G, ng, 2, nv); break;
+#endif
+#if MB > 3
+                case 3: pass(xg, sm, um, w, scale, offset, tm, K, G, ng, 3, nv); break;
+#endif
+#if MB > 4
+#error "unit_rows dispatches at most 4 rows per pass"
+#endif
+                default: pass(xg, sm, um, w, scale, offset, tm, K, G, ng, MB, nv); break;
+            }
+        }
+    }
+}
+
+/* y (M, N) from the quantized activations; 0, or -1 when a thread's totals could not be allocated */
 static int panel_product(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *qw, const uint16_t *sz,
                          float *y, int M, int N, int K, int G, int nthreads) {
-    const int ng = K / G;
-    const long npanels = ((long)N + PN - 1) / PN;  /* (in int, N near INT_MAX would wrap) */
+    const long npanels = N / P, nunits = (npanels + NV - 1) / NV;
     int failed = 0;
     #pragma omp parallel num_threads(nthreads)
     {
-        uint32_t *panel = aligned_alloc(PANEL_ALIGN, (size_t)G / 4 * PN * sizeof(uint32_t));
-        float *tot = aligned_alloc(PANEL_ALIGN, (size_t)M * PN * sizeof(float));
-        if (panel == NULL || tot == NULL) {
+        float *tot = aligned_alloc(ALIGN, (size_t)M * NV * P * sizeof(float));
+        if (tot == NULL) {
             #pragma omp atomic write
             failed = 1;
         }
         #pragma omp for schedule(static)
-        for (long t = 0; t < npanels; t++) {
-            if (panel == NULL || tot == NULL) continue;
-            const size_t n0 = (size_t)t * PN;
-            const int rows = N - n0 < PN ? (int)(N - n0) : PN;
-            memset(tot, 0, (size_t)M * PN * sizeof(float));
-            for (int g = 0; g < ng; g++) {
-                build_panel(qw, n0, rows, K, G, g, panel);
-                float scale[PN] __attribute__((aligned(PANEL_ALIGN))), offset[PN] __attribute__((aligned(PANEL_ALIGN)));
-                for (int n = 0; n < PN; n += R) {  /* a tile's R rows (all real or none: rows % R == 0) */
-                    const uint16_t *pairs = sz + 2 * (((n0 + n) / R * ng + g) * R);  /* their (scale, zero) pairs */
-                    for (int i = 0; i < R; i++) {
-                        scale[n + i] = n < rows ? scale_of(pairs, i) : 0.0f;
-                        offset[n + i] = n < rows ? offset_of(pairs, i) : 0.0f;
-                    }
-                }
-                for (int m0 = 0; m0 < M; m0 += MB) {
-                    const int8_t *xm = xq + (size_t)m0 * K;
-                    const float *sm = xs + (size_t)m0 * ng, *um = xsum + (size_t)m0 * ng;
-                    float *tm = tot + (size_t)m0 * PN;
-                    switch (M - m0 < MB ? M - m0 : MB) {  /* constant row counts: the sums stay in registers */
-                        case 1: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 1); break;
-#if MB > 2
-                        case 2: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 2); break;
-#endif
-#if MB > 3
-                        case 3: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, 3); break;
-#endif
-#if MB > 4
-#error "panel_product dispatches at most 4 rows per pass"
-#endif
-                        default: panel_rows(xm, sm, um, panel, scale, offset, tm, K, G, g, ng, MB); break;
-                    }
-                }
-            }
+        for (long u = 0; u < nunits; u++) {
+            if (tot == NULL) continue;
+            const size_t t0 = (size_t)u * NV;
+            const int nv = npanels - (long)t0 < NV ? (int)(npanels - t0) : NV;
+            memset(tot, 0, (size_t)M * NV * P * sizeof(float));
+            if (nv == NV)
+                unit_rows(xq, xs, xsum, qw, sz, tot, M, K, G, t0, NV);
+            else  /* the last unit's few panels, one at a time (the same operations per element) */
+                for (int v = 0; v < nv; v++) unit_rows(xq, xs, xsum, qw, sz, tot + v * P, M, K, G, t0 + v, 1);
             for (int m = 0; m < M; m++)
-                memcpy(y + (size_t)m * N + n0, tot + (size_t)m * PN, (size_t)rows * sizeof(float));
+                memcpy(y + (size_t)m * N + t0 * P, tot + (size_t)m * NV * P, (size_t)nv * P * sizeof(float));
         }
-        free(panel);
         free(tot);
     }
     return failed ? -1 : 0;
