@@ -430,11 +430,12 @@ def run_side_by_side(args) -> int:
     decode_ratio = statistics.median(x / y for x, y in zip(decode_tok_s["neoxja int4 batch 1"],
                                                             decode_tok_s["neoxja int8 batch 1"]))
     print(f"(for information) int4 ({int4_kernel} kernel) / int8 end to end, the {args.prompt}-token prefill "
-          f"included: {ratio('neoxja int4 batch 1', 'neoxja int8 batch 1'):.2f}x (on many rows the int4 kernels "
-          f"run at 0.8-1x FBGEMM int8, so int4 prefill takes a little longer than int8's)")
+          f"included: {ratio('neoxja int4 batch 1', 'neoxja int8 batch 1'):.2f}x (on a prompt's many rows the "
+          f"products are bound by arithmetic, not by the weights' bytes: there the AVX512 int4 kernel runs near "
+          f"FBGEMM int8's speed, the AVX2 one below it)")
     if not args.no_batch:
         print(f"(for information) int4 / int8 at batch 8: {ratio('neoxja int4 batch 8', 'neoxja int8 batch 8'):.2f}x "
-              f"(8 rows: the int4 kernels' panels, slower per product than FBGEMM int8, though they read half the bytes)")
+              f"(8 rows: each weight chunk loaded once for 4 rows on the AVX512 kernel, 3 on the AVX2 one)")
     torch_ratio = statistics.median(x / y for x, y in zip(decode_tok_s["neoxja int4 torch-kernel batch 1"],
                                                           decode_tok_s["neoxja int8 batch 1"]))
     print(f"(for information) int4 with torch's kernel / int8, decode steps: {torch_ratio:.2f}x; int4 "

@@ -261,8 +261,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                       group_size, torch.get_num_threads())
         if rc:
             raise RuntimeError(f"{INT4_FUNCTIONS[isa]} refused M={M} N={N} K={K} group_size={group_size} (it takes "
-                               f"groups of a multiple of {BLOCK} columns), or its memory for the group sums or "
-                               f"panels ran out")
+                               f"groups of a multiple of {BLOCK} columns), or its memory for the quantized "
+                               f"activations or the totals ran out")
     return y
 
 

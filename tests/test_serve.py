@@ -324,8 +324,9 @@ def test_compile_failing_on_the_machine_is_one_clear_line(tmp_path):
 def test_int4_server_answers_as_generate_does_and_batches(bundled_dir):
     """--quantize int4: the model quantized layer by layer as it loads (the same load as `neoxja generate
     --quantize int4`), the ready line naming the weights and the int4 kernel. A greedy request alone gives
-    generate()'s tokens on the int4 model (one row: the same kernel calls); 6 at once (the AVX512 kernel's
-    panels from 4 rows) all complete to their max_tokens (int4 is not batch-invariant: not compared)."""
+    generate()'s tokens on the int4 model; 6 at once all complete to their max_tokens, and on neoxja's int4
+    kernels (batch-invariant: a row's products do not depend on the other rows) each gives generate()'s
+    tokens for its prompt alone."""
     import torch
 
     from neoxja.quantization import choose_int4_kernel, load_quantized
@@ -348,7 +349,8 @@ def test_int4_server_answers_as_generate_does_and_batches(bundled_dir):
 
         def request(i):
             results[i] = s.client().completions.create(model=MODEL, prompt=f"{i}番目の猫は", max_tokens=12,
-                                                       temperature=0, extra_body={"ignore_eos": True})
+                                                       temperature=0,
+                                                       extra_body={"ignore_eos": True, "return_token_ids": True})
 
         threads = [threading.Thread(target=request, args=(i,)) for i in range(6)]
         for t in threads:
@@ -356,6 +358,11 @@ def test_int4_server_answers_as_generate_does_and_batches(bundled_dir):
         for t in threads:
             t.join()
         assert all(r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length" for r in results)
+        if choose_int4_kernel("auto", "cpu", 128) != "torch":
+            for i, r in enumerate(results):
+                ids = torch.tensor([tok.encode(f"{i}番目の猫は")])
+                alone = model.generate(ids, max_new_tokens=12, eos_token_id=[])[0, ids.shape[1]:].tolist()
+                assert r.choices[0].model_extra["token_ids"] == alone, (i, r.choices[0].model_extra, alone)
         s.alive()
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(60) == 0
