@@ -106,30 +106,14 @@ static inline __attribute__((always_inline)) void pass(
     }
 }
 
-#include "int4_panels.h"  /* panel_product: the loop over panels, groups and rows, shared with avx2.c */
+#define ACT uint16_t  /* the activations' element type */
+#include "int4_panels.h"  /* int4_product: the checks, the quantizing, the loop over panels, groups and rows */
 
 /* Returns 0, or -1 when the shapes break the layout's rules or memory for the quantized activations or the
    totals is short. */
 int neoxja_int4_linear(const uint16_t *x, const uint8_t *qw, const uint16_t *sz, float *y,
                        int M, int N, int K, int G, int nthreads) {
-    if (M < 1 || N < P || N % P || G < 64 || G % 64 || K < G || K % G || nthreads < 1 ||
-        G > (1 << 20)) return -1;  /* a group's int32 sums: at most G * 15 * 128 */
-    const int ng = K / G;
-    int8_t *xq = malloc((size_t)M * K);
-    float *xs = malloc((size_t)M * ng * sizeof(float)), *xsum = malloc((size_t)M * ng * sizeof(float));
-    int rc = -1;
-    if (xq != NULL && xs != NULL && xsum != NULL) {
-        #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 1)
-        for (int m = 0; m < M; m++)
-            for (int g = 0; g < ng; g++)
-                quantize_group(x + (size_t)m * K + (size_t)g * G, G, xq + (size_t)m * K + (size_t)g * G,
-                               xs + (size_t)m * ng + g, xsum + (size_t)m * ng + g);
-        rc = panel_product(xq, xs, xsum, qw, sz, y, M, N, K, G, nthreads);
-    }
-    free(xq);
-    free(xs);
-    free(xsum);
-    return rc;
+    return int4_product(x, qw, sz, y, M, N, K, G, nthreads);
 }
 
 /* neoxja_bf16_gemv: y (N,) bfloat16 = W (N, K) bfloat16 @ x (K,) bfloat16 (+ bias (N,) bfloat16 or NULL), sums

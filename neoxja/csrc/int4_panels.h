@@ -1,7 +1,8 @@
-/* What neoxja's two int4 kernels (avx512_bf16.c, avx2.c) share after quantizing the activations: the loop
-   over units of NV panels (the threads' work), over groups, and over MB activation rows at a time; each
-   thread's per-row totals; the totals copied out. The including source defines NV, MB, ALIGN (its vectors'
-   alignment in bytes) and
+/* What neoxja's two int4 kernels (avx512_bf16.c, avx2.c) share: the checks of the shapes, the quantized
+   activations' buffers, the loop over units of NV panels (the threads' work), over groups, and over MB
+   activation rows at a time; each thread's per-row totals; the totals copied out. The including source
+   defines NV, MB, ALIGN (its vectors' alignment in bytes), ACT (the activations' element type) and
+     quantize_group(x, G, q, scale, sum): one group of G activations -> G int8, their scale and float sum
      load_scales(s, scale, offset): a panel's group's 16 (scale, zero) bfloat16 pairs (layout in
        int4_layout.h) -> 16 float scales and 16 offsets (zero - 8 * scale)
      pass(xg, xs, xsum, w, scale, offset, tot, K, G, ng, mr, nv): mr (<= MB) activation rows' int8 sums over
@@ -80,6 +81,30 @@ static int panel_product(const int8_t *xq, const float *xs, const float *xsum, c
         free(tot);
     }
     return failed ? -1 : 0;
+}
+
+/* y (M, N) float32 = x (M, K) @ W^T: 0, or -1 when the shapes break the layout's rules or memory for the
+   quantized activations or the totals is short */
+static int int4_product(const ACT *x, const uint8_t *qw, const uint16_t *sz, float *y, int M, int N, int K, int G,
+                        int nthreads) {
+    if (M < 1 || N < P || N % P || G < 64 || G % 64 || K < G || K % G || nthreads < 1 ||
+        G > (1 << 20)) return -1;  /* a group's int32 sums: at most G * 15 * 128 */
+    const int ng = K / G;
+    int8_t *xq = malloc((size_t)M * K);
+    float *xs = malloc((size_t)M * ng * sizeof(float)), *xsum = malloc((size_t)M * ng * sizeof(float));
+    int rc = -1;
+    if (xq != NULL && xs != NULL && xsum != NULL) {
+        #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 1)
+        for (int m = 0; m < M; m++)
+            for (int g = 0; g < ng; g++)
+                quantize_group(x + (size_t)m * K + (size_t)g * G, G, xq + (size_t)m * K + (size_t)g * G,
+                               xs + (size_t)m * ng + g, xsum + (size_t)m * ng + g);
+        rc = panel_product(xq, xs, xsum, qw, sz, y, M, N, K, G, nthreads);
+    }
+    free(xq);
+    free(xs);
+    free(xsum);
+    return rc;
 }
 
 #endif
