@@ -369,7 +369,9 @@ class Int4WeightOnlyLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The float weight the int4 one stands for, (out, in), computed through the kernel (x = identity)."""
+        """The float weight the int4 one stands for, (out, in), computed through the kernel (x = identity). On
+        neoxja's kernels each identity row is quantized to 127 with scale 1/127, so an entry carries that scale's
+        float rounding (a few ulps) besides the float32 product's."""
         eye = torch.eye(self.in_features, device=self.packed.device)  # exact in bfloat16; float32 out
         bias, self.bias = self.bias, None
         try:
